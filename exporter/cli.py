@@ -1,0 +1,73 @@
+"""Command line: flags → one RunConfig → pipeline.run. Bad input: one clear line, non-zero exit."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model", "-m", default="smollm2-135m", show_default=True,
+              help="Alias (smollm2-135m, opt-6.7b, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b, ...), "
+                   "hub id, local directory or .gguf file.")
+@click.option("--ratio", "-r", type=float, default=0.2, show_default=True,
+              help="Fraction of the compressed linears' parameters to remove.")
+@click.option("--method", type=click.Choice(METHODS), default="svd-llm-v2", show_default=True)
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
+              help="Rank allocation; default: the method's paper (v2 for svd-llm-v2, adacr for adasvd, else uniform).")
+@click.option("--propagate", type=click.Choice(["original", "compressed"]), default=None,
+              help="Calibration inputs of the next layer: through original or compressed layers "
+                   "(default: compressed for adasvd, original otherwise).")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["safetensors", "onnx"]),
+              default=("safetensors",), show_default=True, help="Artifact(s) to write; repeat for both.")
+@click.option("--out", "-o", default="svd-export-out", show_default=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty output folder.")
+@click.option("--calib-data", default="wikitext2", show_default=True,
+              help="'wikitext2' (hub), 'generated' (the model writes its own, offline), or a .txt/.raw/.jsonl path.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=2048, show_default=True)
+@click.option("--calib-batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-data", default="wikitext2", show_default=True,
+              help="'wikitext2' (hub test split), 'generated', a file path, or 'none' to skip perplexity.")
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=None, help="Cap on evaluated tokens.")
+@click.option("--eval-seqlen", type=click.IntRange(min=2), default=2048, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
+@click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--min-retention", type=float, default=0.4, show_default=True, help="AdaSVD's mrr (adacr).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def main(model, ratio, method, allocation, propagate, formats, out, overwrite, calib_data, calib_samples,
+         calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
+         adacomp_iterations, min_retention, quiet):
+    """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .pipeline import run  # heavy imports after argument parsing, so --help is instant
+
+    try:
+        config = RunConfig(
+            model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=dtype, device=device,
+            compression=CompressionConfig(method=method, ratio=ratio, allocation=allocation, propagate=propagate,
+                                          min_rank=min_rank, adacomp_iterations=adacomp_iterations,
+                                          min_retention=min_retention),
+            calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
+                                          seed=seed, batch_size=calib_batch_size),
+            evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
+        )
+        run(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("svd-export: interrupted; nothing was written under the output name", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 — the CLI's one place that turns errors into one line
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        click.echo(f"svd-export: error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The one transform: compress_(model, batches, config) — in place, torchao-style.
+
+capture layer-0 inputs → (profiling pass, if the allocation needs one) → rank plan →
+layer loop: observe → factorize each planned linear → swap in a LowRankLinear.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .allocation import NEEDS_PROFILE, Matrix, Profile, allocate
+from .architectures import Architecture, architecture_of, decoder_layers, matrix_kind
+from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
+from .config import CompressionConfig
+from .linalg import min_truncation_loss, truncation_loss
+from .lowrank import LowRankLinear, swap_module
+from .methods import MatrixInput, get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MatrixRecord:
+    rank: int
+    loss: float  # ‖WX − W'X‖_F on the calibration statistics the method saw
+    loss_min: float  # √Σ_{i>r} σ_i(WX)²: the best any rank-r factorization can do on the same X
+    shape: tuple[int, int]
+
+
+@dataclass
+class CompressionResult:
+    method: str
+    allocation: str
+    ratio: float
+    plan: dict[str, int]
+    matrices: list[Matrix]
+    records: dict[str, MatrixRecord] = field(default_factory=dict)
+    layer_similarity: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # method-specific report entries (e.g. adaComp losses)
+
+    def linear_params(self) -> tuple[int, int]:
+        """(dense, compressed) parameter counts over all candidate linears."""
+        dense = sum(m.dense_params for m in self.matrices)
+        after = sum(self.plan[m.name] * m.params_per_rank if m.name in self.plan else m.dense_params
+                    for m in self.matrices)
+        return dense, after
+
+
+def list_matrices(model: nn.Module, arch: Architecture, skip: tuple[str, ...] = ()) -> list[Matrix]:
+    out = []
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        for path in arch.linear_names():
+            name = f"{arch.layers}.{i}.{path}"
+            if any(s in name for s in skip):
+                continue
+            lin = layer.get_submodule(path)
+            out.append(Matrix(name, matrix_kind(path), i, lin.out_features, lin.in_features))
+    return out
+
+
+def default_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def profile_model(model, arch, inputs, device, progress=True) -> Profile:
+    """One pass over the original layers: the whitened spectrum σ(WX) of every linear and the
+    input/output similarity of every layer. Keeps only vectors, never X Xᵀ."""
+    profile = Profile()
+
+    def visit(obs: LayerObservation):
+        profile.layer_similarity.append(obs.input_similarity)
+        for group, stats in zip(arch.groups, obs.stats):
+            for path in group.linears:
+                name = f"{arch.layers}.{obs.index}.{path}"
+                w = obs.layer.get_submodule(path).weight.detach().to(torch.float64)
+                profile.spectra[name] = MatrixInput(name, w, stats).whitened.s.cpu()
+
+    run_layers(model, arch, inputs, visit, device,
+               progress=(lambda it: tqdm(it, desc="profile", unit="layer")) if progress else None)
+    return profile
+
+
+@torch.no_grad()
+def compress_(model: nn.Module, batches: list[torch.Tensor], config: CompressionConfig,
+              device=None, progress: bool = True) -> CompressionResult:
+    arch = architecture_of(model)
+    device = torch.device(device) if device is not None else default_device(model)
+    model.eval()
+    place_outside_layers(model, arch, device)
+    method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations)
+    matrices = list_matrices(model, arch, config.skip)
+    method.prepare(model, batches, matrices, device)
+
+    inputs = capture_layer0_inputs(model, arch, batches, device)
+    allocation = config.allocation_name
+    profile = profile_model(model, arch, inputs, device, progress) if allocation in NEEDS_PROFILE else None
+    plan = allocate(allocation, matrices, profile, config.ratio, min_rank=config.min_rank,
+                    min_retention=config.min_retention)
+    result = CompressionResult(config.method, allocation, config.ratio, plan, matrices)
+    if profile is not None:
+        result.layer_similarity = profile.layer_similarity
+    similarity = []
+
+    def visit(obs: LayerObservation):
+        similarity.append(obs.input_similarity)
+        for group, stats in zip(arch.groups, obs.stats):
+            for path in group.linears:
+                name = f"{arch.layers}.{obs.index}.{path}"
+                if name not in plan:
+                    continue
+                linear = obs.layer.get_submodule(path)
+                w = linear.weight.detach().to(torch.float64)
+                mi = MatrixInput(name, w, stats)
+                rank = plan[name]
+                try:
+                    up, down = method.factorize(mi, rank)
+                except Exception as exc:  # a layer that fails to factorize is an error, never skipped
+                    raise RuntimeError(f"{config.method} failed to factorize {name} at rank {rank}: {exc}") from exc
+                if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                    raise FloatingPointError(f"{config.method} produced non-finite factors for {name}")
+                result.records[name] = MatrixRecord(
+                    rank, truncation_loss(w, up @ down, stats.gram), min_truncation_loss(mi.whitened.s, rank),
+                    tuple(w.shape))
+                method.report(name, mi, up, down, result.extra)
+                swap_module(obs.layer, path, LowRankLinear.from_factors(
+                    up, down, linear.bias, dtype=linear.weight.dtype, device=linear.weight.device))
+
+    needs = method.needs
+    run_layers(model, arch, inputs, visit, device, propagate=config.propagation,
+               need_abs_mean="abs_mean" in needs, need_cross="cross" in needs,
+               progress=(lambda it: tqdm(it, desc=f"compress ({config.method})", unit="layer")) if progress else None)
+    if not result.layer_similarity:
+        result.layer_similarity = similarity
+    missing = set(plan) - set(result.records)
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned modules were never factorized, e.g. {sorted(missing)[0]}")
+    return result

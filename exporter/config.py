@@ -1,0 +1,92 @@
+"""Frozen configuration objects: one per pipeline stage, JSON round-trip.
+
+The CLI turns flags into these; the library takes them. Nothing else reads flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
+ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher")
+# The allocation each method's paper used, when --allocation is not given.
+DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str = "wikitext2"  # "wikitext2" | "generated" | path to .txt/.raw/.tokens/.jsonl
+    samples: int = 256
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    method: str = "svd-llm-v2"
+    ratio: float = 0.2  # fraction of the compressed linears' parameters removed
+    allocation: str | None = None  # None: the method's paper default (DEFAULT_ALLOCATION, else uniform)
+    # Where the next layer's calibration inputs come from: the original layers (SVD-LLM v1) or the
+    # already-compressed ones (needed by adaComp, whose target is the original output).
+    propagate: str | None = None  # None: "compressed" for adasvd, else "original"
+    min_rank: int = 1
+    adacomp_iterations: int = 1
+    min_retention: float = 0.4  # AdaSVD's mrr
+    asvd_alpha: float = 0.5
+    budget_bytes: int | None = None  # alternative to ratio (weights counted in the export dtype)
+    skip: tuple[str, ...] = ()  # module-name substrings never compressed
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"--ratio must be in [0, 1): it is the fraction of parameters removed, got {self.ratio}")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.propagate not in (None, "original", "compressed"):
+            raise ValueError(f"--propagate must be 'original' or 'compressed', got {self.propagate!r}")
+        if not 0.0 < self.min_retention <= 1.0:
+            raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
+
+    @property
+    def allocation_name(self) -> str:
+        return self.allocation or DEFAULT_ALLOCATION.get(self.method, "uniform")
+
+    @property
+    def propagation(self) -> str:
+        return self.propagate or ("compressed" if self.method == "adasvd" else "original")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: str = "wikitext2"
+    max_tokens: int | None = None  # cap on evaluated tokens, None = whole split
+    seqlen: int = 2048  # window; capped by the model's own limit
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"
+    out: str = "svd-export-out"
+    formats: tuple[str, ...] = ("safetensors",)
+    dtype: str = "float32"
+    device: str | None = None  # None: cuda when available
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig | None = field(default_factory=EvalConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        d = json.loads(text)
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats")},
+            formats=tuple(d["formats"]),
+            compression=CompressionConfig(**{**d["compression"], "skip": tuple(d["compression"]["skip"])}),
+            calibration=CalibrationConfig(**d["calibration"]),
+            evaluation=EvalConfig(**d["evaluation"]) if d["evaluation"] else None,
+        )

@@ -1,0 +1,1 @@
+from .base import REGISTRY, MatrixInput, Method, get_method, register  # noqa: F401

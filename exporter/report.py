@@ -1,0 +1,49 @@
+"""report.json and the one-screen summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+
+
+def ratio_block(requested: float, linears_dense: int, linears_after: int, model_dense: int, model_after: int) -> dict:
+    if linears_dense <= 0 or model_dense <= 0:
+        raise ValueError("cannot compute a compression ratio: the model has no compressible parameters")
+    return {
+        "requested": requested,
+        "realized_linears": 1.0 - linears_after / linears_dense,
+        "realized_model": 1.0 - model_after / model_dense,
+    }
+
+
+def write_json(report: dict, folder: Path) -> Path:
+    path = Path(folder) / "report.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=False))
+    return path
+
+
+def summary(report: dict) -> str:
+    r, p = report["ratio"], report["params"]
+    lines = [
+        f"model        {report['model']}",
+        f"method       {report['method']} (allocation {report['allocation']}, propagate {report['propagate']})",
+        f"ratio        requested {r['requested']:.3f} · realised {r['realized_linears']:.3f} of the compressed linears, "
+        f"{r['realized_model']:.3f} of the whole model",
+        f"params       {p['dense_total']:,} -> {p['compressed_total']:,}",
+        f"modules      {len(report['layers'])} low-rank, {report['dense_linears']} linears left dense",
+    ]
+    ppl = report.get("perplexity") or {}
+    if "dense" in ppl:
+        lines.append(f"perplexity   dense {ppl['dense']:.3f} -> compressed {ppl['compressed']:.3f}"
+                     f"  ({ppl.get('tokens', '?')} tokens, window {ppl.get('window', '?')})")
+    loss = [v["loss"] / v["loss_min"] for v in report["layers"].values() if v["loss_min"] > 0]
+    if loss:
+        lines.append(f"trunc. loss  achieved / theoretical minimum: median {sorted(loss)[len(loss) // 2]:.4f}, "
+                     f"max {max(loss):.4f}")
+    lines.append("timings      " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
+    lines.append(f"peak memory  {report['peak_memory']['host_rss_mb']:.0f} MB host"
+                 + (f", {report['peak_memory']['gpu_mb']:.0f} MB GPU" if report['peak_memory'].get('gpu_mb') else ""))
+    return "\n".join(lines)

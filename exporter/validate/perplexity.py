@@ -1,0 +1,43 @@
+"""Perplexity over non-overlapping windows: exp(mean token NLL). Backend-agnostic: give it a function
+from input ids [1, L] to logits [1, L, V] (PyTorch here; ONNX Runtime in the ONNX validation)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def model_window(model, requested: int) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or requested
+    return min(requested, limit)
+
+
+def torch_logits(model) -> LogitsFn:
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    return run
+
+
+def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str = "perplexity",
+               progress: bool = True) -> float:
+    windows = tokens.numel() // seqlen
+    if windows == 0:
+        raise ValueError(f"the evaluation data has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    nll, count = 0.0, 0
+    for w in tqdm(range(windows), desc=desc, unit="window", disable=not progress):
+        ids = tokens[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
+        logits = logits_fn(ids)[0, :-1].float()
+        loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        if not torch.isfinite(loss):  # never skipped (SVD-LLM silently dropped NaN batches)
+            raise FloatingPointError(f"non-finite loss in evaluation window {w}: the model produced NaN/Inf logits")
+        nll += float(loss)
+        count += seqlen - 1
+    return math.exp(nll / count)

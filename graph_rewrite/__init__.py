@@ -1,0 +1,1 @@
+"""ONNX graph passes (pattern + check + replacement), used by the ONNX export."""
