@@ -1,0 +1,114 @@
+"""The defining property of each truncation, on synthetic matrices with explicit X.
+
+V2 (eigendecomposition + two SVDs) reaches the theoretical minimum ‖WX − W'X‖_F = √Σ_{i>r} σ_i(WX)²,
+also when X Xᵀ is singular — where v1's Cholesky fails, needs a jitter, and ends above the minimum."""
+import pytest
+import torch
+
+from exporter.calibration.stats import InputStats
+from exporter.linalg import min_truncation_loss, truncation_loss, whiten
+from exporter.methods import MatrixInput, get_method
+from exporter.methods.svd_llm import cholesky_with_jitter
+
+IN, OUT, N = 48, 32, 400
+
+
+def activations(kind: str, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "full":  # full rank, badly conditioned channels like LLM activations
+        x = torch.randn(IN, N, generator=g, dtype=torch.float64)
+        x *= torch.logspace(0, 2, IN, dtype=torch.float64)[:, None]
+    elif kind == "singular":  # rank 20 < 48: X Xᵀ is singular, Cholesky must fail
+        x = torch.randn(IN, 20, generator=g, dtype=torch.float64) @ torch.randn(20, N, generator=g, dtype=torch.float64)
+    elif kind == "dead-channels":  # some input channels never fire (exact zeros in X Xᵀ)
+        x = torch.randn(IN, N, generator=g, dtype=torch.float64)
+        x[::5] = 0
+    else:
+        raise ValueError(kind)
+    return x * scale
+
+
+def stats_of(x: torch.Tensor) -> InputStats:
+    s = InputStats(x.shape[0], "cpu")
+    # Summed directly in float64 (add() would take float32 per-batch products on the CPU).
+    s.gram += x @ x.T
+    s.count = x.shape[1]
+    return s
+
+
+def weight(seed=1) -> torch.Tensor:
+    return torch.randn(OUT, IN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def achieved(method: str, w, x, rank: int) -> float:
+    up, down = get_method(method).factorize(MatrixInput("w", w, stats_of(x)), rank)
+    assert up.shape == (OUT, rank) and down.shape == (rank, IN)
+    return float(torch.linalg.norm(w @ x - up @ down @ x))
+
+
+def theoretical_min(w, x, rank: int) -> float:
+    return float(torch.linalg.svdvals(w @ x)[rank:].square().sum().sqrt())
+
+
+@pytest.mark.parametrize("kind", ["full", "singular", "dead-channels"])
+@pytest.mark.parametrize("rank", [1, 8, 19])
+def test_v2_loss_equals_theoretical_minimum(kind, rank):
+    w, x = weight(), activations(kind)
+    assert achieved("svd-llm-v2", w, x, rank) == pytest.approx(theoretical_min(w, x, rank), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["full", "singular"])
+def test_whitened_spectrum_is_the_spectrum_of_wx(kind):
+    """The spectrum used for loss_min and allocation is σ(WX), computed from X Xᵀ alone."""
+    w, x = weight(), activations(kind)
+    mi = MatrixInput("w", w, stats_of(x))
+    ref = torch.linalg.svdvals(w @ x)
+    k = min(OUT, 20)
+    assert torch.allclose(mi.whitened.s[:k], ref[:k], rtol=1e-8)
+    assert min_truncation_loss(mi.whitened.s, 8) == pytest.approx(theoretical_min(w, x, 8), rel=1e-8)
+
+
+def test_loss_from_gram_matches_loss_from_x():
+    w, x = weight(), activations("full")
+    approx = w + 0.01 * weight(seed=7)
+    assert truncation_loss(w, approx, x @ x.T) == pytest.approx(float(torch.linalg.norm((w - approx) @ x)), rel=1e-10)
+
+
+def test_v1_cholesky_fails_on_singular_gram_and_ends_above_minimum():
+    # Small activations (as in some LLM layers): v1's absolute jitter (−λ_min + 1e-6) is then not negligible.
+    w, x = weight(), activations("singular", scale=1e-3)
+    gram = x @ x.T
+    assert int(torch.linalg.cholesky_ex(gram).info) != 0, "X Xᵀ should not be positive definite"
+    _, jitter = cholesky_with_jitter(gram)
+    assert jitter > 0
+    for rank in (10, 16):  # the gap grows with the rank (more of the jittered spectrum is kept)
+        best = theoretical_min(w, x, rank)
+        v1, v2 = achieved("svd-llm", w, x, rank), achieved("svd-llm-v2", w, x, rank)
+        assert v1 > best * (1 + 1e-9), "v1 with jitter should land above the theoretical minimum"
+        assert v2 == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_v2_never_worse_than_v1_or_plain_svd(seed):
+    w, x = weight(seed), activations("full", seed)
+    for rank in (2, 8, 16):
+        v2 = achieved("svd-llm-v2", w, x, rank)
+        assert v2 <= achieved("svd-llm", w, x, rank) * (1 + 1e-9)
+        assert v2 < achieved("svd", w, x, rank)
+
+
+def test_whiten_rejects_zero_statistics():
+    with pytest.raises(ValueError, match="never reached"):
+        whiten(torch.zeros(4, 4, dtype=torch.float64))
+
+
+def test_input_stats_accumulate_in_float64_and_reject_nan():
+    s = InputStats(3, "cpu", abs_mean=True)
+    x = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
+    s.add(x)
+    s.add(x)
+    assert s.gram.dtype == torch.float64
+    assert torch.allclose(s.gram, 2 * (x.T @ x).double())
+    assert torch.allclose(s.abs_mean, x.abs().mean(0).double())
+    with pytest.raises(FloatingPointError):
+        s.add(torch.tensor([[float("nan"), 0.0, 0.0]]))
