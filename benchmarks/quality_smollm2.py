@@ -1,0 +1,166 @@
+"""Perplexity of SmolLM2-135M under every method × allocation × ratio, one setting for all rows.
+
+    python benchmarks/quality_smollm2.py --rows svd:uniform,svd-llm:uniform,svd-llm-v2:v2,svd-llm-v2:uniform \
+        --ratios 0.2,0.4,0.6
+
+Rows accumulate in docs/results/quality-smollm2.json (keyed by method, allocation, ratio and the setting),
+so a later run adds rows without redoing old ones; docs/results/quality-smollm2.md and .png are rewritten
+from every stored row of the current setting. Wall time is the compression alone; peak memory is the
+process's resident set (sampled) during that row, model and evaluation data included.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporter import CompressionConfig, compress_  # noqa: E402
+from exporter.calibration.data import calibration_batches, evaluation_tokens  # noqa: E402
+from exporter.models import load  # noqa: E402
+from exporter.validate.perplexity import perplexity, torch_logits  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+RESULTS = ROOT / "docs" / "results"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self):
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def setting_key(a) -> str:
+    return f"calib {a.calib_samples}x{a.calib_seqlen} ({Path(a.calib_data).name}, seed {a.seed}), " \
+           f"eval {a.eval_tokens} tokens ({Path(a.eval_data).name}), window {a.window}"
+
+
+def write_docs(rows: list[dict], setting: str) -> None:
+    rows = [r for r in rows if r["setting"] == setting]
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
+    lines = [
+        "# Perplexity of SmolLM2-135M (wikitext-2) by method, allocation and ratio",
+        "",
+        f"Setting: {setting}. CPU, float32. Made by these commands (each adds its rows to",
+        "`quality-smollm2.json`; the table shows every stored row of this setting):",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+        f"Dense model: perplexity **{dense:.2f}**." if dense else "",
+        "",
+        "| method | allocation | ratio | realised (linears) | realised (model) | perplexity | compress wall s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in rows if r["method"] != "dense"), key=lambda r: (r["ratio"], r["method"], r["allocation"])):
+        lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.1f} | {r['realized_linears']:.3f} | "
+                     f"{r['realized_model']:.3f} | {r['ppl']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    (RESULTS / "quality-smollm2.md").write_text("\n".join(lines) + "\n\n![perplexity vs ratio](quality-smollm2.png)\n")
+    plot(rows, dense, setting)
+
+
+def plot(rows, dense, setting):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series = sorted({(r["method"], r["allocation"]) for r in rows if r["method"] != "dense"})
+    for method, alloc in series:
+        pts = sorted((r["ratio"], r["ppl"]) for r in rows if (r["method"], r["allocation"]) == (method, alloc))
+        ax.plot(*zip(*pts), marker="o", label=f"{method} ({alloc})")
+    if dense:
+        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio (fraction of linear-layer parameters removed)")
+    ax.set_ylabel("wikitext-2 perplexity (log)")
+    ax.set_title("SmolLM2-135M", fontsize=11)
+    ax.text(0.01, 0.01, setting, transform=ax.transAxes, fontsize=7, color="gray")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality-smollm2.png", dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="svd:uniform,svd-llm:uniform,svd-llm-v2:v2,svd-llm-v2:uniform",
+                   help="comma-separated method:allocation pairs")
+    p.add_argument("--ratios", default="0.2,0.4,0.6")
+    p.add_argument("--calib-data", default=str(DATA / "wiki.valid.tokens"))
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--eval-data", default=str(DATA / "wiki.test.raw"))
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redo", action="store_true", help="recompute rows already stored")
+    a = p.parse_args()
+    command = "python benchmarks/quality_smollm2.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / "quality-smollm2.json"
+    rows = json.loads(store.read_text()) if store.exists() else []
+    setting = setting_key(a)
+    done = {(r["method"], r["allocation"], r["ratio"]) for r in rows if r["setting"] == setting}
+
+    model, tokenizer, _ = load("smollm2-135m", device="cpu")
+    tokens = evaluation_tokens(model, tokenizer, a.eval_data, a.eval_tokens)
+    batches = calibration_batches(model, tokenizer, a.calib_data, a.calib_samples, a.calib_seqlen, a.seed)
+    if ("dense", "-", 0.0) not in done:
+        rows.append(dict(setting=setting, method="dense", allocation="-", ratio=0.0, realized_linears=0.0,
+                         realized_model=0.0, ppl=perplexity(torch_logits(model), tokens, a.window, "dense"),
+                         wall_s=0.0, peak_rss_mb=0.0, command=command))
+    dense_total = sum(p.numel() for p in model.parameters())
+
+    for ratio in [float(r) for r in a.ratios.split(",")]:
+        for spec in a.rows.split(","):
+            method, alloc = spec.split(":")
+            if (method, alloc, ratio) in done and not a.redo:
+                continue
+            rows = [r for r in rows if (r["setting"], r["method"], r["allocation"], r["ratio"]) != (setting, method, alloc, ratio)]
+            work = copy.deepcopy(model)
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                result = compress_(work, batches, CompressionConfig(method=method, ratio=ratio, allocation=alloc))
+                wall = time.perf_counter() - start
+            lin_dense, lin_after = result.linear_params()
+            after_total = sum(p.numel() for p in work.parameters())
+            ppl = perplexity(torch_logits(work), tokens, a.window, f"{method}/{alloc}@{ratio}")
+            rows.append(dict(setting=setting, method=method, allocation=alloc, ratio=ratio,
+                             realized_linears=1 - lin_after / lin_dense, realized_model=1 - after_total / dense_total,
+                             ppl=ppl, wall_s=wall, peak_rss_mb=mem.peak / 2**20, command=command))
+            print(f"{method:12s} {alloc:10s} {ratio:.1f}  ppl {ppl:10.2f}  {wall:6.1f}s", flush=True)
+            del work
+            store.write_text(json.dumps(rows, indent=1))
+            write_docs(rows, setting)
+    store.write_text(json.dumps(rows, indent=1))
+    write_docs(rows, setting)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

