@@ -43,7 +43,7 @@ ONNX_ARCHS = {
     "mistral": OnnxArch("mistral", True),
     "qwen2": OnnxArch("qwen2", True),
     "qwen3": OnnxArch("qwen3", True),
-    "opt": OnnxArch("gpt2", False),
+    "opt": OnnxArch("decoder", True),  # genai's generic decoder-only type
 }
 
 

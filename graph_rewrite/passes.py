@@ -30,10 +30,11 @@ def run_passes(model: ir.Model, rules: list[pattern.RewriteRule]) -> ir.Model:
 
 
 def tagged_weights(model: ir.Model) -> dict[str, int]:
-    """module name -> number of MatMul/Gemm nodes that read its dense weight."""
+    """module name -> number of MatMul/Gemm nodes that read its dense weight. The rewriter copies the
+    matched node's metadata (the module tag) onto the low-rank pair, which is therefore excluded."""
     counts: dict[str, int] = {}
     for node in linear_nodes(model.graph):
-        module = tagged_module(node)
+        module = None if LOWRANK_KEY in node.metadata_props else tagged_module(node)
         if module is not None:
             counts[module] = counts.get(module, 0) + 1
     return counts

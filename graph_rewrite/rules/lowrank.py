@@ -41,6 +41,8 @@ class _LowRankBase(pattern.RewriteRuleClassBase):
 
     def check_weight(self, node: ir.Node, w: ir.Value) -> MatchResult:
         result = MatchResult()
+        if LOWRANK_KEY in node.metadata_props:
+            return result.fail(f"{node.name} is already one of a low-rank pair")
         module = tagged_module(node)
         if module is None:
             return result.fail(f"{node.op_type} {node.name}: weight not tagged with a module name")
