@@ -34,7 +34,7 @@ SIDECAR_FILES = ("config.json", "generation_config.json", "genai_config.json", "
 @dataclass(frozen=True)
 class OnnxArch:
     genai_type: str  # onnxruntime-genai's model.type
-    position_ids: bool  # a graph input; OPT derives positions from the attention mask instead
+    position_ids: bool  # a graph input (OPT's default derives them from the mask; it accepts them too)
 
 
 # model_type -> how its decoder is exported. Anything else is refused before any work.
@@ -212,9 +212,10 @@ def write_sidecars(model: nn.Module, tokenizer, folder: Path, arch: OnnxArch) ->
 
 
 def copy_sidecars(src: Path, dst: Path) -> None:
+    """Never overwrites: with --format safetensors too, its config.json (with the rank plan) stays."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in SIDECAR_FILES:
-        if (src / name).exists():
+        if (src / name).exists() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
 
 
