@@ -76,6 +76,8 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
+    opset: int = 18  # ONNX opset of the export
+    validate: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
