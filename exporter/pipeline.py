@@ -17,6 +17,7 @@ from .compress import compress_
 from .config import RunConfig
 from .models import load
 from .report import count_params, ratio_block, summary, write_json
+from .report_md import write_report_md
 from .validate.perplexity import model_window, perplexity, torch_logits
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         report["timings_s"] = dict(timer.timings)
         report["peak_memory"] = peak_memory()
         write_json(report, tmp)
+        write_report_md(report, tmp)
     echo(summary(report))
     echo(f"wrote {out}/")
     return report
