@@ -76,6 +76,7 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
+    validate: tuple[str, ...] = ()  # extra validations of the export, e.g. ("throughput",)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -84,8 +85,9 @@ class RunConfig:
     def from_json(cls, text: str) -> "RunConfig":
         d = json.loads(text)
         return cls(
-            **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats")},
-            formats=tuple(d["formats"]),
+            **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats",
+                                                       "validate")},
+            formats=tuple(d["formats"]), validate=tuple(d.get("validate", ())),
             compression=CompressionConfig(**{**d["compression"], "skip": tuple(d["compression"]["skip"])}),
             calibration=CalibrationConfig(**d["calibration"]),
             evaluation=EvalConfig(**d["evaluation"]) if d["evaluation"] else None,

@@ -48,6 +48,8 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     unknown = set(config.formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown --format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
+    if "throughput" in config.validate and "onnx" not in config.formats:
+        raise ValueError("--validate throughput measures the ONNX export: add --format onnx")
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not overwrite:  # fail before any work, not after
         raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
@@ -102,10 +104,17 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
             from .onnx_export import export_and_validate
             with timer("onnx"):
                 report["onnx"] = export_and_validate(model, tokenizer, tmp, config, report, timer)
+        if "throughput" in config.validate:
+            from .bench import measure_folder
+            with timer("throughput"):
+                report["throughput"] = measure_folder(tmp, report, compressed_model=model, echo=echo)
         report["timings_s"] = dict(timer.timings)
         report["peak_memory"] = peak_memory()
         write_json(report, tmp)
         write_report_md(report, tmp)
     echo(summary(report))
+    if "throughput" in report:
+        from .bench import summary_line
+        echo(summary_line(report["throughput"]))
     echo(f"wrote {out}/")
     return report

@@ -46,5 +46,6 @@ def export_decoder(model, folder: Path) -> Path:
             output_names=["logits", *(f"present.{n}" for n in kv_names)],
             dynamic_shapes={"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
                             "past": tuple({0: b, 2: p} for _ in past)})
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    if not (folder / "config.json").exists():  # an artifact's own config.json (with its rank plan) stays
+        (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
     return path
