@@ -30,8 +30,8 @@ def find_onnx(folder: Path) -> Path:
     raise FileNotFoundError(f"no model.onnx in {folder}: export with --format onnx first")
 
 
-def export_dense(model, tokenizer, folder: Path, dtype: str) -> Path:
-    """The original model through the same ONNX exporter as the compressed one."""
+def export_model(model, tokenizer, folder: Path, dtype: str) -> Path:
+    """A model (here: the original one) through the project's ONNX exporter, as the compressed one went."""
     from .onnx_export import export_onnx
     export_onnx(model, tokenizer, folder, dtype=dtype)
     return find_onnx(folder)
@@ -49,7 +49,7 @@ def _speedups(dense: dict, compressed: dict) -> dict:
 
 
 def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settings: ThroughputSettings | None = None,
-                   dense_model=None, tokenizer=None, compressed_model=None, export=export_dense,
+                   dense_model=None, tokenizer=None, compressed_model=None, export=export_model,
                    echo=print) -> dict:
     """-> report.json's `throughput` block. The dense model is loaded from report['model'] unless given."""
     from .artifacts import load_compressed
