@@ -49,9 +49,10 @@ def _speedups(dense: dict, compressed: dict) -> dict:
 
 
 def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settings: ThroughputSettings | None = None,
-                   dense_model=None, tokenizer=None, compressed_model=None, export=export_model,
-                   echo=print) -> dict:
-    """-> report.json's `throughput` block. The dense model is loaded from report['model'] unless given."""
+                   dense_model=None, tokenizer=None, compressed_model=None, dense_onnx: Path | None = None,
+                   export=export_model, echo=print) -> dict:
+    """-> report.json's `throughput` block. The dense model is loaded from report['model'] unless given;
+    its ONNX graph is exported (with `export`) unless `dense_onnx` is given (the pipeline's own export)."""
     from .artifacts import load_compressed
     from .models import load
 
@@ -72,8 +73,9 @@ def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settin
     echo(f"throughput: PyTorch eager dense ({eager['device']})")
     eager["dense"] = eager_throughput(dense_model, settings)
     with tempfile.TemporaryDirectory(prefix="svd-export-dense-") as tmp:
-        echo("throughput: exporting the dense model to ONNX")
-        dense_onnx = export(dense_model, tokenizer, Path(tmp), dtype)
+        if dense_onnx is None:
+            echo("throughput: exporting the dense model to ONNX")
+            dense_onnx = export(dense_model, tokenizer, Path(tmp), dtype)
         dense_model = None  # only this function's reference: a caller's model stays
         _free_memory()
         if compressed_model is None and (Path(folder) / "config.json").is_file() and any(Path(folder).glob("*.safetensors")):

@@ -43,10 +43,13 @@ from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, 
 @click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--min-retention", type=float, default=0.4, show_default=True, help="AdaSVD's mrr (adacr).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18).")
+@click.option("--no-validate", is_flag=True,
+              help="Skip the ONNX checks against PyTorch (logits parity, greedy tokens, ORT perplexity).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(model, ratio, method, allocation, propagate, formats, validations, out, overwrite, calib_data, calib_samples,
          calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
-         adacomp_iterations, min_retention, quiet):
+         adacomp_iterations, min_retention, opset, no_validate, quiet):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .pipeline import run  # heavy imports after argument parsing, so --help is instant
@@ -54,13 +57,14 @@ def main(model, ratio, method, allocation, propagate, formats, validations, out,
     try:
         config = RunConfig(
             model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=dtype, device=device,
-            validate=tuple(dict.fromkeys(validations)),
+            validations=tuple(dict.fromkeys(validations)),
             compression=CompressionConfig(method=method, ratio=ratio, allocation=allocation, propagate=propagate,
                                           min_rank=min_rank, adacomp_iterations=adacomp_iterations,
                                           min_retention=min_retention),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
                                           seed=seed, batch_size=calib_batch_size),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
+            opset=opset, validate=not no_validate,
         )
         run(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
     except KeyboardInterrupt:

@@ -76,7 +76,9 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
-    validate: tuple[str, ...] = ()  # extra validations of the export, e.g. ("throughput",)
+    opset: int = 18  # ONNX opset of the export
+    validate: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
+    validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -86,8 +88,8 @@ class RunConfig:
         d = json.loads(text)
         return cls(
             **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats",
-                                                       "validate")},
-            formats=tuple(d["formats"]), validate=tuple(d.get("validate", ())),
+                                                       "validations")},
+            formats=tuple(d["formats"]), validations=tuple(d.get("validations", ())),
             compression=CompressionConfig(**{**d["compression"], "skip": tuple(d["compression"]["skip"])}),
             calibration=CalibrationConfig(**d["calibration"]),
             evaluation=EvalConfig(**d["evaluation"]) if d["evaluation"] else None,

@@ -48,11 +48,15 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     unknown = set(config.formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown --format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
-    if "throughput" in config.validate and "onnx" not in config.formats:
+    if "throughput" in config.validations and "onnx" not in config.formats:
         raise ValueError("--validate throughput measures the ONNX export: add --format onnx")
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not overwrite:  # fail before any work, not after
         raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
+    onnx_stage = None
+    if "onnx" in config.formats:  # checks --opset/--dtype now, before any work
+        from .onnx_stage import OnnxStage
+        onnx_stage = OnnxStage(out, config.dtype, config.opset, config.validate)
     timer = Timer()
     with timer("load"):
         model, tokenizer, source = load(config.model, config.dtype, config.device)
@@ -61,6 +65,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
                     "config": __import__("json").loads(config.to_json())}
 
     ppl: dict = {}
+    eval_ids, window = None, 0
     if config.evaluation is not None:
         window = model_window(model, config.evaluation.seqlen)
         with timer("eval_data"):
@@ -69,6 +74,10 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         with timer("perplexity_dense"):
             ppl["dense"] = perplexity(torch_logits(model), eval_ids, window, "perplexity (dense)", progress)
         ppl.update(tokens=int(eval_ids.numel() // window * window), window=window, source=config.evaluation.source)
+
+    if onnx_stage is not None:  # the dense graph, exported once; the compressed one is a rewrite of it
+        with timer("onnx_export"):
+            onnx_stage.export_dense(model, tokenizer)
 
     cal = config.calibration
     with timer("calibration_data"):
@@ -100,14 +109,18 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         if "safetensors" in config.formats:
             with timer("save_safetensors"):
                 save_safetensors(model, tokenizer, tmp, meta)
-        if "onnx" in config.formats:
-            from .onnx_export import export_and_validate
+        if onnx_stage is not None:
             with timer("onnx"):
-                report["onnx"] = export_and_validate(model, tokenizer, tmp, config, report, timer)
-        if "throughput" in config.validate:
+                report["onnx"] = onnx_stage.finish(model, tmp, ppl or None, eval_ids, window, progress,
+                                                   keep_dense="throughput" in config.validations)
+        if "throughput" in config.validations:  # against the dense graph exported above, then dropped
             from .bench import measure_folder
             with timer("throughput"):
-                report["throughput"] = measure_folder(tmp, report, compressed_model=model, echo=echo)
+                try:
+                    report["throughput"] = measure_folder(tmp, report, compressed_model=model,
+                                                          dense_onnx=onnx_stage.dense_path, echo=echo)
+                finally:
+                    onnx_stage.cleanup()
         report["timings_s"] = dict(timer.timings)
         report["peak_memory"] = peak_memory()
         write_json(report, tmp)

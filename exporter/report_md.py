@@ -35,9 +35,10 @@ def _perplexity_section(ppl: dict | None) -> list[str]:
     rows = [["dense", f"{ppl['dense']:.3f}", ""]]
     if "compressed" in ppl:
         rows.append(["compressed", f"{ppl['compressed']:.3f}", f"{ppl['compressed'] / ppl['dense']:.3f}×"])
-    for backend in ("onnx", "ort"):  # an ONNX Runtime row, when the export validation measured one
-        if isinstance(ppl.get(backend), (int, float)):
-            rows.append([f"compressed ({backend})", f"{ppl[backend]:.3f}", f"{ppl[backend] / ppl['dense']:.3f}×"])
+    for variant in ("dense", "compressed"):  # ONNX Runtime rows, when the export validation measured them
+        value = ppl.get(f"onnx_{variant}")
+        if value is not None:
+            rows.append([f"{variant} (ONNX Runtime)", f"{value:.3f}", f"{value / ppl['dense']:.3f}×"])
     return [f"## Perplexity ({ppl.get('source', '?')}, {ppl.get('tokens', '?')} tokens, window {ppl.get('window', '?')})",
             "", *_table(["model", "perplexity", "vs dense"], rows), ""]
 

@@ -21,7 +21,7 @@ def report_from_run(ratio: float = 0.4) -> dict:
         "method": result.method, "allocation": result.allocation, "propagate": "original",
         "ratio": {"requested": ratio, "realized_linears": 1 - after / dense, "realized_model": 0.1234},
         "params": {"dense_total": 1000, "compressed_total": 877, "linears_dense": dense, "linears_compressed": after},
-        "perplexity": {"dense": 12.5, "compressed": 15.0, "tokens": 4096, "window": 128, "source": "wikitext2"},
+        "perplexity": {"dense": 12.5, "compressed": 15.0, "onnx_compressed": 15.01, "tokens": 4096, "window": 128, "source": "wikitext2"},
         "dense_linears": len(result.matrices) - len(result.plan),
         "layers": {name: {"rank": rec.rank, "loss": rec.loss, "loss_min": rec.loss_min, "shape": list(rec.shape)}
                    for name, rec in result.records.items()},
@@ -65,6 +65,7 @@ def test_report_md_and_png(tmp_path):
     text = path.read_text()
     assert f"{report['ratio']['realized_linears']:.4f}" in text
     assert "| dense | 12.500 |" in text and "| compressed | 15.000 | 1.200× |" in text
+    assert "| compressed (ONNX Runtime) | 15.010 | 1.201× |" in text
     assert "| ORT compressed | 1,500.0 | 70.0 | 55.0 | – |" in text
     assert "**1.400×**" in text and "1.610×" in text
     assert "| PyTorch eager compressed (cpu) | – |" in text and "no compressed PyTorch model" in text

@@ -11,13 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import random_batches, tiny_config, tiny_model
-from onnx_decoder import export_decoder
+from onnx_helpers import char_tokenizer, tiny_model_dir
 
 from exporter import CompressionConfig, compress_
 from exporter.artifacts import save_safetensors
 from exporter.bench import main as bench_main
 from exporter.bench import measure_folder
-from exporter.config import RunConfig
+from exporter.config import CalibrationConfig, RunConfig
+from exporter.onnx_export import export_compressed, export_onnx
 from exporter.pipeline import run
 from exporter.validate.bound import bound_decode_speedup, compressed_weight_bytes, decode_weight_bytes
 from exporter.validate.providers import CPU, CUDA, check_provider, open_session, resolve_provider
@@ -75,7 +76,7 @@ def test_settings_are_checked():
 def decoder(tmp_path_factory):
     """A tiny GQA decoder (Mistral: 4 heads, 2 KV heads) and its ONNX export."""
     model = tiny_model("mistral")
-    return model, export_decoder(model, tmp_path_factory.mktemp("dense"))
+    return model, export_onnx(model, char_tokenizer(), tmp_path_factory.mktemp("dense"))
 
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this ONNX Runtime has CUDA")
@@ -105,15 +106,15 @@ def test_decode_loop_logits_equal_pytorch(decoder):
 
 
 def test_tiny_cpu_run_produces_the_report_keys(decoder, tmp_path):
-    dense_model, _ = decoder
+    dense_model, dense_onnx = decoder
     model = copy.deepcopy(dense_model)
     result = compress_(model, random_batches(), CompressionConfig(method="svd", ratio=0.4, allocation="uniform"),
                        progress=False)
     save_safetensors(model, NoTokenizer(), tmp_path, {"method": "svd", "ratio": 0.4, "ranks": dict(result.plan)})
-    export_decoder(model, tmp_path)
+    export_compressed(dense_onnx, model, tmp_path)  # the pipeline's path: a rewrite of the dense graph
     report = {"model": "tiny", "config": {"dtype": "float32"}, "layers": layers_of(result)}
     t = measure_folder(tmp_path, report, provider="cpu", settings=TINY, dense_model=dense_model,
-                       export=lambda m, tok, folder, dtype: export_decoder(m, folder), echo=lambda *_: None)
+                       tokenizer=char_tokenizer(), echo=lambda *_: None)  # exports the dense graph itself
     assert t["provider"] == CPU and t["settings"]["batch"] == 2
     for variant in ("dense", "compressed"):
         for key in ("prefill_tokens_s", "decode_tokens_s", "end_to_end_tokens_s"):
@@ -136,9 +137,30 @@ def test_ort_throughput_refuses_a_graph_without_kv_cache(tmp_path):
         ort_throughput(tmp_path / "model.onnx", CPU, TINY)
 
 
+def test_pipeline_validate_throughput_end_to_end(tmp_path):
+    """svd-export --format onnx --format safetensors --validate throughput on a tiny model folder:
+    report.json holds the throughput keys, report.md shows them (CPU settings, this ORT has no CUDA)."""
+    folder = tiny_model_dir("llama", tmp_path / "model")
+    config = RunConfig(model=str(folder), out=str(tmp_path / "out"), formats=("safetensors", "onnx"), device="cpu",
+                       validations=("throughput",), evaluation=None, validate=False,
+                       compression=CompressionConfig(method="svd", ratio=0.4, allocation="uniform"),
+                       calibration=CalibrationConfig(source="generated", samples=2, seqlen=16))
+    lines = []
+    report = run(config, progress=False, echo=lines.append)
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    t = written["throughput"]
+    assert t == json.loads(json.dumps(report["throughput"]))
+    assert t["provider"] in (CPU, CUDA) and t["dense"]["decode_tokens_s"] > 0 and t["compressed"]["prefill_tokens_s"] > 0
+    assert t["speedup_decode"] > 0 and t["bound_decode_speedup"] > 1.0 and t["eager"]["compressed"] is not None
+    assert "## Throughput" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "report.png").exists()
+    assert any(line.startswith("throughput ") for line in lines)
+    assert not list(tmp_path.glob(".out.dense-onnx-*")), "the dense work folder must be removed"
+
+
 def test_validate_throughput_needs_the_onnx_format(tmp_path):
     with pytest.raises(ValueError, match="add --format onnx"):
-        run(RunConfig(out=str(tmp_path / "o"), formats=("safetensors",), validate=("throughput",)))
+        run(RunConfig(out=str(tmp_path / "o"), formats=("safetensors",), validations=("throughput",)))
 
 
 def test_bench_cli_on_a_folder_without_report_is_one_error_line(tmp_path):
@@ -149,5 +171,5 @@ def test_bench_cli_on_a_folder_without_report_is_one_error_line(tmp_path):
 
 
 def test_run_config_round_trips_validate():
-    config = RunConfig(formats=("onnx",), validate=("throughput",))
+    config = RunConfig(formats=("onnx",), validations=("throughput",))
     assert RunConfig.from_json(config.to_json()) == config

@@ -40,13 +40,12 @@ def check_provider(session, wanted: str) -> None:
 
 def open_session(model_path: str | Path, provider: str):
     """An InferenceSession whose first provider is `provider`, or an error that says why not."""
+    from .ort_session import create_session
     ort = _ort()
     if provider == CUDA and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (torch's), where the system has none
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the provider check below replaces ORT's fallback warning
     providers = [provider] if provider == CPU else [provider, CPU]  # CPU runs the ops CUDA does not have
-    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    session = create_session(model_path, providers=providers)
     check_provider(session, provider)
     return session
 

@@ -1,0 +1,111 @@
+"""ONNX Runtime against PyTorch on the same inputs: a prefill, decode steps fed with the returned
+present states, and a greedy generation. Both sides get the same token at every step (PyTorch's argmax),
+so one early disagreement does not cascade into every later comparison."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ort_session import OrtDecoder
+
+# Max |logit difference| accepted per export dtype; top-1 agreement required over all compared positions.
+TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+MIN_TOP1 = {"float32": 1.0, "float16": 0.95}
+PROMPT = "The history of the city begins in the early years of the"
+
+
+def prompt_ids(tokenizer, text: str = PROMPT) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] < 2:
+        raise ValueError(f"the parity prompt tokenizes to {ids.shape[1]} token(s); need at least 2")
+    return ids
+
+
+def _compare(ort_logits: np.ndarray, torch_logits: torch.Tensor) -> tuple[float, int, int]:
+    """-> (max abs diff, positions whose argmax agrees, positions compared)."""
+    a = ort_logits.astype(np.float32)
+    b = torch_logits.float().cpu().numpy()
+    agree = int((a.argmax(-1) == b.argmax(-1)).sum())
+    return float(np.abs(a - b).max()), agree, int(np.prod(a.shape[:-1]))
+
+
+@torch.no_grad()
+def logits_parity(model, decoder: OrtDecoder, ids: torch.Tensor, steps: int = 4, dtype: str = "float32") -> dict:
+    """Prefill `ids` [B, S] on both, then `steps` single-token decode steps with the cache each side returned."""
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), use_cache=True)
+    ort_logits, present = decoder.prefill(ids.numpy())
+    diff, agree, total = _compare(ort_logits, out.logits)
+    records = [{"step": "prefill", "tokens": int(ids.shape[1]), "max_abs_diff": diff, "top1_agree": agree / total}]
+    cache, length = out.past_key_values, ids.shape[1]
+    agree_all, total_all, worst = agree, total, diff
+    for step in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        length += 1
+        mask = torch.ones(ids.shape[0], length, dtype=torch.long)
+        out = model(input_ids=token, attention_mask=mask.to(device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        ort_logits, present = decoder(token.cpu().numpy(), mask.numpy(), present)
+        diff, agree, total = _compare(ort_logits, out.logits)
+        records.append({"step": f"decode {step + 1}", "past": length - 1, "max_abs_diff": diff,
+                        "top1_agree": agree / total})
+        agree_all, total_all, worst = agree_all + agree, total_all + total, max(worst, diff)
+    top1 = agree_all / total_all
+    return {"steps": records, "max_abs_diff": worst, "top1_agreement": top1, "tolerance": TOLERANCE[dtype],
+            "passed": worst <= TOLERANCE[dtype] and top1 >= MIN_TOP1[dtype]}
+
+
+@torch.no_grad()
+def torch_greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), use_cache=True)
+    tokens = []
+    for _ in range(new_tokens):
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(int(token[0, 0]))
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def ort_greedy(decoder: OrtDecoder, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    logits, present = decoder.prefill(ids.numpy())
+    tokens, length = [], ids.shape[1]
+    for _ in range(new_tokens):
+        token = logits[:, -1:].argmax(-1)
+        tokens.append(int(token[0, 0]))
+        length += 1
+        logits, present = decoder(token, np.ones((1, length), np.int64), present)
+    return tokens
+
+
+def genai_greedy(folder: str | Path, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai serving the exported folder (its own loop, cache, config)."""
+    import onnxruntime_genai as og
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=ids.shape[1] + new_tokens, min_length=0)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids[0].tolist())
+    tokens = []
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def greedy_parity(model, decoder: OrtDecoder, ids: torch.Tensor, new_tokens: int = 32) -> dict:
+    reference = torch_greedy(model, ids[:1], new_tokens)
+    served = ort_greedy(decoder, ids[:1], new_tokens)
+    first_diff = next((i for i, (a, b) in enumerate(zip(reference, served)) if a != b), None)
+    return {"new_tokens": new_tokens, "torch": reference, "onnx": served, "equal": reference == served,
+            "first_difference": first_diff}
+
+
+def parity(model, decoder: OrtDecoder, ids: torch.Tensor, dtype: str, steps: int = 4, new_tokens: int = 32) -> dict:
+    result = logits_parity(model, decoder, ids, steps, dtype)
+    result["greedy"] = greedy_parity(model, decoder, ids, new_tokens)
+    result["passed"] = result["passed"] and result["greedy"]["equal"]
+    result["provider"] = decoder.provider
+    return result
