@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from exporter.allocation import uniform  # noqa: E402
 from exporter.architectures import architecture_of  # noqa: E402
-from exporter.bench import export_model  # noqa: E402
 from exporter.compress import compress_, list_matrices  # noqa: E402
 from exporter.config import CompressionConfig  # noqa: E402
 from exporter.lowrank import build_skeleton  # noqa: E402
+from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
 from exporter.validate.bound import bound_block  # noqa: E402
 from exporter.validate.providers import resolve_provider  # noqa: E402
 from exporter.validate.throughput import ThroughputSettings, eager_throughput, ort_throughput  # noqa: E402
@@ -101,13 +101,35 @@ def part_compress(name: str, args) -> dict:
             "realized_linears": 1 - after / dense}
 
 
+class IdsOnlyTokenizer:
+    """Random-weight models have no tokenizer; the ONNX folder's sidecars only need its special ids."""
+
+    def __init__(self, config):
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = config.bos_token_id, config.eos_token_id, None
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def dense_graph(name: str, args, model) -> Path:
+    """The dense model.onnx, exported once per (model, layers, dtype) into --work and reused by later calls
+    while the machine stays warm (a 7B export takes minutes; each ratio is a rewrite of this graph)."""
+    folder = args.work / f"{name}-{model.config.num_hidden_layers}-{args.dtype}" / "dense"
+    if not (folder / "model.onnx").is_file():
+        export_onnx(model, IdsOnlyTokenizer(model.config), folder, args.dtype)
+    return folder / "model.onnx"
+
+
 def part_throughput(name: str, args) -> list[dict]:
+    """Ratio 0 is the dense model; every other ratio is the pipeline's compressed graph: the dense graph
+    rewritten with LowRankLinear factors (export_compressed)."""
     provider = resolve_provider(args.provider)
     settings = ThroughputSettings(batch=args.batch, prefill=args.prefill, decode=args.decode,
                                   warmup=args.warmup, repeats=args.repeats)
     rows = []
-    for ratio in [0.0, *args.ratios]:  # 0.0: the dense model
+    for ratio in args.ratios:
         model = random_model(name, args.layers, DTYPES[args.dtype], args.device)
+        dense_path = dense_graph(name, args, model)
         row = {"part": "throughput", "model": name, "layers": model.config.num_hidden_layers, "ratio": ratio,
                "provider": provider, "dtype": args.dtype, "settings": asdict(settings)}
         if ratio > 0:
@@ -115,8 +137,8 @@ def part_throughput(name: str, args) -> list[dict]:
             row.update(bound_block(random_model(name, args.layers, DTYPES[args.dtype], "meta"), layers))
         row["eager"] = eager_throughput(model, settings)
         print(json.dumps({"model": name, "ratio": ratio, "eager": row["eager"]}), flush=True)
-        with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-            path = export_model(model, None, Path(tmp), args.dtype)
+        with tempfile.TemporaryDirectory(prefix="gpu-bench-", dir=args.work) as tmp:
+            path = dense_path if ratio == 0 else export_compressed(dense_path, model, Path(tmp))[0]
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -193,7 +215,7 @@ def main() -> None:
     parser.add_argument("part", choices=["compress", "throughput", "render"])
     parser.add_argument("--model", choices=sorted(SHAPES), action="append", help="repeatable; default: both")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's 32)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="0 = dense")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--calib-batch-size", type=int, default=8)
@@ -206,10 +228,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", type=Path, default=RESULTS / "gpu.json")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "svd-export-gpu-bench",
+                        help="where the dense graphs are kept between calls")
     args = parser.parse_args()
     if args.part == "render":
         render(json.loads(args.results.read_text()), args.results.parent)
         return
+    args.work.mkdir(parents=True, exist_ok=True)
     for name in args.model or sorted(SHAPES):
         rows = [part_compress(name, args)] if args.part == "compress" else part_throughput(name, args)
         record(rows, args.results)
