@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, fol
                                           read_signature)
 
 ort = pytest.importorskip("onnxruntime")
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ThroughputSettings(batch=2, prefill=8, decode=4, warmup=1, repeats=2)
 
 
@@ -156,6 +160,21 @@ def test_pipeline_validate_throughput_end_to_end(tmp_path):
     assert (tmp_path / "out" / "report.png").exists()
     assert any(line.startswith("throughput ") for line in lines)
     assert not list(tmp_path.glob(".out.dense-onnx-*")), "the dense work folder must be removed"
+
+    # examples/serve_onnx.py on the same folder: its greedy text equals PyTorch's on the compressed model
+    from exporter import load_compressed
+    from transformers import AutoTokenizer
+    out = tmp_path / "out"
+    served = subprocess.run([sys.executable, str(ROOT / "examples" / "serve_onnx.py"), str(out), "abc",
+                             "--max-new-tokens", "6"], capture_output=True, text=True, check=True).stdout.strip()
+    tokenizer, model = AutoTokenizer.from_pretrained(out), load_compressed(out)
+    ids = tokenizer("abc", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in greedy:
+        greedy = greedy[:greedy.index(tokenizer.eos_token_id)]
+    assert served == "abc" + tokenizer.decode(greedy)
 
 
 def test_validate_throughput_needs_the_onnx_format(tmp_path):
