@@ -25,8 +25,8 @@ from exporter.onnx_export import export_compressed, export_onnx
 from exporter.pipeline import run
 from exporter.validate.bound import bound_decode_speedup, compressed_weight_bytes, decode_weight_bytes
 from exporter.validate.providers import CPU, CUDA, check_provider, open_session, resolve_provider
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, ort_throughput,
-                                          read_signature)
+from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, Timing, folder_config,
+                                          ort_throughput, rates, read_signature)
 
 ort = pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,16 @@ def test_bound_guards():
         bound_decode_speedup(100, 0)
     with pytest.raises(ValueError, match="does not save parameters"):
         compressed_weight_bytes(1000, {"model.layers.0.x": {"rank": 8, "shape": [8, 8]}}, 4)
+
+
+def test_rates_are_medians_turned_into_tokens_per_second():
+    settings = ThroughputSettings(batch=2, prefill=10, decode=5)
+    r = rates([Timing(2.0, 4.0), Timing(1.0, 2.0), Timing(3.0, 8.0)], settings, None)
+    assert (r["prefill_s"], r["decode_s"]) == (2.0, 4.0)
+    assert r["prefill_tokens_s"] == 2 * 10 / 2.0 and r["decode_tokens_s"] == 2 * 5 / 4.0
+    assert r["end_to_end_tokens_s"] == 2 * 5 / (2.0 + 4.0)
+    with pytest.raises(RuntimeError, match="non-positive"):
+        rates([Timing(0.0, 1.0)], settings, None)
 
 
 def test_settings_are_checked():

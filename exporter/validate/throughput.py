@@ -22,8 +22,7 @@ import torch
 from .providers import CUDA, device_of
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # KV and logits element types
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,8 @@ def rates(timings: list[Timing], settings: ThroughputSettings, peak_gpu_mb: floa
     """Median times -> tokens/s. End-to-end: generated tokens over prefill + decode time."""
     prefill_s = statistics.median(t.prefill_s for t in timings)
     decode_s = statistics.median(t.decode_s for t in timings)
+    if prefill_s <= 0 or decode_s <= 0:  # guard: a clock that did not advance gives no rate
+        raise RuntimeError(f"non-positive measured time (prefill {prefill_s} s, decode {decode_s} s)")
     generated = settings.batch * settings.decode
     return {"prefill_tokens_s": settings.batch * settings.prefill / prefill_s, "decode_tokens_s": generated / decode_s,
             "end_to_end_tokens_s": generated / (prefill_s + decode_s), "prefill_s": prefill_s, "decode_s": decode_s,
