@@ -89,15 +89,19 @@ def part_compress(name: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.calib_samples, args.calib_seqlen), generator=gen)
     batches = list(ids.split(args.calib_batch_size))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = compress_(model, batches, CompressionConfig(method="svd-llm-v2", ratio=0.4), device=args.device)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
     dense, after = result.linear_params()
     return {"part": "compress", "model": name, "layers": model.config.num_hidden_layers, "method": "svd-llm-v2",
             "ratio": 0.4, "calibration": f"{args.calib_samples}x{args.calib_seqlen}",
-            "wall_s": time.perf_counter() - start, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "wall_s": wall, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "realized_linears": 1 - after / dense}
 
 
@@ -174,7 +178,7 @@ def render(results: list[dict], folder: Path) -> None:
         lines += ["## Compression (svd-llm-v2, ratio 0.4)", "",
                   "| model | layers | calibration | wall time s | peak GPU MB | realised ratio | device | date | command |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | {r['peak_gpu_mb']:,.0f} | "
+        lines += [f"| {r['model']} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_mb'], ',.0f')} | "
                   f"{r['realized_linears']:.4f} | {r['device']} | {r['date']} | `{r['command']}` |" for r in compress]
         lines.append("")
     speed = [r for r in results if r["part"] == "throughput"]
