@@ -10,16 +10,24 @@ files + genai_config.json (onnxruntime-genai).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import torch
 import torch.nn as nn
 
+from graph_rewrite.module_names import tag_linears
+from graph_rewrite.passes import rewrite_lowrank
+from graph_rewrite.rules.lowrank import LowRankFactors
+
 from .genai_config import write_genai_config
+from .lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -138,26 +146,20 @@ def export_onnx(model: nn.Module, tokenizer, folder: str | Path, dtype: str | to
                 opset: int = MIN_OPSET) -> Path:
     """Export `model` (dense or compressed) as a decoder with past into `folder`; returns the model.onnx path.
 
-    dtype: "float32" | "float16" (default: the model's). The model is cast in place for the export and
-    cast back afterwards, so it is never held twice."""
+    dtype: "float32" | "float16" (default: the model's). The pipeline loads the model in the export dtype,
+    so the weights are in memory once; a different dtype exports from a converted copy (a cast there
+    and back would round the caller's weights)."""
     arch = onnx_arch(model.config)
     check_opset(opset)
     dtype = check_dtype(dtype, model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    original_dtype = model_dtype(model)
-    model.eval().to(dtype)
-    try:
-        program = trace(model, arch, dtype, opset)
-        # Tag and save while the model is still in `dtype`: the graph's initializers are views of its
-        # parameters, which .to() below converts in place.
-        from graph_rewrite.module_names import tag_linears
-        found = tag_linears(program.model, LinearWeights(model), prefix="model.")
-        log.info("tagged %d linear weights with their module names", len(found))
-        path = save_graph(program.model, folder)
-        del program
-    finally:
-        model.to(original_dtype)
+    source = model.eval() if model_dtype(model) == dtype else copy.deepcopy(model).to(dtype).eval()
+    program = trace(source, arch, dtype, opset)
+    found = tag_linears(program.model, LinearWeights(source), prefix="model.")
+    log.info("tagged %d linear weights with their module names", len(found))
+    path = save_graph(program.model, folder)
+    del program, source
     write_sidecars(model, tokenizer, folder, arch)
     return path
 
@@ -166,8 +168,12 @@ def trace(model: nn.Module, arch: OnnxArch, dtype: torch.dtype, opset: int):
     layers = model.config.num_hidden_layers
     inputs, outputs = io_names(layers, arch.position_ids)
     device = next(model.parameters()).device
-    wrapper = FlatCacheDecoder(model, arch.position_ids)
-    with torch.no_grad():
+    wrapper = FlatCacheDecoder(model, arch.position_ids).eval()
+    # The exporter's own chatter (optional torchvision ops, dynamic-axis renames, pytree deprecations)
+    # says nothing about this model; real errors still raise.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\.onnx\..*|copyreg")
         return torch.onnx.export(
             wrapper, example_inputs(model.config, arch.position_ids, dtype, device), dynamo=True,
             dynamic_shapes=dynamic_shapes(layers, arch.position_ids), input_names=inputs, output_names=outputs,
@@ -194,8 +200,7 @@ class LinearWeights:
         return self._modules[name].weight.detach().cpu().numpy()
 
 
-def save_graph(graph, folder: Path) -> Path:
-    import onnx_ir as ir
+def save_graph(graph: ir.Model, folder: Path) -> Path:
     path = folder / MODEL_FILE
     # Always external data: one layout for every size, and required past protobuf's 2 GB limit.
     ir.save(graph, path, external_data=DATA_FILE)
@@ -221,8 +226,6 @@ def copy_sidecars(src: Path, dst: Path) -> None:
 
 def lowrank_factors(model: nn.Module) -> dict:
     """module name -> LowRankFactors(down r×in, up out×r, bias) of every LowRankLinear in the model."""
-    from graph_rewrite.rules.lowrank import LowRankFactors
-    from .lowrank import LowRankLinear
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
@@ -235,8 +238,6 @@ def lowrank_factors(model: nn.Module) -> dict:
 def export_compressed(dense_onnx: str | Path, model: nn.Module, folder: str | Path) -> tuple[Path, int]:
     """Rewrite the dense graph with the model's low-rank factors into `folder` (+ the dense folder's
     config/tokenizer files). -> (model.onnx path, number of rewritten linears)."""
-    import onnx_ir as ir
-    from graph_rewrite.passes import rewrite_lowrank
     dense_onnx, folder = Path(dense_onnx), Path(folder)
     graph = ir.load(dense_onnx)
     factors = lowrank_factors(model)

@@ -88,15 +88,19 @@ def tag_linears(model: ir.Model, linears: Mapping[str, np.ndarray], prefix: str 
             array = constant_weight(node).const_value.numpy()
             by_value.setdefault(_fingerprint(weight_out_in(node, array)), []).append(node)
         dtypes = {key[1] for key in by_value}
+        modules: dict[tuple, list[str]] = {}
         for name in remaining:
             weight = linears[name]
             for dtype in dtypes:
-                nodes = by_value.get(_fingerprint(weight.astype(dtype)), [])
-                if len(nodes) == 1:
-                    nodes[0].metadata_props[MODULE_KEY] = name
-                    found[name] = nodes[0].name
-                elif len(nodes) > 1:
-                    log.warning("%s: %d graph weights have its exact value; not tagged", name, len(nodes))
+                modules.setdefault(_fingerprint(weight.astype(dtype, copy=False)), []).append(name)
+        for key, names in modules.items():
+            nodes = by_value.get(key, [])
+            if len(nodes) == 1 and len(names) == 1:
+                nodes[0].metadata_props[MODULE_KEY] = names[0]
+                found[names[0]] = nodes[0].name
+            elif nodes:
+                log.warning("%s: %d graph weight(s) and %d module(s) share one value; not tagged",
+                            ", ".join(names), len(nodes), len(names))
     return found
 
 

@@ -1,0 +1,168 @@
+"""ONNX export on tiny random Llama, Mistral (GQA), Qwen2 (biases) and OPT: names and dynamic axes,
+dense and compressed parity with PyTorch over a prefill and decode steps, the rewrite against a direct
+export of the swapped model, fp16, onnxruntime-genai, and the CLI's errors."""
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import random_batches, tiny_model
+from onnx_helpers import char_tokenizer, tiny_model_dir
+
+from exporter.cli import main
+from exporter.compress import compress_
+from exporter.config import CompressionConfig
+from exporter.lowrank import LowRankLinear
+from exporter.onnx_export import export_compressed, export_onnx
+from exporter.validate.ort_session import OrtDecoder
+from exporter.validate.parity import genai_greedy, logits_parity, parity, torch_greedy
+from graph_rewrite.passes import RewriteError
+
+
+def ids(batch=2, length=7, seed=1):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def compressed_copy_of(model):
+    compress_(model, random_batches(), CompressionConfig(method="svd", ratio=0.4), progress=False)
+    return model
+
+
+def test_dense_export_names_axes_and_parity(arch, tmp_path):
+    model = tiny_model(arch)
+    path = export_onnx(model, char_tokenizer(), tmp_path)
+    graph = onnx.load(path, load_external_data=False)
+    names_in = [i.name for i in graph.graph.input]
+    names_out = [o.name for o in graph.graph.output]
+    assert names_in[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names_in[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert names_out == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
+    assert isinstance(dims["input_ids"][0], str) and isinstance(dims["input_ids"][1], str)
+    assert isinstance(dims["past_key_values.0.key"][2], str)
+    assert graph.opset_import[0].version >= 18
+    assert {p.name for p in tmp_path.iterdir()} >= {"model.onnx", "model.onnx_data", "config.json",
+                                                     "genai_config.json", "tokenizer.json"}
+    result = logits_parity(model, OrtDecoder.load(path), ids(), steps=4)
+    assert result["passed"], result
+    assert len(result["steps"]) == 5 and result["max_abs_diff"] < 1e-4
+
+
+def test_compressed_export_rewrites_every_module_and_matches(arch, tmp_path):
+    model = tiny_model(arch)
+    dense_path = export_onnx(model, char_tokenizer(), tmp_path / "dense")
+    dense_weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    compressed_copy_of(model)
+    compressed = {n for n, m in model.named_modules() if type(m).__name__ == "LowRankLinear"}
+    path, count = export_compressed(dense_path, model, tmp_path / "compressed")
+    assert count == len(compressed) == (12 if arch == "opt" else 14)
+
+    graph = onnx.load(path)
+    onnx.checker.check_model(graph)
+    initializers = [numpy_helper.to_array(t) for t in graph.graph.initializer]
+    for name in compressed:  # the dense weight is gone, in either orientation
+        w = dense_weights[name].numpy()
+        assert not any(a.shape in (w.shape, w.T.shape) and (np.array_equal(a, w) or np.array_equal(a, w.T))
+                       for a in initializers), name
+    decoder = OrtDecoder.load(path)
+    result = parity(model, decoder, ids(), "float32", steps=4, new_tokens=8)
+    assert result["passed"], result
+
+    # Exporting the swapped PyTorch model directly gives the same numbers as the rewritten dense graph.
+    direct = OrtDecoder.load(export_onnx(model, char_tokenizer(), tmp_path / "direct"))
+    prompt = ids(1, 9, seed=5).numpy()
+    a, past_a = decoder.prefill(prompt)
+    b, past_b = direct.prefill(prompt)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    for x, y in zip(past_a, past_b):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_fp16_export_is_an_fp16_graph(tmp_path):
+    model = tiny_model("llama")
+    before = model.state_dict()["model.layers.0.mlp.up_proj.weight"].clone()
+    path = export_onnx(model, char_tokenizer(), tmp_path, dtype="float16")
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], before)  # exported from a copy
+    graph = onnx.load(path, load_external_data=False)
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+    assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    result = logits_parity(model.half(), OrtDecoder.load(path), ids(), steps=3, dtype="float16")
+    assert result["passed"], result
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_genai_greedy_equals_pytorch(arch, tmp_path):
+    model = compressed_copy_of(tiny_model(arch))
+    dense = export_onnx(tiny_model(arch), char_tokenizer(), tmp_path / "dense")
+    export_compressed(dense, model, tmp_path / "compressed")
+    prompt = ids(1, 6, seed=3)
+    served = genai_greedy(tmp_path / "compressed", prompt, 20)
+    reference = torch_greedy(model, prompt, 20)
+    eos = json.loads((tmp_path / "compressed" / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert served == reference[:len(served)]
+    assert len(served) == 20 or served[-1] in np.atleast_1d(eos)  # genai stops only at end of sequence
+
+
+def test_unsupported_architecture_dtype_and_opset_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="does not handle architecture 'gpt2'"):
+        export_onnx(gpt2, char_tokenizer(), tmp_path)
+    with pytest.raises(ValueError, match="opset >= 18"):
+        export_onnx(tiny_model("llama"), char_tokenizer(), tmp_path, opset=17)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        export_onnx(tiny_model("llama"), char_tokenizer(), tmp_path, dtype="bfloat16")
+
+
+def test_a_compressed_module_missing_from_the_graph_is_an_error(tmp_path):
+    dense_path = export_onnx(tiny_model("llama"), char_tokenizer(), tmp_path / "dense")
+    other = compressed_copy_of(tiny_model("llama"))
+    other.model.layers[0].mlp.register_module("extra", LowRankLinear(64, 128, 4, bias=False))  # not in the graph
+    with pytest.raises(RewriteError, match="no dense weight in the ONNX graph, e.g. model.layers.0.mlp.extra"):
+        export_compressed(dense_path, other, tmp_path / "compressed")
+
+
+def cli(model_dir, text, out, *extra):
+    return CliRunner().invoke(main, [
+        "--model", str(model_dir), "--ratio", "0.4", "--method", "svd", "--format", "onnx", "--out", str(out),
+        "--calib-data", str(text), "--calib-samples", "4", "--calib-seqlen", "64", "--eval-data", str(text),
+        "--eval-tokens", "512", "--eval-seqlen", "128", "-q", *extra])
+
+
+@pytest.fixture
+def tiny_run(tmp_path, wikitext):
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text((wikitext / "wiki.test.raw").read_text()[:20000])
+    return model_dir, text
+
+
+def test_cli_writes_a_validated_onnx_folder(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*tiny_run, out, "--format", "safetensors")
+    assert result.exit_code == 0, result.output
+    assert {"model.onnx", "model.onnx_data", "genai_config.json", "model.safetensors", "report.json"} \
+        <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["rewritten_linears"] == len(report["layers"]) == 14
+    for kind in ("dense", "compressed"):
+        p = report["onnx"]["parity"][kind]
+        assert p["passed"] and p["greedy"]["equal"] and p["greedy"]["new_tokens"] == 32
+        ppl = report["perplexity"]
+        assert ppl[f"onnx_{kind}"] == pytest.approx(ppl[kind], rel=5e-3)
+    # config.json is the safetensors one, with the rank plan, not the ONNX export's copy
+    assert "svd_export" in json.loads((out / "config.json").read_text())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no work folder left behind
+
+
+def test_cli_errors_leave_nothing(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*tiny_run, out, "--opset", "17")
+    assert result.exit_code == 1 and "opset >= 18" in result.output
+    result = cli(*tiny_run, out, "--dtype", "bfloat16")
+    assert result.exit_code == 1 and "float32 or float16" in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

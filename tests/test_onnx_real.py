@@ -1,0 +1,60 @@
+"""The real model through ONNX: SmolLM2-135M compressed at 0.4, exported, validated by the pipeline,
+and served by onnxruntime-genai. One CLI run (8 calibration samples × 256 tokens, 4 evaluation windows
+of 512) feeds every test; the dense folder is exported once more for the genai test."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from exporter.artifacts import load_compressed
+from exporter.cli import main
+from exporter.onnx_export import export_onnx
+from exporter.validate.parity import genai_greedy, prompt_ids, torch_greedy
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, wikitext):
+    out = tmp_path_factory.mktemp("smollm2") / "out"
+    result = CliRunner().invoke(main, [
+        "--model", "smollm2-135m", "--ratio", "0.4", "--format", "onnx", "--format", "safetensors",
+        "--out", str(out), "--calib-data", str(wikitext / "wiki.valid.tokens"), "--calib-samples", "8",
+        "--calib-seqlen", "256", "--eval-data", str(wikitext / "wiki.test.raw"), "--eval-tokens", "2048",
+        "--eval-seqlen", "512", "-q"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_onnx_perplexity_and_parity_match_pytorch(run):
+    _, report = run
+    ppl = report["perplexity"]
+    assert ppl["window"] == 512 and ppl["tokens"] == 2048
+    for kind in ("dense", "compressed"):
+        assert ppl[f"onnx_{kind}"] == pytest.approx(ppl[kind], rel=5e-3)
+        parity = report["onnx"]["parity"][kind]
+        assert parity["passed"] and parity["greedy"]["equal"], parity
+    assert ppl["compressed"] > ppl["dense"]  # compression at 0.4 costs something: the two graphs differ
+    assert report["onnx"]["rewritten_linears"] == len(report["layers"]) == 30 * 7
+
+
+def greedy_check(folder, model, tokenizer):
+    ids = prompt_ids(tokenizer)
+    served = genai_greedy(folder, ids, NEW_TOKENS)
+    reference = torch_greedy(model, ids, NEW_TOKENS)
+    eos = json.loads((folder / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert served and served == reference[:len(served)]
+    assert len(served) == NEW_TOKENS or served[-1] in (eos if isinstance(eos, list) else [eos])
+
+
+def test_genai_serves_the_compressed_folder_like_pytorch(run, smollm2):
+    out, _ = run
+    _, tokenizer = smollm2
+    greedy_check(out, load_compressed(out), tokenizer)
+
+
+def test_genai_serves_the_dense_export_like_pytorch(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    export_onnx(model, tokenizer, tmp_path)
+    greedy_check(tmp_path, model, tokenizer)
