@@ -78,6 +78,7 @@ class RunConfig:
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
     opset: int = 18  # ONNX opset of the export
     validate: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
+    validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -86,8 +87,9 @@ class RunConfig:
     def from_json(cls, text: str) -> "RunConfig":
         d = json.loads(text)
         return cls(
-            **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats")},
-            formats=tuple(d["formats"]),
+            **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats",
+                                                       "validations")},
+            formats=tuple(d["formats"]), validations=tuple(d.get("validations", ())),
             compression=CompressionConfig(**{**d["compression"], "skip": tuple(d["compression"]["skip"])}),
             calibration=CalibrationConfig(**d["calibration"]),
             evaluation=EvalConfig(**d["evaluation"]) if d["evaluation"] else None,

@@ -49,17 +49,25 @@ class OnnxStage:
             self.report["parity"] = {"dense": parity(model, OrtDecoder.load(self.dense_path), self.prompt, self.dtype)}
 
     def finish(self, model, folder: Path, perplexities: dict | None, eval_ids=None, window: int = 0,
-               progress: bool = True) -> dict:
+               progress: bool = True, keep_dense: bool = False) -> dict:
         """Write the compressed model.onnx into `folder`; validate; return the report's `onnx` entry.
-        Adds `onnx_dense` / `onnx_compressed` to `perplexities` (the report's perplexity block)."""
+        Adds `onnx_dense` / `onnx_compressed` to `perplexities` (the report's perplexity block).
+        keep_dense: the dense graph stays for a later measurement (throughput) until cleanup()."""
         try:
             path, count = export_compressed(self.dense_path, model, folder)
             self.report.update(file=path.name, rewritten_linears=count)
             if self.validate:
                 self._validate(model, path, perplexities, eval_ids, window, progress)
             return self.report
+        except BaseException:
+            self.cleanup()
+            raise
         finally:
-            self.work.cleanup()
+            if not keep_dense:
+                self.cleanup()
+
+    def cleanup(self) -> None:
+        self.work.cleanup()
 
     def _validate(self, model, path: Path, perplexities, eval_ids, window, progress) -> None:
         compressed = OrtDecoder.load(path)

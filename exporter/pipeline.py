@@ -17,6 +17,7 @@ from .compress import compress_
 from .config import RunConfig
 from .models import load
 from .report import count_params, ratio_block, summary, write_json
+from .report_md import write_report_md
 from .validate.perplexity import model_window, perplexity, torch_logits
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     unknown = set(config.formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown --format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
+    if "throughput" in config.validations and "onnx" not in config.formats:
+        raise ValueError("--validate throughput measures the ONNX export: add --format onnx")
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not overwrite:  # fail before any work, not after
         raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
@@ -108,10 +111,23 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
                 save_safetensors(model, tokenizer, tmp, meta)
         if onnx_stage is not None:
             with timer("onnx"):
-                report["onnx"] = onnx_stage.finish(model, tmp, ppl or None, eval_ids, window, progress)
+                report["onnx"] = onnx_stage.finish(model, tmp, ppl or None, eval_ids, window, progress,
+                                                   keep_dense="throughput" in config.validations)
+        if "throughput" in config.validations:  # against the dense graph exported above, then dropped
+            from .bench import measure_folder
+            with timer("throughput"):
+                try:
+                    report["throughput"] = measure_folder(tmp, report, compressed_model=model,
+                                                          dense_onnx=onnx_stage.dense_path, echo=echo)
+                finally:
+                    onnx_stage.cleanup()
         report["timings_s"] = dict(timer.timings)
         report["peak_memory"] = peak_memory()
         write_json(report, tmp)
+        write_report_md(report, tmp)
     echo(summary(report))
+    if "throughput" in report:
+        from .bench import summary_line
+        echo(summary_line(report["throughput"]))
     echo(f"wrote {out}/")
     return report

@@ -1,0 +1,248 @@
+"""GPU benchmark on 7B-shaped random-weight models (OPT-6.7B, Llama-2-7B): time and memory do not depend
+on the weights' values, only on the shapes.
+
+  compress    svd-llm-v2 at ratio 0.4 with 256×2048 calibration tokens: wall time and peak GPU memory
+  throughput  ONNX Runtime CUDA tokens/s, dense vs compressed at ratios 0.2/0.4/0.6 (float16), with the
+              PyTorch eager (generate) rows and the weight-bytes bound on the decode speedup
+  render      docs/results/gpu.md and docs/results/gpu_tokens_per_s.png from the measurements
+
+Each part appends its measurements (with the command, device, versions and date) to a JSON file and
+prints them, so a part fits in one device command and the document only holds printed numbers. See
+docs/gpu-howto.md for the device commands."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+import json
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporter.allocation import uniform  # noqa: E402
+from exporter.architectures import architecture_of  # noqa: E402
+from exporter.compress import compress_, list_matrices  # noqa: E402
+from exporter.config import CompressionConfig  # noqa: E402
+from exporter.lowrank import build_skeleton  # noqa: E402
+from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
+from exporter.validate.bound import bound_block  # noqa: E402
+from exporter.validate.providers import resolve_provider  # noqa: E402
+from exporter.validate.throughput import ThroughputSettings, eager_throughput, ort_throughput  # noqa: E402
+
+# The published configurations (config.json of facebook/opt-6.7b and meta-llama/Llama-2-7b-hf).
+SHAPES = {
+    "opt-6.7b": ("OPTConfig", dict(vocab_size=50272, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32,
+                                   num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=4096,
+                                   do_layer_norm_before=True, enable_bias=True)),
+    "llama-2-7b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                       max_position_embeddings=4096, rms_norm_eps=1e-5)),
+}
+RESULTS = ROOT / "docs" / "results"
+
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def random_model(name: str, layers: int | None, dtype=torch.float16, device="cuda"):
+    import transformers
+    class_name, fields = SHAPES[name]
+    config = getattr(transformers, class_name)(**{**fields, **({"num_hidden_layers": layers} if layers else {})})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def low_rank_copy_(model, ratio: float) -> dict:
+    """Swap every linear for a LowRankLinear of the uniform rank for `ratio` (random factors: the speed
+    of a pair of matmuls depends on its shapes only). -> report.json-style layers {name: rank, shape}."""
+    matrices = list_matrices(model, architecture_of(model))
+    plan = uniform(matrices, None, ratio)
+    build_skeleton(model, plan)
+    with torch.no_grad():
+        for name in plan:
+            for p in model.get_submodule(name).parameters():
+                p.normal_(0.0, 0.02)
+    shapes = {m.name: [m.out_features, m.in_features] for m in matrices}
+    return {name: {"rank": rank, "shape": shapes[name]} for name, rank in plan.items()}
+
+
+def environment() -> dict:
+    import onnxruntime
+    import transformers
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+
+
+def part_compress(name: str, args) -> dict:
+    model = random_model(name, args.layers, DTYPES[args.dtype], args.device)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.calib_samples, args.calib_seqlen), generator=gen)
+    batches = list(ids.split(args.calib_batch_size))
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = compress_(model, batches, CompressionConfig(method="svd-llm-v2", ratio=0.4), device=args.device)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    dense, after = result.linear_params()
+    return {"part": "compress", "model": name, "layers": model.config.num_hidden_layers, "method": "svd-llm-v2",
+            "ratio": 0.4, "calibration": f"{args.calib_samples}x{args.calib_seqlen}",
+            "wall_s": wall, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "realized_linears": 1 - after / dense}
+
+
+class IdsOnlyTokenizer:
+    """Random-weight models have no tokenizer; the ONNX folder's sidecars only need its special ids."""
+
+    def __init__(self, config):
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = config.bos_token_id, config.eos_token_id, None
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def dense_graph(name: str, args, model) -> Path:
+    """The dense model.onnx, exported once per (model, layers, dtype) into --work and reused by later calls
+    while the machine stays warm (a 7B export takes minutes; each ratio is a rewrite of this graph)."""
+    folder = args.work / f"{name}-{model.config.num_hidden_layers}-{args.dtype}" / "dense"
+    if not (folder / "model.onnx").is_file():
+        export_onnx(model, IdsOnlyTokenizer(model.config), folder, args.dtype)
+    return folder / "model.onnx"
+
+
+def part_throughput(name: str, args) -> list[dict]:
+    """Ratio 0 is the dense model; every other ratio is the pipeline's compressed graph: the dense graph
+    rewritten with LowRankLinear factors (export_compressed)."""
+    provider = resolve_provider(args.provider)
+    settings = ThroughputSettings(batch=args.batch, prefill=args.prefill, decode=args.decode,
+                                  warmup=args.warmup, repeats=args.repeats)
+    rows = []
+    for ratio in args.ratios:
+        model = random_model(name, args.layers, DTYPES[args.dtype], args.device)
+        dense_path = dense_graph(name, args, model)
+        row = {"part": "throughput", "model": name, "layers": model.config.num_hidden_layers, "ratio": ratio,
+               "provider": provider, "dtype": args.dtype, "settings": asdict(settings)}
+        if ratio > 0:
+            layers = low_rank_copy_(model, ratio)
+            row.update(bound_block(random_model(name, args.layers, DTYPES[args.dtype], "meta"), layers))
+        row["eager"] = eager_throughput(model, settings)
+        print(json.dumps({"model": name, "ratio": ratio, "eager": row["eager"]}), flush=True)
+        with tempfile.TemporaryDirectory(prefix="gpu-bench-", dir=args.work) as tmp:
+            path = dense_path if ratio == 0 else export_compressed(dense_path, model, Path(tmp))[0]
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            row["ort"] = ort_throughput(path, provider, settings)
+        print(json.dumps({"model": name, "ratio": ratio, "ort": row["ort"]}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def record(rows: list[dict], path: Path) -> None:
+    env = environment()
+    existing = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(existing + [{**row, **env} for row in rows], indent=2))
+    for row in rows:
+        print(json.dumps({**row, **env}), flush=True)
+
+
+def _fmt(value, spec=",.1f"):
+    return "–" if value is None else format(value, spec)
+
+
+def render(results: list[dict], folder: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# GPU results (7B-shaped random-weight models)", "",
+             "Generated by `python benchmarks/gpu.py render` from `docs/results/gpu.json`; each row names the command "
+             "that printed it. Weights are random: time and memory depend on the shapes only.", ""]
+    compress = [r for r in results if r["part"] == "compress"]
+    if compress:
+        lines += ["## Compression (svd-llm-v2, ratio 0.4)", "",
+                  "| model | layers | calibration | wall time s | peak GPU MB | realised ratio | device | date | command |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_mb'], ',.0f')} | "
+                  f"{r['realized_linears']:.4f} | {r['device']} | {r['date']} | `{r['command']}` |" for r in compress]
+        lines.append("")
+    speed = [r for r in results if r["part"] == "throughput"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r["model"] for r in speed):
+        rows = sorted((r for r in speed if r["model"] == model), key=lambda r: r["ratio"])
+        dense = next((r for r in rows if r["ratio"] == 0.0), None)
+        s = rows[0]["settings"]
+        lines += [f"## Throughput: {model} ({rows[0]['layers']} layers, {rows[0]['dtype']}, {rows[0]['provider']}, batch {s['batch']}, "
+                  f"prefill {s['prefill']}, decode {s['decode']}, median of {s['repeats']})", "",
+                  "| ratio | ORT prefill tok/s | ORT decode tok/s | ORT end-to-end tok/s | ORT peak GPU MB | "
+                  "decode speedup | bound | eager decode tok/s | eager peak GPU MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            speedup = r["ort"]["decode_tokens_s"] / dense["ort"]["decode_tokens_s"] if dense else None
+            lines.append(f"| {r['ratio']:.1f} | {_fmt(r['ort']['prefill_tokens_s'])} | {_fmt(r['ort']['decode_tokens_s'])} | "
+                         f"{_fmt(r['ort']['end_to_end_tokens_s'])} | {_fmt(r['ort']['peak_gpu_mb'], ',.0f')} | "
+                         f"{_fmt(speedup, '.3f')} | {_fmt(r.get('bound_decode_speedup'), '.3f')} | "
+                         f"{_fmt(r['eager']['decode_tokens_s'])} | {_fmt(r['eager']['peak_gpu_mb'], ',.0f')} |")
+        lines += ["", f"Device {rows[0]['device']}, torch {rows[0]['torch']}, onnxruntime {rows[0]['onnxruntime']}, "
+                  f"{rows[0]['date']}; command `{rows[0]['command']}`.", ""]
+        ratios = [r["ratio"] for r in rows]
+        ax.plot(ratios, [r["ort"]["decode_tokens_s"] for r in rows], "o-", label=f"{model} ORT decode")
+        ax.plot(ratios, [r["eager"]["decode_tokens_s"] for r in rows], "s--", label=f"{model} eager decode")
+    if speed:
+        ax.set_xlabel("compression ratio (0 = dense)")
+        ax.set_ylabel("tokens/s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "gpu_tokens_per_s.png", dpi=110)
+        lines += ["![decode tokens/s vs ratio](gpu_tokens_per_s.png)", ""]
+    plt.close(fig)
+    (folder / "gpu.md").write_text("\n".join(lines))
+    print(f"wrote {folder / 'gpu.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["compress", "throughput", "render"])
+    parser.add_argument("--model", choices=sorted(SHAPES), action="append", help="repeatable; default: both")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's 32)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="0 = dense")
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--calib-seqlen", type=int, default=2048)
+    parser.add_argument("--calib-batch-size", type=int, default=8)
+    parser.add_argument("--provider", default="cuda", choices=["cuda", "cpu", "auto"])
+    parser.add_argument("--device", default="cuda", help="torch device of the models (cpu only for a smoke run)")
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prefill", type=int, default=1024)
+    parser.add_argument("--decode", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS / "gpu.json")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "svd-export-gpu-bench",
+                        help="where the dense graphs are kept between calls")
+    args = parser.parse_args()
+    if args.part == "render":
+        render(json.loads(args.results.read_text()), args.results.parent)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    for name in args.model or sorted(SHAPES):
+        rows = [part_compress(name, args)] if args.part == "compress" else part_throughput(name, args)
+        record(rows, args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Prefill / decode tokens/s of an exported decoder under ONNX Runtime, and of a PyTorch model under
+`generate`, with the same protocol: random prompt ids [batch, prefill], then `decode` single-token steps
+on the KV cache; warm-up runs, then the median of several repetitions.
+
+ONNX Runtime runs with IO binding on preallocated buffers: per KV tensor two flat buffers of the final
+length, used in turn (step t reads its past from one and writes its present into the other: an op must
+not read and write one buffer), so the decode loop allocates nothing and copies nothing to the host.
+Input and output names and the KV layout [batch, kv_heads, past, head_dim] are read from the session,
+never written per model."""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .providers import CUDA, device_of
+
+PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # KV and logits element types
+
+
+@dataclass(frozen=True)
+class ThroughputSettings:
+    batch: int = 4  # the papers' setting
+    prefill: int = 1024
+    decode: int = 256
+    warmup: int = 1
+    repeats: int = 3
+
+    def __post_init__(self):
+        for key, value in asdict(self).items():
+            if value < (0 if key == "warmup" else 1):
+                raise ValueError(f"throughput {key} must be >= {0 if key == 'warmup' else 1}, got {value}")
+
+
+CPU_SETTINGS = ThroughputSettings(batch=1, prefill=128, decode=32, warmup=1, repeats=3)  # minutes, not hours
+
+
+def default_settings(provider: str) -> ThroughputSettings:
+    return ThroughputSettings() if provider == CUDA else CPU_SETTINGS
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: float
+
+
+def rates(timings: list[Timing], settings: ThroughputSettings, peak_gpu_mb: float | None) -> dict:
+    """Median times -> tokens/s. End-to-end: generated tokens over prefill + decode time."""
+    prefill_s = statistics.median(t.prefill_s for t in timings)
+    decode_s = statistics.median(t.decode_s for t in timings)
+    if prefill_s <= 0 or decode_s <= 0:  # guard: a clock that did not advance gives no rate
+        raise RuntimeError(f"non-positive measured time (prefill {prefill_s} s, decode {decode_s} s)")
+    generated = settings.batch * settings.decode
+    return {"prefill_tokens_s": settings.batch * settings.prefill / prefill_s, "decode_tokens_s": generated / decode_s,
+            "end_to_end_tokens_s": generated / (prefill_s + decode_s), "prefill_s": prefill_s, "decode_s": decode_s,
+            "peak_gpu_mb": peak_gpu_mb}
+
+
+def measure(run_once, settings: ThroughputSettings) -> list[Timing]:
+    for _ in range(settings.warmup):
+        run_once()
+    return [run_once() for _ in range(settings.repeats)]
+
+
+def gpu_free_bytes() -> int | None:
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+@dataclass(frozen=True)
+class DecoderSignature:
+    """What the benchmark needs to know about an exported decoder, read from its session."""
+    past: tuple[str, ...]  # past_key_values.{i}.key|value, in layer order
+    present: tuple[str, ...]  # the matching present.{i}.key|value outputs
+    kv_heads: int
+    head_dim: int
+    kv_dtype: type
+    vocab: int
+    logits_dtype: type
+    extra_inputs: tuple[str, ...]  # attention_mask / position_ids, where the graph has them
+
+
+def _static(dim, what: str, fallback: int | None) -> int:
+    if isinstance(dim, int):
+        return dim
+    if fallback is None:
+        raise ValueError(f"the decoder's {what} dimension is symbolic ({dim!r}) and config.json does not give it")
+    return int(fallback)
+
+
+def read_signature(session, config: dict | None = None) -> DecoderSignature:
+    config = config or {}
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if "input_ids" not in inputs or "logits" not in outputs:
+        raise ValueError(f"not a decoder graph: inputs {sorted(inputs)[:4]}, outputs {sorted(outputs)[:4]}")
+    past = sorted((n for n in inputs if PAST.match(n)),
+                  key=lambda n: (int(PAST.match(n).group(1)), PAST.match(n).group(2) == "value"))
+    if not past:
+        raise ValueError("the decoder has no past_key_values.{i}.key/value inputs: it cannot decode with a KV cache")
+    present = tuple(n.replace("past_key_values.", "present.", 1) for n in past)
+    missing = [n for n in present if n not in outputs]
+    if missing:
+        raise ValueError(f"the decoder has no output {missing[0]} for its input {past[present.index(missing[0])]}")
+    first = inputs[past[0]]
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (config["hidden_size"] // config["num_attention_heads"]
+                                          if config.get("hidden_size") and config.get("num_attention_heads") else None)
+    kv_dtype, logits_dtype = ORT_NUMPY.get(first.type), ORT_NUMPY.get(outputs["logits"].type)
+    if kv_dtype is None or logits_dtype is None:
+        raise ValueError(f"unsupported KV/logits element types {first.type} / {outputs['logits'].type}")
+    return DecoderSignature(
+        past=tuple(past), present=present, kv_heads=_static(first.shape[1], "kv-heads", heads),
+        head_dim=_static(first.shape[3], "head", head_dim), kv_dtype=kv_dtype,
+        vocab=_static(outputs["logits"].shape[-1], "vocabulary", config.get("vocab_size")), logits_dtype=logits_dtype,
+        extra_inputs=tuple(n for n in ("attention_mask", "position_ids") if n in inputs))
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A flat device buffer and its element type; bound under any shape that fits in it."""
+    value: object  # onnxruntime.OrtValue
+    dtype: type
+
+    def pointer(self, offset_elements: int = 0) -> int:
+        return self.value.data_ptr() + offset_elements * np.dtype(self.dtype).itemsize
+
+
+class OrtDecodeLoop:
+    """Preallocated buffers + IO binding for one session and one (batch, prefill, decode) setting."""
+
+    def __init__(self, session, signature: DecoderSignature, provider: str, settings: ThroughputSettings,
+                 vocab_limit: int | None = None, seed: int = 0):
+        from onnxruntime import OrtValue
+        self.session, self.sig, self.s = session, signature, settings
+        self.device = device_of(provider)
+        b, p, d = settings.batch, settings.prefill, settings.decode
+        total = p + d
+        ids = np.random.default_rng(seed).integers(0, vocab_limit or signature.vocab, size=(b, total), dtype=np.int64)
+
+        def put(array: np.ndarray) -> Buffer:
+            array = np.ascontiguousarray(array)
+            return Buffer(OrtValue.ortvalue_from_numpy(array, self.device, 0), array.dtype.type)
+
+        def empty(elements: int, dtype) -> Buffer:
+            return Buffer(OrtValue.ortvalue_from_shape_and_type([elements], dtype, self.device, 0), dtype)
+
+        self.prompt = put(ids[:, :p])
+        self.prompt_positions = put(np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)))
+        # decode step t reads row t of these [decode, batch] tables: one pointer offset per step, no copies
+        self.step_ids = put(ids[:, p:].T)
+        self.step_positions = put(np.broadcast_to(np.arange(p, total, dtype=np.int64)[:, None], (d, b)))
+        self.mask = put(np.ones(b * total, dtype=np.int64))  # all ones: any prefix is a [batch, length] mask
+        kv_elements = b * signature.kv_heads * total * signature.head_dim
+        self.kv = {name: (empty(kv_elements, signature.kv_dtype), empty(kv_elements, signature.kv_dtype))
+                   for name in signature.past}
+        self.logits = empty(b * p * signature.vocab, signature.logits_dtype)
+
+    def _bind(self, io, name: str, buffer: Buffer, shape, offset: int = 0, output: bool = False):
+        bind = io.bind_output if output else io.bind_input
+        bind(name, self.device, 0, buffer.dtype, list(shape), buffer.pointer(offset))
+
+    def _step(self, ids: Buffer, positions: Buffer, offset: int, seqlen: int, past_len: int, parity: int):
+        b, sig = self.s.batch, self.sig
+        io = self.session.io_binding()
+        self._bind(io, "input_ids", ids, (b, seqlen), offset)
+        if "attention_mask" in sig.extra_inputs:
+            self._bind(io, "attention_mask", self.mask, (b, past_len + seqlen))
+        if "position_ids" in sig.extra_inputs:
+            self._bind(io, "position_ids", positions, (b, seqlen), offset)
+        for past, present in zip(sig.past, sig.present):
+            read, write = self.kv[past][parity], self.kv[past][1 - parity]
+            self._bind(io, past, read, (b, sig.kv_heads, past_len, sig.head_dim))
+            self._bind(io, present, write, (b, sig.kv_heads, past_len + seqlen, sig.head_dim), output=True)
+        self._bind(io, "logits", self.logits, (b, seqlen, sig.vocab), output=True)
+        self.session.run_with_iobinding(io)
+        io.synchronize_outputs()
+
+    def run_once(self) -> Timing:
+        b, p = self.s.batch, self.s.prefill
+        start = time.perf_counter()
+        self._step(self.prompt, self.prompt_positions, 0, p, past_len=0, parity=0)
+        prefilled = time.perf_counter()
+        for t in range(self.s.decode):  # the present of step t is the past of step t+1: buffers alternate
+            self._step(self.step_ids, self.step_positions, t * b, 1, past_len=p + t, parity=1 - t % 2)
+        return Timing(prefilled - start, time.perf_counter() - prefilled)
+
+    def last_logits(self) -> np.ndarray:
+        """[batch, vocab] logits of the last step run (copies to the host; for checks)."""
+        b, v = self.s.batch, self.sig.vocab
+        return self.logits.value.numpy()[: b * v].reshape(b, v)
+
+
+def folder_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def ort_throughput(model_path: str | Path, provider: str, settings: ThroughputSettings,
+                   vocab_limit: int | None = None) -> dict:
+    """Open the session (provider checked), run the protocol, release the session. Tokens/s + peak GPU MB."""
+    from .providers import open_session
+    model_path = Path(model_path)
+    free_before = gpu_free_bytes() if provider == CUDA else None
+    session = open_session(model_path, provider)
+    try:
+        signature = read_signature(session, folder_config(model_path.parent))
+        loop = OrtDecodeLoop(session, signature, provider, settings, vocab_limit)
+        timings = measure(loop.run_once, settings)
+        # ORT's arena keeps its peak: device memory in use now minus before the session is that peak
+        peak = (free_before - gpu_free_bytes()) / 2**20 if free_before is not None else None
+        return rates(timings, settings, peak)
+    finally:
+        del session
+
+
+# ---------------------------------------------------------------- PyTorch eager
+
+
+class StepClock:
+    """A logits processor that only reads the clock: generate calls it once per forward pass, after the
+    logits exist, so call 0 ends the prefill and calls 1..decode end the decode steps."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.stamps = cuda, []
+
+    def __call__(self, input_ids, scores):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+@torch.no_grad()
+def eager_throughput(model, settings: ThroughputSettings, seed: int = 0) -> dict:
+    """`generate` with its KV cache, greedy, exactly settings.decode steps after the prefill (EOS disabled)."""
+    from transformers import LogitsProcessorList
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (settings.batch, settings.prefill), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    steps = settings.decode + 1  # the prefill's token, then `decode` single-token forward passes
+
+    def run_once() -> Timing:
+        clock = StepClock(cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                       do_sample=False, use_cache=True, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+        if len(clock.stamps) != steps:
+            raise RuntimeError(f"generate ran {len(clock.stamps)} forward passes, expected {steps}")
+        return Timing(clock.stamps[0] - start, clock.stamps[-1] - clock.stamps[0])
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = measure(run_once, settings)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return rates(timings, settings, peak)

@@ -1,0 +1,43 @@
+"""benchmarks/gpu.py's document: it only formats the measured rows (speedup = compressed / dense decode
+tokens/s from the same rows), and says which device and command printed them."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_gpu_script():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def speed(decode):
+    return {"prefill_tokens_s": 1000.0, "decode_tokens_s": decode, "end_to_end_tokens_s": decode / 2,
+            "peak_gpu_mb": 2048.0}
+
+
+def test_render_formats_measured_rows_only(tmp_path):
+    gpu = load_gpu_script()
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "onnxruntime": "1.31.1", "date": "2026-11-23 15:00 UTC",
+           "command": "python benchmarks/gpu.py throughput --model llama-2-7b"}
+    settings = {"batch": 4, "prefill": 1024, "decode": 256, "warmup": 1, "repeats": 3}
+    rows = [
+        {"part": "throughput", "model": "llama-2-7b", "layers": 32, "ratio": 0.0, "provider": "CUDAExecutionProvider",
+         "dtype": "float16", "settings": settings, "ort": speed(100.0), "eager": speed(50.0), **env},
+        {"part": "throughput", "model": "llama-2-7b", "layers": 32, "ratio": 0.4, "provider": "CUDAExecutionProvider",
+         "dtype": "float16", "settings": settings, "ort": speed(125.0), "eager": speed(60.0),
+         "bound_decode_speedup": 1.5, **env},
+        {"part": "compress", "model": "opt-6.7b", "layers": 32, "method": "svd-llm-v2", "ratio": 0.4,
+         "calibration": "256x2048", "wall_s": 321.5, "peak_gpu_mb": 30000.0, "realized_linears": 0.4012, **env},
+    ]
+    gpu.render(rows, tmp_path)
+    text = (tmp_path / "gpu.md").read_text()
+    assert "| 0.4 | 1,000.0 | 125.0 | 62.5 | 2,048 | 1.250 | 1.500 | 60.0 | 2,048 |" in text
+    assert "| 0.0 | 1,000.0 | 100.0 | 50.0 | 2,048 | 1.000 | – |" in text
+    assert "| opt-6.7b | 32 | 256x2048 | 321.5 | 30,000 | 0.4012 | NVIDIA H100 80GB HBM3 |" in text
+    assert "python benchmarks/gpu.py throughput --model llama-2-7b" in text
+    assert (tmp_path / "gpu_tokens_per_s.png").read_bytes()[:4] == b"\x89PNG"
