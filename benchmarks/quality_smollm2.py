@@ -11,6 +11,7 @@ process's resident set (sampled) during that row, model and evaluation data incl
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import json
 import shlex
@@ -73,12 +74,16 @@ def write_docs(rows: list[dict], setting: str) -> None:
         "",
         f"Dense model: perplexity **{dense:.2f}**." if dense else "",
         "",
-        "| method | allocation | ratio | realised (linears) | realised (model) | perplexity | compress wall s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "Wall time is the compression alone on a 2-core CPU; `load` is the 1-minute load average when the row",
+        "finished (above 2 the machine was shared with other jobs and the wall time is inflated accordingly).",
+        "",
+        "| method | allocation | ratio | realised (linears) | realised (model) | perplexity | compress wall s | peak RSS MB | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted((r for r in rows if r["method"] != "dense"), key=lambda r: (r["ratio"], r["method"], r["allocation"])):
         lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.1f} | {r['realized_linears']:.3f} | "
-                     f"{r['realized_model']:.3f} | {r['ppl']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['realized_model']:.3f} | {r['ppl']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r.get('load_avg', float('nan')):.1f} |")
     (RESULTS / "quality-smollm2.md").write_text("\n".join(lines) + "\n\n![perplexity vs ratio](quality-smollm2.png)\n")
     plot(rows, dense, setting)
 
@@ -152,7 +157,8 @@ def main():
             ppl = perplexity(torch_logits(work), tokens, a.window, f"{method}/{alloc}@{ratio}")
             rows.append(dict(setting=setting, method=method, allocation=alloc, ratio=ratio,
                              realized_linears=1 - lin_after / lin_dense, realized_model=1 - after_total / dense_total,
-                             ppl=ppl, wall_s=wall, peak_rss_mb=mem.peak / 2**20, command=command))
+                             ppl=ppl, wall_s=wall, peak_rss_mb=mem.peak / 2**20, command=command,
+                             load_avg=os.getloadavg()[0]))
             print(f"{method:12s} {alloc:10s} {ratio:.1f}  ppl {ppl:10.2f}  {wall:6.1f}s", flush=True)
             del work
             store.write_text(json.dumps(rows, indent=1))
