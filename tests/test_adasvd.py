@@ -213,3 +213,15 @@ def test_adasvd_needs_the_compressed_stream():
         compress_(tiny_model("llama"), random_batches(),
                   CompressionConfig(method="adasvd", ratio=0.4, allocation="uniform", propagate="original"),
                   progress=False)
+
+
+def test_summary_shows_the_adacomp_gain():
+    from exporter.report import summary
+    report = {"model": "m", "method": "adasvd", "allocation": "adacr", "propagate": "compressed",
+              "ratio": {"requested": 0.4, "realized_linears": 0.4, "realized_model": 0.3},
+              "params": {"dense_total": 10, "compressed_total": 7}, "dense_linears": 0, "timings_s": {},
+              "peak_memory": {"host_rss_mb": 1.0},
+              "layers": {"a": {"loss": 2.0, "loss_min": 1.0}},
+              "method_details": {"adacomp": {"a": {"loss_before": 4.0, "loss_after": 3.0},
+                                             "b": {"loss_before": 2.0, "loss_after": 1.0}}}}
+    assert "after / before: median 0.7500, max 0.7500" in summary(report)
