@@ -34,16 +34,22 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 @click.option("--calib-seqlen", type=int, default=256)
 @click.option("--eval", "eval_source", default=str(DATA / "wiki.test.raw"))
 @click.option("--eval-tokens", type=int, default=16384)
+@click.option("--variants", default="uniform,1-cos,cos", show_default=True, help="Comma-separated subset.")
+@click.option("--dense/--no-dense", "dense_ppl", default=True, help="Also evaluate the dense model.")
 @click.option("--out", default="docs/results/adacr-importance.md")
-def main(model, method, ratio, min_retention, calib, calib_samples, calib_seqlen, eval_source, eval_tokens, out):
+def main(model, method, ratio, min_retention, calib, calib_samples, calib_seqlen, eval_source, eval_tokens, variants,
+         dense_ppl, out):
     dense, tokenizer, _ = load(model, device="cpu")
     window = model_window(dense, 2048)
     eval_ids = evaluation_tokens(dense, tokenizer, eval_source, eval_tokens, window)
     batches = calibration_batches(dense, tokenizer, calib, calib_samples, calib_seqlen, seed=0)
     adacr = allocation.ALLOCATORS["adacr"]
-    rows = [("dense", "-", perplexity(torch_logits(dense), eval_ids, window, "dense"), 0.0, [])]
+    rows = [("dense", "-", perplexity(torch_logits(dense), eval_ids, window, "dense"), 0.0, [])] if dense_ppl else []
+    chosen = variants.split(",")
     for label, alloc, importance in [("uniform", "uniform", None), ("adacr, importance 1 - cos", "adacr", "1-cos"),
                                      ("adacr, importance cos", "adacr", "cos")]:
+        if (importance or alloc) not in chosen:
+            continue
         if importance:
             allocation.ALLOCATORS["adacr"] = functools.partial(adacr, importance=importance)
         model_copy = copy.deepcopy(dense)

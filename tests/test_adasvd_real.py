@@ -26,4 +26,5 @@ def test_adasvd_beats_svd_llm_at_ratio_0_6(smollm2, wikitext):
     assert sum(e["loss_after"] for e in adacomp.values()) < sum(e["loss_before"] for e in adacomp.values())
     ratios = details["adasvd"].layer_ratios()
     assert len(set(round(r, 3) for r in ratios)) > 1 and all(0 <= r < 1 for r in ratios)
+    print(f"SmolLM2 ratio 0.6 perplexity: {ppl}")
     assert ppl["adasvd"] < ppl["svd-llm"], ppl
