@@ -10,15 +10,16 @@ Only these second moments are used, so every calibration token counts exactly an
 stored — the paper's stack-of-batch (averaging samples into buckets so X fits in GPU memory) only
 approximates this.
 
-With T = W Crossᵀ C_c⁺ (the least-squares full-rank map from X_c to W X_o) and S a square root of
-C_c (S Sᵀ = C_c), f = ‖(W' − T) S‖²_F + const. The two closed-form steps, pseudo-inverses by SVD as
-in the paper, are exact minimisers over their block, so f never increases:
-    up   ← (T S) · (down S)⁺
-    down ← up⁺ · T
-With X_c = X_o the whitened truncation is already the global optimum and both steps leave it alone:
-adaComp only helps because the inputs drifted. (The global optimum over rank-r W' is reduced-rank
-regression: truncate T S. Iterating adaComp approaches it; the paper found 1 iteration best at
-40–60% compression, more overfit its 256 samples.)
+The two steps, pseudo-inverses by SVD as in the paper (S a square root of C_c, S Sᵀ = C_c):
+    up   ← argmin_up ‖up·down·X_c − W X_o‖  = W Crossᵀ downᵀ (down C_c downᵀ)⁺   (eq. 8–10: a least-squares
+         fit of the out-dim target on the r features down·X_c — few predictors, so it does not overfit)
+    down ← up⁺ W                                                              (eq. 13, data-free)
+The up step is an exact block minimiser; the paper's down step is not, so a step that would raise f is
+rejected (f never increases). An exact down step (a regression on all `in` input channels) was tried
+first: on SmolLM2 at 60% (16 x 256 calibration tokens, tests/test_adasvd_real.py) its perplexity was
+97858 vs SVD-LLM's 1316 — most likely overfitting the low-variance directions of X_c with so few tokens. With X_c = X_o the whitened truncation is already
+the global optimum and both steps leave it unchanged: adaComp only acts on the drift.
+(The global optimum over rank-r W' is reduced-rank regression; tests use it as a lower bound.)
 """
 from __future__ import annotations
 
@@ -37,13 +38,6 @@ def adacomp_loss(weight: torch.Tensor, approx: torch.Tensor, stats: InputStats) 
     return float(value.clamp_min(0.0).sqrt())  # ≥ 0 mathematically; a tiny negative is cancellation
 
 
-def least_squares_target(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
-    """T = W X_o X_cᵀ (X_c X_cᵀ)⁺: the full-rank W' that best maps X_c onto W X_o."""
-    wh = stats.whitening
-    gram_pinv = (wh.basis * wh.inv_sqrt_eig.square()) @ wh.basis.T  # same tolerance as the whitening
-    return weight.to(torch.float64) @ stats.cross.T @ gram_pinv
-
-
 def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same product up·down, factors re-split as U√Σ, √ΣVᵀ (the least-squares steps unbalance their
     norms, which matters once the factors are stored in float16)."""
@@ -55,18 +49,28 @@ def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats,
             iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`iterations` rounds of (up step, down step) on f; see the module docstring."""
+    """`iterations` rounds of (up step, down step); see the module docstring."""
     if stats.cross is None:
         raise ValueError("adaComp needs the cross statistics X_c X_oᵀ (propagate through the compressed layers)")
     if iterations == 0:
         return up, down
-    target = least_squares_target(weight, stats)
+    w = weight.to(torch.float64)
     wh = stats.whitening
     root = wh.basis * wh.sqrt_eig  # S, S Sᵀ = C_c
-    target_root = target @ root
+    # W Crossᵀ S⁺ᵀ: with down·S = D, the up step is (W X_o X_cᵀ S⁺ᵀ)·D⁺
+    target_root = (w @ stats.cross.T @ wh.basis) * wh.inv_sqrt_eig
+    observed = (wh.basis * (wh.inv_sqrt_eig > 0)) @ wh.basis.T  # projector on the directions X_c reached
+    w_observed = w @ observed
+    loss = adacomp_loss(w, up @ down, stats)
     for _ in range(iterations):
-        up = target_root @ torch.linalg.pinv(down @ root)
-        down = torch.linalg.pinv(up) @ target
+        for step in ("up", "down"):
+            if step == "up":
+                new_up, new_down = target_root @ torch.linalg.pinv(down @ root), down
+            else:
+                new_up, new_down = up, torch.linalg.pinv(up) @ w_observed
+            new_loss = adacomp_loss(w, new_up @ new_down, stats)
+            if new_loss <= loss:  # the down step is not a minimiser of f: keep only what helps
+                up, down, loss = new_up, new_down, new_loss
     return rebalance(up, down)
 
 
