@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .allocation import NEEDS_PROFILE, Matrix, Profile, allocate
+from .allocation import NEEDS_PROFILE, NEEDS_SPECTRA, Matrix, Profile, allocate
 from .architectures import Architecture, architecture_of, decoder_layers, matrix_kind
 from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
 from .config import CompressionConfig
@@ -49,6 +49,16 @@ class CompressionResult:
                     for m in self.matrices)
         return dense, after
 
+    def layer_ratios(self) -> list[float]:
+        """Realised ratio of each decoder layer over its candidate linears (a dense one removes nothing)."""
+        ratios = []
+        for layer in sorted({m.layer for m in self.matrices}):
+            group = [m for m in self.matrices if m.layer == layer]
+            after = sum(self.plan[m.name] * m.params_per_rank if m.name in self.plan else m.dense_params
+                        for m in group)
+            ratios.append(1.0 - after / sum(m.dense_params for m in group))  # dense_params > 0 for any linear
+        return ratios
+
 
 def list_matrices(model: nn.Module, arch: Architecture, skip: tuple[str, ...] = ()) -> list[Matrix]:
     out = []
@@ -66,13 +76,15 @@ def default_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def profile_model(model, arch, inputs, device, progress=True) -> Profile:
-    """One pass over the original layers: the whitened spectrum σ(WX) of every linear and the
-    input/output similarity of every layer. Keeps only vectors, never X Xᵀ."""
+def profile_model(model, arch, inputs, device, progress=True, spectra=True) -> Profile:
+    """One pass over the original layers: the whitened spectrum σ(WX) of every linear (unless
+    spectra=False) and the input/output similarity of every layer. Keeps only vectors, never X Xᵀ."""
     profile = Profile()
 
     def visit(obs: LayerObservation):
         profile.layer_similarity.append(obs.input_similarity)
+        if not spectra:
+            return
         for group, stats in zip(arch.groups, obs.stats):
             for path in group.linears:
                 name = f"{arch.layers}.{obs.index}.{path}"
@@ -97,7 +109,8 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
 
     inputs = capture_layer0_inputs(model, arch, batches, device)
     allocation = config.allocation_name
-    profile = profile_model(model, arch, inputs, device, progress) if allocation in NEEDS_PROFILE else None
+    profile = (profile_model(model, arch, inputs, device, progress, spectra=allocation in NEEDS_SPECTRA)
+               if allocation in NEEDS_PROFILE else None)
     plan = allocate(allocation, matrices, profile, config.ratio, min_rank=config.min_rank,
                     min_retention=config.min_retention)
     result = CompressionResult(config.method, allocation, config.ratio, plan, matrices)

@@ -99,7 +99,9 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         perplexity=ppl or None,
         dense_linears=len(result.matrices) - len(result.plan),
         layer_similarity=result.layer_similarity,
-        layers={name: {"rank": rec.rank, "loss": rec.loss, "loss_min": rec.loss_min, "shape": list(rec.shape)}
+        layer_ratios=result.layer_ratios(),
+        layers={name: {"rank": rec.rank, "ratio": 1.0 - rec.rank * sum(rec.shape) / (rec.shape[0] * rec.shape[1]),
+                       "loss": rec.loss, "loss_min": rec.loss_min, "shape": list(rec.shape)}
                 for name, rec in result.records.items()},
         **({"method_details": result.extra} if result.extra else {}),
     )

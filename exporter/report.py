@@ -43,6 +43,11 @@ def summary(report: dict) -> str:
     if loss:
         lines.append(f"trunc. loss  achieved / theoretical minimum: median {sorted(loss)[len(loss) // 2]:.4f}, "
                      f"max {max(loss):.4f}")
+    adacomp = (report.get("method_details") or {}).get("adacomp") or {}
+    gain = sorted(v["loss_after"] / v["loss_before"] for v in adacomp.values() if v["loss_before"] > 0)
+    if gain:
+        lines.append(f"adaComp      ‖W'X_c − WX_o‖ after / before: median {gain[len(gain) // 2]:.4f}, "
+                     f"max {gain[-1]:.4f}")
     lines.append("timings      " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
     lines.append(f"peak memory  {report['peak_memory']['host_rss_mb']:.0f} MB host"
                  + (f", {report['peak_memory']['gpu_mb']:.0f} MB GPU" if report['peak_memory'].get('gpu_mb') else ""))
