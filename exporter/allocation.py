@@ -150,6 +150,13 @@ Allocator = Callable[..., dict[str, int]]
 ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "v2": svd_llm_v2}
 # Allocations that need a profiling pass (spectra / similarities) before compression.
 NEEDS_PROFILE = {"v2"}
+# Allocations that also need Profile.sensitivity (a gradient pass of the LM loss, calibration/sensitivity.py).
+NEEDS_SENSITIVITY = {"global-fisher"}
+
+from .allocation_global import global_fisher, global_relative  # noqa: E402 (it imports Matrix/Profile above)
+
+ALLOCATORS.update({"global-relative": global_relative, "global-fisher": global_fisher})
+NEEDS_PROFILE |= {"global-relative", "global-fisher"}
 
 
 def allocate(name: str, matrices: list[Matrix], profile: Profile | None, ratio: float, **options) -> dict[str, int]:
