@@ -47,13 +47,14 @@ def kind_summary(result) -> str:
 @click.option("--eval-tokens", type=int, default=16384)
 @click.option("--out", default="docs/results/global-allocation.md")
 @click.option("--plans", default="/tmp/global-allocation-plans.json")
+@click.option("--dense-ppl/--no-dense-ppl", default=True, help="Also measure the dense model (one more evaluation).")
 def main(model, method, ratios, allocations, min_rank, calib, calib_samples, calib_seqlen, eval_source,
-         eval_tokens, out, plans):
+         eval_tokens, out, plans, dense_ppl):
     dense, tokenizer, _ = load(model, device="cpu")
     window = model_window(dense, 2048)
     eval_ids = evaluation_tokens(dense, tokenizer, eval_source, eval_tokens, window)
     batches = calibration_batches(dense, tokenizer, calib, calib_samples, calib_seqlen, seed=0)
-    dense_ppl = perplexity(torch_logits(dense), eval_ids, window, "dense")
+    dense_ppl = perplexity(torch_logits(dense), eval_ids, window, "dense") if dense_ppl else None
     rows, saved = [], {}
     for ratio in ratios:
         for alloc in allocations:
@@ -67,6 +68,7 @@ def main(model, method, ratios, allocations, min_rank, calib, calib_samples, cal
             rows.append((ratio, alloc, ppl, 1 - after / linears, len(result.matrices) - len(result.plan), seconds,
                          kind_summary(result)))
             saved[f"{alloc}@{ratio}"] = result.plan
+            Path(plans).write_text(json.dumps(saved, indent=1))
             print(f"{alloc} @{ratio}: ppl {ppl:.3f} ({seconds:.0f}s) {kind_summary(result)}", flush=True)
             del model_copy
 
@@ -75,7 +77,7 @@ def main(model, method, ratios, allocations, min_rank, calib, calib_samples, cal
              f"Command: `{command}`", "",
              f"Calibration: {calib_samples} × {calib_seqlen} tokens of `{Path(calib).name}` (seed 0); evaluation: "
              f"{eval_ids.numel() // window * window} tokens of `{Path(eval_source).name}`, window {window}; "
-             f"min rank {min_rank}. Dense perplexity {dense_ppl:.3f}.", "",
+             f"min rank {min_rank}." + (f" Dense perplexity {dense_ppl:.3f}." if dense_ppl else ""), "",
              "| ratio | allocation | perplexity | realised ratio | dense linears | compress s | "
              "mean rank / break-even per type |",
              "|---|---|---|---|---|---|---|"]
@@ -84,7 +86,6 @@ def main(model, method, ratios, allocations, min_rank, calib, calib_samples, cal
     print(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
-    Path(plans).write_text(json.dumps(saved, indent=1))
 
 
 if __name__ == "__main__":
