@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from exporter import compress
 from exporter.calibration.data import calibration_batches, evaluation_tokens
 from exporter.compress import compress_
 from exporter.config import CompressionConfig
@@ -21,6 +22,18 @@ from exporter.models import load
 from exporter.validate.perplexity import model_window, perplexity, torch_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def computed_once(fn):
+    """Every run starts from the same dense model and calibration batches, so the profile (spectra) and the
+    gradient sensitivity are identical across runs: compute each once per process."""
+    cache = {}
+
+    def once(*args, **kwargs):
+        if "value" not in cache:
+            cache["value"] = fn(*args, **kwargs)
+        return copy.deepcopy(cache["value"])
+    return once
 
 
 def kind_summary(result) -> str:
@@ -50,6 +63,8 @@ def kind_summary(result) -> str:
 @click.option("--dense-ppl/--no-dense-ppl", default=True, help="Also measure the dense model (one more evaluation).")
 def main(model, method, ratios, allocations, min_rank, calib, calib_samples, calib_seqlen, eval_source,
          eval_tokens, out, plans, dense_ppl):
+    compress.profile_model = computed_once(compress.profile_model)
+    compress.output_gradient_sensitivity = computed_once(compress.output_gradient_sensitivity)
     dense, tokenizer, _ = load(model, device="cpu")
     window = model_window(dense, 2048)
     eval_ids = evaluation_tokens(dense, tokenizer, eval_source, eval_tokens, window)
