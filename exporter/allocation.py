@@ -151,12 +151,13 @@ ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "v2": svd_llm_v2}
 # Allocations that need a profiling pass (spectra / similarities) before compression.
 NEEDS_PROFILE = {"v2"}
 # Allocations that also need Profile.sensitivity (a gradient pass of the LM loss, calibration/sensitivity.py).
-NEEDS_SENSITIVITY = {"global-fisher"}
+NEEDS_SENSITIVITY = {"global-fisher", "global-fisher-per-type"}
 
-from .allocation_global import global_fisher, global_relative  # noqa: E402 (it imports Matrix/Profile above)
+from .allocation_global import global_fisher, global_fisher_per_type, global_relative  # noqa: E402 (imports Matrix)
 
-ALLOCATORS.update({"global-relative": global_relative, "global-fisher": global_fisher})
-NEEDS_PROFILE |= {"global-relative", "global-fisher"}
+ALLOCATORS.update({"global-relative": global_relative, "global-fisher": global_fisher,
+                   "global-fisher-per-type": global_fisher_per_type})
+NEEDS_PROFILE |= {"global-relative"} | NEEDS_SENSITIVITY
 
 
 def allocate(name: str, matrices: list[Matrix], profile: Profile | None, ratio: float, **options) -> dict[str, int]:

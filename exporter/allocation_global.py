@@ -20,6 +20,7 @@ Weights (the allocation names):
   global-relative  w_i = 1 / ‖W_i X_i‖²: every matrix's relative output error counts the same.
   global-fisher    w_i = mean squared gradient of the LM loss w.r.t. the matrix's output
                    (exporter/calibration/sensitivity.py): output error in units of the network's loss.
+  global-fisher-per-type  the same weight, one greedy per matrix type with that type's share of the budget.
 """
 from __future__ import annotations
 
@@ -117,9 +118,12 @@ def fisher_weights(matrices: list[Matrix], profile: Profile) -> dict[str, float]
 
 
 def _global(weights: dict[str, float], matrices: list[Matrix], profile: Profile, ratio: float,
-            min_rank: int) -> dict[str, int]:
-    budget = int(math.floor((1.0 - ratio) * sum(m.dense_params for m in matrices)))
-    plan = greedy_ranks(matrices, profile.spectra, weights, budget, min_rank)
+            min_rank: int, per_type: bool = False) -> dict[str, int]:
+    groups = [[m for m in matrices if m.kind == kind] for kind in dict.fromkeys(m.kind for m in matrices)]
+    plan = {}
+    for group in groups if per_type else [matrices]:
+        budget = int(math.floor((1.0 - ratio) * sum(m.dense_params for m in group)))
+        plan.update(greedy_ranks(group, profile.spectra, weights, budget, min_rank))
     kinds = {}
     for m in matrices:
         kinds.setdefault(m.kind, []).append(plan[m.name] / (m.dense_params / m.params_per_rank)
@@ -135,3 +139,13 @@ def global_relative(matrices: list[Matrix], profile: Profile, ratio: float, min_
 
 def global_fisher(matrices: list[Matrix], profile: Profile, ratio: float, min_rank: int = 1, **_) -> dict[str, int]:
     return _global(fisher_weights(matrices, profile), matrices, profile, ratio, min_rank)
+
+
+def global_fisher_per_type(matrices: list[Matrix], profile: Profile, ratio: float, min_rank: int = 1,
+                           **_) -> dict[str, int]:
+    """The same greedy, run separately within each matrix type with that type's share of the budget (the
+    grouping of SVD-LLM V2's Alg. 1). Within one type the outputs live in alike spaces (all residual-stream
+    writes, all attention keys, ...), so the one-number-per-matrix Fisher trace compares like with like; across
+    types (attention logits vs residual stream vs gated MLP hidden) it is the least trustworthy part of the
+    proxy, and the type balance is kept at the uniform one that both papers validated."""
+    return _global(fisher_weights(matrices, profile), matrices, profile, ratio, min_rank, per_type=True)

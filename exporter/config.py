@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
-ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher")
+ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 

@@ -175,3 +175,18 @@ def test_compress_with_global_allocation(arch, allocation):
     assert len(set(result.plan.values())) > 1  # not a uniform plan in disguise
     ids = random_batches(1)[0]
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_per_type_keeps_each_type_within_its_share():
+    matrices, spectra, _ = make([(64, 64), (32, 96)] * 4, seed=6)
+    matrices = [Matrix(m.name, "a" if m.out_features == 64 else "b", m.layer, m.out_features, m.in_features)
+                for m in matrices]
+    weights = {m.name: (1000.0 if m.kind == "a" else 1.0) for m in matrices}  # "a" would take everything
+    profile = Profile(spectra=spectra, sensitivity=weights)
+    one = allocate("global-fisher", matrices, profile, 0.5)
+    per_type = allocate("global-fisher-per-type", matrices, profile, 0.5)
+    for kind in "ab":
+        group = [m for m in matrices if m.kind == kind]
+        assert plan_params(group, per_type) <= 0.5 * sum(m.dense_params for m in group)
+    b = [m for m in matrices if m.kind == "b"]
+    assert plan_params(b, one) < plan_params(b, per_type)  # the single greedy starved type "b"
