@@ -81,8 +81,11 @@ def greedy_ranks(matrices: list[Matrix], spectra: dict[str, torch.Tensor], weigh
                              f"break-even rank of a {m.out_features}×{m.in_features} matrix")
         prepaid += min_rank * m.params_per_rank
         ranks[m.name] = min_rank
+        rate = math.inf
         for k, step in enumerate(chain(m, spectra[m.name], weights[m.name], min_rank)):
-            candidates.append((step.gain / step.cost, i, k, step))
+            # running minimum: the chain's rates fall, and rounding in the division must not reorder them
+            rate = min(rate, step.gain / step.cost)
+            candidates.append((rate, i, k, step))
     left = budget - prepaid
     if left < 0:
         raise ValueError(f"the budget ({budget:,} parameters of the compressed linears) is below what the "
@@ -105,7 +108,7 @@ def relative_weights(matrices: list[Matrix], profile: Profile) -> dict[str, floa
     weights = {}
     for m in matrices:
         energy = float(profile.spectra[m.name].to(torch.float64).square().sum())
-        # guard: W X = 0 means truncation costs nothing here; weight 0 leaves the matrix at its floor
+        # guard: W X = 0 means truncation costs nothing here; with weight 0 its steps are bought last
         weights[m.name] = 1.0 / energy if energy > 0 else 0.0
     return weights
 
