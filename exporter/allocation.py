@@ -210,6 +210,15 @@ ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "v2": svd_llm_v2, "adacr
 # Allocations that need a profiling pass before compression; those that need its whitened spectra.
 NEEDS_PROFILE = {"v2", "adacr"}
 NEEDS_SPECTRA = {"v2"}
+# Allocations that also need Profile.sensitivity (a gradient pass of the LM loss, calibration/sensitivity.py).
+NEEDS_SENSITIVITY = {"global-fisher", "global-fisher-per-type"}
+
+from .allocation_global import global_fisher, global_fisher_per_type, global_relative  # noqa: E402 (imports Matrix)
+
+ALLOCATORS.update({"global-relative": global_relative, "global-fisher": global_fisher,
+                   "global-fisher-per-type": global_fisher_per_type})
+NEEDS_PROFILE |= {"global-relative"} | NEEDS_SENSITIVITY
+NEEDS_SPECTRA |= {"global-relative"} | NEEDS_SENSITIVITY
 
 
 def allocate(name: str, matrices: list[Matrix], profile: Profile | None, ratio: float, **options) -> dict[str, int]:

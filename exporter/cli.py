@@ -13,8 +13,10 @@ from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, 
 @click.option("--model", "-m", default="smollm2-135m", show_default=True,
               help="Alias (smollm2-135m, opt-6.7b, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b, ...), "
                    "hub id, local directory or .gguf file.")
-@click.option("--ratio", "-r", type=float, default=0.2, show_default=True,
-              help="Fraction of the compressed linears' parameters to remove.")
+@click.option("--ratio", "-r", type=float, default=None,
+              help="Fraction of the compressed linears' parameters to remove (default 0.2).")
+@click.option("--budget", default=None,
+              help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
 @click.option("--method", type=click.Choice(METHODS), default="svd-llm-v2", show_default=True)
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="Rank allocation; default: the method's paper (v2 for svd-llm-v2, adacr for adasvd, else uniform).")
@@ -47,18 +49,24 @@ from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, 
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX checks against PyTorch (logits parity, greedy tokens, ORT perplexity).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(model, ratio, method, allocation, propagate, formats, validations, out, overwrite, calib_data, calib_samples,
+def main(model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite, calib_data,
+         calib_samples,
          calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
          adacomp_iterations, min_retention, opset, no_validate, quiet):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .budget import parse_size
     from .pipeline import run  # heavy imports after argument parsing, so --help is instant
 
     try:
+        if ratio is not None and budget is not None:
+            raise ValueError("give either --ratio or --budget, not both")
         config = RunConfig(
             model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=dtype, device=device,
             validations=tuple(dict.fromkeys(validations)),
-            compression=CompressionConfig(method=method, ratio=ratio, allocation=allocation, propagate=propagate,
+            compression=CompressionConfig(method=method, ratio=0.2 if ratio is None else ratio,
+                                          budget_bytes=None if budget is None else parse_size(budget),
+                                          allocation=allocation, propagate=propagate,
                                           min_rank=min_rank, adacomp_iterations=adacomp_iterations,
                                           min_retention=min_retention),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,

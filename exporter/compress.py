@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .allocation import NEEDS_PROFILE, NEEDS_SPECTRA, Matrix, Profile, allocate
+from .allocation import NEEDS_PROFILE, NEEDS_SENSITIVITY, NEEDS_SPECTRA, Matrix, Profile, allocate
 from .architectures import Architecture, architecture_of, decoder_layers, matrix_kind
+from .budget import ratio_for_budget
+from .calibration.sensitivity import output_gradient_sensitivity
 from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
 from .config import CompressionConfig
 from .linalg import min_truncation_loss, truncation_loss
@@ -111,9 +113,12 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
     allocation = config.allocation_name
     profile = (profile_model(model, arch, inputs, device, progress, spectra=allocation in NEEDS_SPECTRA)
                if allocation in NEEDS_PROFILE else None)
-    plan = allocate(allocation, matrices, profile, config.ratio, min_rank=config.min_rank,
+    if allocation in NEEDS_SENSITIVITY:
+        profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, device)
+    ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes)
+    plan = allocate(allocation, matrices, profile, ratio, min_rank=config.min_rank,
                     min_retention=config.min_retention)
-    result = CompressionResult(config.method, allocation, config.ratio, plan, matrices)
+    result = CompressionResult(config.method, allocation, ratio, plan, matrices)
     if profile is not None:
         result.layer_similarity = profile.layer_similarity
     similarity = []

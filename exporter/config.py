@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
-ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher")
+ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
@@ -35,7 +35,7 @@ class CompressionConfig:
     adacomp_iterations: int = 1
     min_retention: float = 0.4  # AdaSVD's mrr
     asvd_alpha: float = 0.5
-    budget_bytes: int | None = None  # alternative to ratio (weights counted in the export dtype)
+    budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)
     skip: tuple[str, ...] = ()  # module-name substrings never compressed
 
     def __post_init__(self):
@@ -47,6 +47,8 @@ class CompressionConfig:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.propagate not in (None, "original", "compressed"):
             raise ValueError(f"--propagate must be 'original' or 'compressed', got {self.propagate!r}")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise ValueError(f"--budget must be a positive number of bytes, got {self.budget_bytes}")
         if not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
 

@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .artifacts import atomic_output, save_safetensors
+from .budget import weight_bytes
 from .calibration.data import calibration_batches, evaluation_tokens
 from .compress import compress_
 from .config import RunConfig
@@ -93,7 +94,9 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     linears_dense, linears_after = result.linear_params()
     report.update(
         method=result.method, allocation=result.allocation, propagate=config.compression.propagation,
-        ratio=ratio_block(config.compression.ratio, linears_dense, linears_after, dense_total, count_params(model)),
+        ratio=ratio_block(result.ratio, linears_dense, linears_after, dense_total, count_params(model)),
+        **({"budget": {"bytes": config.compression.budget_bytes, "weight_bytes": weight_bytes(model)}}
+           if config.compression.budget_bytes is not None else {}),
         params={"dense_total": dense_total, "compressed_total": count_params(model),
                 "linears_dense": linears_dense, "linears_compressed": linears_after},
         perplexity=ppl or None,
@@ -105,7 +108,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
                 for name, rec in result.records.items()},
         **({"method_details": result.extra} if result.extra else {}),
     )
-    meta = {"method": result.method, "allocation": result.allocation, "ratio": config.compression.ratio,
+    meta = {"method": result.method, "allocation": result.allocation, "ratio": result.ratio,
             "ranks": dict(result.plan)}
     with atomic_output(out, overwrite) as tmp:
         if "safetensors" in config.formats:

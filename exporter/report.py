@@ -33,6 +33,8 @@ def summary(report: dict) -> str:
         f"ratio        requested {r['requested']:.3f} · realised {r['realized_linears']:.3f} of the compressed linears, "
         f"{r['realized_model']:.3f} of the whole model",
         f"params       {p['dense_total']:,} -> {p['compressed_total']:,}",
+        *([f"budget       {report['budget']['bytes']:,} bytes -> weights {report['budget']['weight_bytes']:,} bytes"]
+          if "budget" in report else []),
         f"modules      {len(report['layers'])} low-rank, {report['dense_linears']} linears left dense",
     ]
     ppl = report.get("perplexity") or {}
