@@ -78,6 +78,14 @@ def default_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def layer_home(model, arch, device):
+    """Where the decoder layers live when that is not the compute device (a model kept on the host and
+    compressed on a GPU): each layer is moved to `device` for its turn and back home after, so only the
+    current layer occupies the GPU. None when they already live on `device`."""
+    home = next(decoder_layers(model, arch)[0].parameters()).device
+    return home if home != torch.device(device) else None
+
+
 def profile_model(model, arch, inputs, device, progress=True, spectra=True) -> Profile:
     """One pass over the original layers: the whitened spectrum σ(WX) of every linear (unless
     spectra=False) and the input/output similarity of every layer. Keeps only vectors, never X Xᵀ."""
@@ -93,7 +101,7 @@ def profile_model(model, arch, inputs, device, progress=True, spectra=True) -> P
                 w = obs.layer.get_submodule(path).weight.detach().to(torch.float64)
                 profile.spectra[name] = MatrixInput(name, w, stats).whitened.s.cpu()
 
-    run_layers(model, arch, inputs, visit, device,
+    run_layers(model, arch, inputs, visit, device, offload=layer_home(model, arch, device),
                progress=(lambda it: tqdm(it, desc="profile", unit="layer")) if progress else None)
     return profile
 
@@ -150,6 +158,7 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
     needs = method.needs
     run_layers(model, arch, inputs, visit, device, propagate=config.propagation,
                need_abs_mean="abs_mean" in needs, need_cross="cross" in needs,
+               offload=layer_home(model, arch, device),
                progress=(lambda it: tqdm(it, desc=f"compress ({config.method})", unit="layer")) if progress else None)
     if not result.layer_similarity:
         result.layer_similarity = similarity
