@@ -149,7 +149,7 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
                 if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
                     raise FloatingPointError(f"{config.method} produced non-finite factors for {name}")
                 result.records[name] = MatrixRecord(
-                    rank, truncation_loss(w, up @ down, stats.gram), min_truncation_loss(mi.whitened.s, rank),
+                    rank, truncation_loss(w, up @ down, stats.whitening), min_truncation_loss(mi.whitened.s, rank),
                     tuple(w.shape))
                 method.report(name, mi, up, down, result.extra)
                 swap_module(obs.layer, path, LowRankLinear.from_factors(

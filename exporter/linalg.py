@@ -58,8 +58,9 @@ def min_truncation_loss(spectrum: torch.Tensor, rank: int) -> float:
     return float(spectrum[rank:].to(torch.float64).square().sum().sqrt())
 
 
-def truncation_loss(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """‖(W − W')X‖_F from C = X Xᵀ alone: √tr(E C Eᵀ)."""
+def truncation_loss(weight: torch.Tensor, approx: torch.Tensor, wh: Whitening) -> float:
+    """‖(W − W')X‖_F from X Xᵀ alone, as ‖(W − W') U_s √S_s‖_F: the same PSD-clamped metric as the
+    minimum. (tr(E C Eᵀ) on the raw sum can go negative: its rounding-noise negative eigenvalues, times
+    W's components in never-excited directions, cancel a small true loss.)"""
     err = weight.to(torch.float64) - approx.to(torch.float64)
-    value = ((err @ gram.to(torch.float64)) * err).sum()
-    return float(value.clamp_min(0.0).sqrt())
+    return float(torch.linalg.norm((err @ wh.basis) * wh.sqrt_eig))
