@@ -2,6 +2,7 @@
 perplexity) → artifacts → report. Everything lands in a temporary folder renamed to --out at the end."""
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -63,7 +64,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         model, tokenizer, source = load(config.model, config.dtype, config.device)
     dense_total = count_params(model)
     report: dict = {"tool": f"svd-export {__version__}", "model": config.model, "source": source.describe(),
-                    "config": __import__("json").loads(config.to_json())}
+                    "config": json.loads(config.to_json())}
 
     ppl: dict = {}
     eval_ids, window = None, 0
