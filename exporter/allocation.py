@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .config import default_min_retention
 from .linalg import min_truncation_loss
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def shift_to_budget(values: list[float], weights: list[float], target: float, lo
     return [min(max(v + low, lo), hi) for v in values]
 
 
-def adacr(matrices: list[Matrix], profile: Profile, ratio: float, min_rank: int = 1, min_retention: float = 0.4,
+def adacr(matrices: list[Matrix], profile: Profile, ratio: float, min_rank: int = 1, min_retention: float | None = None,
           importance: str = "1-cos", **_) -> dict[str, int]:
     """AdaSVD's adaCR (§3.2): per decoder layer, importance I_i from the cosine similarity of the layer's
     input and output, mean-normalised (mean 1); retention k_i = mrr + I_i·(trr − mrr), trr = 1 − ratio.
@@ -177,6 +178,8 @@ def adacr(matrices: list[Matrix], profile: Profile, ratio: float, min_rank: int 
     first and last layers most important, and those have the lowest cos); "cos": the formula as written.
     docs/adacr-importance.md has the measurement behind the default."""
     keep = 1.0 - ratio
+    if min_retention is None:
+        min_retention = default_min_retention(ratio)
     if min_retention > keep:
         raise ValueError(f"adacr: --min-retention {min_retention} exceeds the target retention 1 - ratio = {keep:.3f}; "
                          "lower --min-retention")

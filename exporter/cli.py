@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
 
 from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+
+
+def sigterm_as_interrupt(signum, frame):
+    """`docker stop`, `timeout` and batch schedulers send SIGTERM, whose default kills the process before any
+    cleanup: unwind like Ctrl-C instead, so the temporary folders next to --out are removed."""
+    raise KeyboardInterrupt
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -44,17 +51,22 @@ from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, 
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
 @click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--min-retention", type=float, default=0.4, show_default=True, help="AdaSVD's mrr (adacr).")
+@click.option("--adacomp-strength", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="adaComp's target W(b X_orig + (1-b) X_compressed): 1 = full compensation (the paper's), "
+                   "0 = none.")
+@click.option("--min-retention", type=float, default=None,
+              help="AdaSVD's mrr (adacr). Default: 0.4, capped at 0.75 x (1 - ratio).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18).")
-@click.option("--no-validate", is_flag=True,
+@click.option("--skip-parity", is_flag=True,
               help="Skip the ONNX checks against PyTorch (logits parity, greedy tokens, ORT perplexity).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite, calib_data,
          calib_samples,
          calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
-         adacomp_iterations, min_retention, opset, no_validate, quiet):
+         adacomp_iterations, adacomp_strength, min_retention, opset, skip_parity, quiet):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     from .budget import parse_size
     from .pipeline import run  # heavy imports after argument parsing, so --help is instant
 
@@ -68,11 +80,12 @@ def main(model, ratio, budget, method, allocation, propagate, formats, validatio
                                           budget_bytes=None if budget is None else parse_size(budget),
                                           allocation=allocation, propagate=propagate,
                                           min_rank=min_rank, adacomp_iterations=adacomp_iterations,
+                                          adacomp_strength=adacomp_strength,
                                           min_retention=min_retention),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
                                           seed=seed, batch_size=calib_batch_size),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
-            opset=opset, validate=not no_validate,
+            opset=opset, parity=not skip_parity,
         )
         run(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from .architectures import Architecture, architecture_of, decoder_layers, matrix
 from .budget import ratio_for_budget
 from .calibration.sensitivity import output_gradient_sensitivity
 from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
-from .config import CompressionConfig
+from .config import CompressionConfig, default_min_retention
 from .linalg import min_truncation_loss, truncation_loss
 from .lowrank import LowRankLinear, swap_module
 from .methods import MatrixInput, get_method
@@ -113,7 +113,8 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
     device = torch.device(device) if device is not None else default_device(model)
     model.eval()
     place_outside_layers(model, arch, device)
-    method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations)
+    method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
+                        strength=config.adacomp_strength)
     matrices = list_matrices(model, arch, config.skip)
     method.prepare(model, batches, matrices, device)
 
@@ -124,9 +125,11 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
     if allocation in NEEDS_SENSITIVITY:
         profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, device)
     ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes)
-    plan = allocate(allocation, matrices, profile, ratio, min_rank=config.min_rank,
-                    min_retention=config.min_retention)
+    min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
+    plan = allocate(allocation, matrices, profile, ratio, min_rank=config.min_rank, min_retention=min_retention)
     result = CompressionResult(config.method, allocation, ratio, plan, matrices)
+    if allocation == "adacr":
+        result.extra["adacr"] = {"min_retention": min_retention}
     if profile is not None:
         result.layer_similarity = profile.layer_similarity
     similarity = []

@@ -14,6 +14,13 @@ ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "gl
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
 
+def default_min_retention(ratio: float) -> float:
+    """AdaSVD's mrr when none is given: 0.4, the middle of the paper's tuned 0.3–0.5, capped at 3/4 of the
+    target retention 1 − ratio (0.3 at 60%, the value the paper used there). A fixed 0.4 would make adaCR
+    uniform at 60% and invalid above it."""
+    return min(0.4, 0.75 * (1.0 - ratio))
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     source: str = "wikitext2"  # "wikitext2" | "generated" | path to .txt/.raw/.tokens/.jsonl
@@ -33,7 +40,8 @@ class CompressionConfig:
     propagate: str | None = None  # None: "compressed" for adasvd, else "original"
     min_rank: int = 1
     adacomp_iterations: int = 1
-    min_retention: float = 0.4  # AdaSVD's mrr
+    adacomp_strength: float = 1.0  # β: adaComp's target is W(β X_o + (1 − β) X_c); 1 = the paper's
+    min_retention: float | None = None  # AdaSVD's mrr; None: default_min_retention(ratio)
     asvd_alpha: float = 0.5
     budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)
     skip: tuple[str, ...] = ()  # module-name substrings never compressed
@@ -49,7 +57,9 @@ class CompressionConfig:
             raise ValueError(f"--propagate must be 'original' or 'compressed', got {self.propagate!r}")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise ValueError(f"--budget must be a positive number of bytes, got {self.budget_bytes}")
-        if not 0.0 < self.min_retention <= 1.0:
+        if not 0.0 <= self.adacomp_strength <= 1.0:
+            raise ValueError(f"--adacomp-strength must be in [0, 1], got {self.adacomp_strength}")
+        if self.min_retention is not None and not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
 
     @property
@@ -79,7 +89,7 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
     opset: int = 18  # ONNX opset of the export
-    validate: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
+    parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 
     def to_json(self) -> str:

@@ -86,4 +86,4 @@ class OnnxStage:
                                     f"({rel:.2%} > {PPL_REL_TOLERANCE:.1%})")
         if failures:
             raise ValidationError("ONNX validation failed: " + "; ".join(failures)
-                                  + " (--no-validate writes the artifact without these checks)")
+                                  + " (--skip-parity writes the artifact without these checks)")

@@ -8,7 +8,7 @@ from conftest import random_batches, tiny_model
 from exporter import CompressionConfig, compress_
 from exporter.allocation import Matrix, Profile, adacr, allocate, plan_params, shift_to_budget
 from exporter.calibration.stats import InputStats
-from exporter.config import ALLOCATIONS
+from exporter.config import ALLOCATIONS, default_min_retention
 from exporter.methods import MatrixInput, get_method
 from exporter.methods.adasvd import adacomp, adacomp_loss, rebalance
 from exporter.methods.svd_llm_v2 import SVDLLMV2
@@ -94,6 +94,23 @@ def test_adacomp_is_a_no_op_on_undrifted_inputs(case):
     torch.testing.assert_close(up1 @ down1, up @ down, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("strength", [0.25, 0.5, 0.75])
+def test_partial_strength_compensates_part_of_the_way(case, strength):
+    """Target W(β X_o + (1 − β) X_c). Starting from the whitened truncation (the optimum for β = 0), the up
+    step moves a fraction β of the way to the full least-squares update, so the paper's objective still
+    falls, by less than at β = 1; β = 0 changes nothing."""
+    w, x_o, x_c, stats, rank = case
+    up, down = whitened_init(w, stats, rank)
+    before = direct_loss(w, up @ down, x_c, x_o)
+    full = direct_loss(w, (lambda u, d: u @ d)(*adacomp(w, up, down, stats, 1)), x_c, x_o)
+    partial = direct_loss(w, (lambda u, d: u @ d)(*adacomp(w, up, down, stats, 1, strength)), x_c, x_o)
+    assert full < partial < before
+    up0, down0 = adacomp(w, up, down, stats, 1, 0.0)
+    torch.testing.assert_close(up0 @ down0, up @ down)
+    with pytest.raises(ValueError, match="strength"):
+        adacomp(w, up, down, stats, 1, 1.5)
+
+
 def test_rebalance_keeps_the_product_and_equalises_factor_norms():
     gen = torch.Generator().manual_seed(0)
     up = torch.randn(10, 4, generator=gen, dtype=torch.float64) * 100
@@ -172,6 +189,17 @@ def test_adacr_handles_layers_of_different_sizes():
 def test_adacr_rejects_a_minimum_retention_above_the_target():
     with pytest.raises(ValueError, match="min-retention"):
         adacr(layer_matrices(), Profile(layer_similarity=SIMILARITIES), 0.7, min_retention=0.4)
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.8])
+def test_adacr_default_minimum_retention_stays_adaptive_at_high_ratios(ratio):
+    """A fixed mrr 0.4 would make adaCR uniform at 60% and an error above it; the default follows the ratio."""
+    assert default_min_retention(0.2) == 0.4 and default_min_retention(0.6) == pytest.approx(0.3)
+    matrices = layer_matrices()
+    plan = adacr(matrices, Profile(layer_similarity=SIMILARITIES), ratio)
+    assert_tight_budget(matrices, plan, ratio)
+    k_rank = [plan[f"model.layers.{i}.k_proj"] for i in range(6)]
+    assert k_rank[0] > k_rank[3]
 
 
 def test_shift_to_budget_hits_the_weighted_target():

@@ -91,6 +91,7 @@ def test_fisher_matches_autograd_and_leaves_the_model_clean(arch):
     expected = torch.zeros_like(fisher[target])
     for ids in batches:
         reference.zero_grad()
-        reference(input_ids=ids, labels=ids).loss.backward()
+        # the summed next-token loss: HF's mean times the number of predicted tokens
+        (reference(input_ids=ids, labels=ids).loss * ids[:, 1:].numel()).backward()
         expected += reference.get_submodule(target).weight.grad.to(torch.float64).square().mean(0)
     torch.testing.assert_close(fisher[target], expected, rtol=1e-5, atol=0)

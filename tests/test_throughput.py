@@ -156,7 +156,7 @@ def test_pipeline_validate_throughput_end_to_end(tmp_path):
     report.json holds the throughput keys, report.md shows them (CPU settings, this ORT has no CUDA)."""
     folder = tiny_model_dir("llama", tmp_path / "model")
     config = RunConfig(model=str(folder), out=str(tmp_path / "out"), formats=("safetensors", "onnx"), device="cpu",
-                       validations=("throughput",), evaluation=None, validate=False,
+                       validations=("throughput",), evaluation=None, parity=False,
                        compression=CompressionConfig(method="svd", ratio=0.4, allocation="uniform"),
                        calibration=CalibrationConfig(source="generated", samples=2, seqlen=16))
     lines = []

@@ -12,25 +12,11 @@ activations one batch needs for its backward (use a small --calib-batch-size on 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..allocation import Matrix
-
-
-@contextmanager
-def _frozen(model: nn.Module):
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+from .gradients import grad_only_for, lm_loss_backward
 
 
 def output_gradient_sensitivity(model: nn.Module, batches: list[torch.Tensor], matrices: list[Matrix],
@@ -55,14 +41,8 @@ def output_gradient_sensitivity(model: nn.Module, batches: list[torch.Tensor], m
     handles = [model.get_submodule(name).register_forward_hook(on_output(name)) for name in sums]
     handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
     try:
-        with _frozen(model), torch.enable_grad():
-            for ids in batches:
-                ids = ids.to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("non-finite LM loss in the sensitivity pass: the model overflowed")
-                loss.backward()
+        with grad_only_for(model):
+            lm_loss_backward(model, batches, device, "sensitivity pass")
     finally:
         for h in handles:
             h.remove()

@@ -32,9 +32,14 @@ from .svd_llm_v2 import SVDLLMV2
 
 
 def adacomp_loss(weight: torch.Tensor, approx: torch.Tensor, stats: InputStats) -> float:
-    """‖W' X_c − W X_o‖_F from the second moments alone."""
+    """‖W' X_c − W X_o‖_F (the paper's objective) from the second moments alone."""
+    return _loss(weight, approx, stats.gram, stats.cross, stats.gram_orig)
+
+
+def _loss(weight, approx, gram, cross, target_gram) -> float:
+    """‖W' X_c − W X_t‖_F with X_c X_cᵀ = gram, X_c X_tᵀ = cross, X_t X_tᵀ = target_gram."""
     w, a = weight.to(torch.float64), approx.to(torch.float64)
-    value = ((a @ stats.gram) * a).sum() - 2 * ((a @ stats.cross) * w).sum() + ((w @ stats.gram_orig) * w).sum()
+    value = ((a @ gram) * a).sum() - 2 * ((a @ cross) * w).sum() + ((w @ target_gram) * w).sum()
     return float(value.clamp_min(0.0).sqrt())  # ≥ 0 mathematically; a tiny negative is cancellation
 
 
@@ -48,29 +53,37 @@ def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats,
-            iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`iterations` rounds of (up step, down step); see the module docstring."""
+            iterations: int, strength: float = 1.0, taken: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`iterations` rounds of (up step, down step) towards the target W·X_t, X_t = β X_o + (1 − β) X_c,
+    β = `strength`; see the module docstring. The steps that were kept are appended to `taken`."""
     if stats.cross is None:
         raise ValueError("adaComp needs the cross statistics X_c X_oᵀ (propagate through the compressed layers)")
-    if iterations == 0:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"adaComp strength must be in [0, 1], got {strength}")
+    if iterations == 0 or strength == 0.0:
         return up, down
     w = weight.to(torch.float64)
+    gram, b = stats.gram, strength
+    cross = (1 - b) * gram + b * stats.cross  # X_c X_tᵀ
+    target_gram = (1 - b) ** 2 * gram + b * (1 - b) * (stats.cross + stats.cross.T) + b ** 2 * stats.gram_orig
     wh = stats.whitening
     root = wh.basis * wh.sqrt_eig  # S, S Sᵀ = C_c
-    # W Crossᵀ S⁺ᵀ: with down·S = D, the up step is (W X_o X_cᵀ S⁺ᵀ)·D⁺
-    target_root = (w @ stats.cross.T @ wh.basis) * wh.inv_sqrt_eig
+    # W X_t X_cᵀ S⁺ᵀ: with down·S = D, the up step is (W X_t X_cᵀ S⁺ᵀ)·D⁺
+    target_root = (w @ cross.T @ wh.basis) * wh.inv_sqrt_eig
     observed = (wh.basis * (wh.inv_sqrt_eig > 0)) @ wh.basis.T  # projector on the directions X_c reached
     w_observed = w @ observed
-    loss = adacomp_loss(w, up @ down, stats)
+    loss = _loss(w, up @ down, gram, cross, target_gram)
     for _ in range(iterations):
         for step in ("up", "down"):
             if step == "up":
                 new_up, new_down = target_root @ torch.linalg.pinv(down @ root), down
             else:
                 new_up, new_down = up, torch.linalg.pinv(up) @ w_observed
-            new_loss = adacomp_loss(w, new_up @ new_down, stats)
+            new_loss = _loss(w, new_up @ new_down, gram, cross, target_gram)
             if new_loss <= loss:  # the down step is not a minimiser of f: keep only what helps
                 up, down, loss = new_up, new_down, new_loss
+                if taken is not None:
+                    taken.append(step)
     return rebalance(up, down)
 
 
@@ -79,20 +92,24 @@ class AdaSVD(Method):
     name = "adasvd"
     needs = frozenset({"cross"})
 
-    def __init__(self, iterations: int = 1, **_):
+    def __init__(self, iterations: int = 1, strength: float = 1.0, **_):
         if iterations < 0:
             raise ValueError(f"--adacomp-iterations must be >= 0, got {iterations}")
-        self.iterations = iterations
-        self._losses: dict[str, tuple[float, float]] = {}
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"--adacomp-strength must be in [0, 1], got {strength}")
+        self.iterations, self.strength = iterations, strength
+        self._losses: dict[str, tuple[float, float, int]] = {}
 
     def factorize(self, m: MatrixInput, rank: int):
         up, down = SVDLLMV2().factorize(m, rank)  # whitened truncation on the propagated input X_c
         before = adacomp_loss(m.weight, up @ down, m.stats)
-        up, down = adacomp(m.weight, up, down, m.stats, self.iterations)
-        self._losses[m.name] = (before, adacomp_loss(m.weight, up @ down, m.stats))
+        taken: list[str] = []
+        up, down = adacomp(m.weight, up, down, m.stats, self.iterations, self.strength, taken)
+        self._losses[m.name] = (before, adacomp_loss(m.weight, up @ down, m.stats), taken.count("down"))
         return up, down
 
     def report(self, name, m, up, down, extra):
-        before, after = self._losses.pop(name)
-        extra.setdefault("adacomp", {})[name] = {"iterations": self.iterations,
-                                                 "loss_before": before, "loss_after": after}
+        before, after, down_steps = self._losses.pop(name)
+        extra.setdefault("adacomp", {})[name] = {"iterations": self.iterations, "strength": self.strength,
+                                                 "loss_before": before, "loss_after": after,
+                                                 "down_steps_kept": down_steps}

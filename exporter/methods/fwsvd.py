@@ -14,17 +14,18 @@ from __future__ import annotations
 import torch
 
 from ..architectures import architecture_of, decoder_layers
+from ..calibration.gradients import grad_only_for, lm_loss_backward
 from .asvd import column_scaled_svd
 from .base import MatrixInput, Method, register
 
 
 def fisher_columns(model, batches, names: list[str], device) -> dict[str, torch.Tensor]:
-    """{module name: Σ_batches mean_rows (∂L/∂W)²}, one float64 value per input column."""
+    """{module name: Σ_batches mean_rows (∂L/∂W)²}, one float64 value per input column; L is the summed
+    next-token loss (a common scale of all columns does not change the truncation)."""
     layers = decoder_layers(model, architecture_of(model))
     homes = [next(layer.parameters()).device for layer in layers]
-    grad_flags = {p: p.requires_grad for p in model.parameters()}
-    fisher: dict[str, torch.Tensor] = {}
-    handles = []
+    weights = {name: model.get_submodule(name).weight for name in names}
+    fisher = {name: torch.zeros(w.shape[1], dtype=torch.float64, device=device) for name, w in weights.items()}
 
     def fold(name):
         def hook(param):
@@ -32,29 +33,16 @@ def fisher_columns(model, batches, names: list[str], device) -> dict[str, torch.
             param.grad = None  # free it now: one weight gradient alive at a time
         return hook
 
+    handles = [w.register_post_accumulate_grad_hook(fold(name)) for name, w in weights.items()]
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
         layers.to(device)
-        for name in names:
-            weight = model.get_submodule(name).weight
-            weight.requires_grad_(True)
-            fisher[name] = torch.zeros(weight.shape[1], dtype=torch.float64, device=device)
-            handles.append(weight.register_post_accumulate_grad_hook(fold(name)))
-        with torch.enable_grad():
-            for ids in batches:
-                ids = ids.to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("non-finite LM loss in the Fisher pass: the model overflowed in its dtype")
-                loss.backward()
+        with grad_only_for(model, weights.values()):
+            lm_loss_backward(model, batches, device, "Fisher pass")
     finally:
         for h in handles:
             h.remove()
-        for name in fisher:  # after an error mid-backward, a gradient may be left unfolded
-            model.get_submodule(name).weight.grad = None
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
+        for w in weights.values():  # after an error mid-backward, a gradient may be left unfolded
+            w.grad = None
         for layer, home in zip(layers, homes):
             layer.to(home)
     return fisher
