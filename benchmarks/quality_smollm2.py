@@ -116,6 +116,10 @@ def write_docs(rows: list[dict], setting: str) -> None:
         "average when the row finished (above the number of busy cores the wall time is inflated).",
         "A profile or gradient pass shared by several rows of one process is charged to each of them.",
         "",
+        *pivot(rows),
+        "",
+        "Every row:",
+        "",
         "| method | allocation | ratio | realised (linears) | realised (model) | perplexity | compress wall s | threads | peak RSS MB | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -125,6 +129,24 @@ def write_docs(rows: list[dict], setting: str) -> None:
                      f"{r.get('load_avg', float('nan')):.1f} |")
     (RESULTS / "quality-smollm2.md").write_text("\n".join(lines) + "\n\n![perplexity vs ratio](quality-smollm2.png)\n")
     plot(rows, dense, setting)
+
+
+def pivot(rows: list[dict]) -> list[str]:
+    """Perplexity per method × allocation (rows) and ratio (columns); the best of each column in bold."""
+    rows = [r for r in rows if r["method"] != "dense"]
+    ratios = sorted({r["ratio"] for r in rows})
+    series = sorted({(r["method"], r["allocation"]) for r in rows})
+    ppl = {(r["method"], r["allocation"], r["ratio"]): r["ppl"] for r in rows}
+    best = {q: min(v for (_, _, rr), v in ppl.items() if rr == q) for q in ratios}
+    lines = ["| method | allocation | " + " | ".join(f"{q:.1f}" for q in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    for m, al in series:
+        cells = []
+        for q in ratios:
+            v = ppl.get((m, al, q))
+            cells.append("" if v is None else f"**{v:.2f}**" if v == best[q] else f"{v:.2f}")
+        lines.append(f"| {m} | {al} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows, dense, setting):
@@ -186,6 +208,8 @@ def main():
             method, alloc = spec.split(":")
             if (setting, method, alloc, ratio) in done and not a.redo:
                 continue
+            if not a.redo and (setting, method, alloc, ratio) in {key(r) for r in json.loads(store.read_text())}:
+                continue  # another process stored it meanwhile
             work = copy.deepcopy(model)
             for once in shared:
                 once.charged = 0.0

@@ -51,7 +51,7 @@ def sigterm_as_interrupt(signum, frame):
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
 @click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--adacomp-strength", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+@click.option("--adacomp-strength", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
               help="adaComp's target W(b X_orig + (1-b) X_compressed): 1 = full compensation (the paper's), "
                    "0 = none.")
 @click.option("--min-retention", type=float, default=None,

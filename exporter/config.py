@@ -40,7 +40,7 @@ class CompressionConfig:
     propagate: str | None = None  # None: "compressed" for adasvd, else "original"
     min_rank: int = 1
     adacomp_iterations: int = 1
-    adacomp_strength: float = 1.0  # β: adaComp's target is W(β X_o + (1 − β) X_c); 1 = the paper's
+    adacomp_strength: float = 0.25  # β: adaComp's target is W(β X_o + (1 − β) X_c); 1 = the paper's (docs/adasvd.md)
     min_retention: float | None = None  # AdaSVD's mrr; None: default_min_retention(ratio)
     asvd_alpha: float = 0.5
     budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)

@@ -214,6 +214,7 @@ def test_adasvd_end_to_end_every_architecture(arch):
     model, batches = tiny_model(arch), random_batches()
     result = compress_(model, batches, CompressionConfig(method="adasvd", ratio=0.4), progress=False)
     assert result.allocation == "adacr" and set(result.plan) == set(result.records)
+    assert result.extra["adacr"]["min_retention"] == default_min_retention(0.4)  # the value used is reported
     entries = result.extra["adacomp"]
     assert set(entries) == set(result.plan)
     for entry in entries.values():

@@ -11,15 +11,21 @@ stored — the paper's stack-of-batch (averaging samples into buckets so X fits 
 approximates this.
 
 The two steps, pseudo-inverses by SVD as in the paper (S a square root of C_c, S Sᵀ = C_c):
-    up   ← argmin_up ‖up·down·X_c − W X_o‖  = W Crossᵀ downᵀ (down C_c downᵀ)⁺   (eq. 8–10: a least-squares
-         fit of the out-dim target on the r features down·X_c — few predictors, so it does not overfit)
+    up   ← argmin_up ‖up·down·X_c − W X_o‖  = W Crossᵀ downᵀ (down C_c downᵀ)⁺   (eq. 8–10)
     down ← up⁺ W                                                              (eq. 13, data-free)
 The up step is an exact block minimiser; the paper's down step is not, so a step that would raise f is
-rejected (f never increases). An exact down step (a regression on all `in` input channels) was tried
-first: on SmolLM2 at 60% (16 x 256 calibration tokens, tests/test_adasvd_real.py) its perplexity was
-97858 vs SVD-LLM's 1316 — most likely overfitting the low-variance directions of X_c with so few tokens. With X_c = X_o the whitened truncation is already
-the global optimum and both steps leave it unchanged: adaComp only acts on the drift.
-(The global optimum over rank-r W' is reduced-rank regression; tests use it as a lower bound.)
+rejected (f never increases). With X_c = X_o the whitened truncation is already the global optimum and
+both steps leave it unchanged: adaComp only acts on the drift. (The global optimum over rank-r W' is
+reduced-rank regression; tests use it as a lower bound.)
+
+Strength β: the target is W X_t with X_t = β X_o + (1 − β) X_c (Cross and C_o replaced by the blended
+moments). β = 1 is the paper's; β = 0 keeps the whitened truncation. From the whitened truncation (the
+optimum for β = 0) the first up step lands a fraction β of the way to the full least-squares update, so it
+is a damped step, and the paper's f still falls. On SmolLM2 at 60% the full step (β = 1) lowers f the
+most and gives the worst perplexity, worse than SVD-LLM; β = 0.25 is the default, chosen by the
+measurement in docs/adasvd.md. An exact down step (a regression on all `in` input channels) was tried
+first and was far worse (perplexity 97858 vs SVD-LLM's 1316 at 60%), most likely overfitting the
+low-variance directions of X_c with 4096 calibration tokens.
 """
 from __future__ import annotations
 
@@ -92,7 +98,7 @@ class AdaSVD(Method):
     name = "adasvd"
     needs = frozenset({"cross"})
 
-    def __init__(self, iterations: int = 1, strength: float = 1.0, **_):
+    def __init__(self, iterations: int = 1, strength: float = 0.25, **_):
         if iterations < 0:
             raise ValueError(f"--adacomp-iterations must be >= 0, got {iterations}")
         if not 0.0 <= strength <= 1.0:
