@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
 import shlex
 import sys
 import time
@@ -39,7 +41,8 @@ def main():
     p.add_argument("--allocation", default="uniform")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "adacomp-strength.md"))
     a = p.parse_args()
-    command = "python benchmarks/adacomp_strength.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python benchmarks/adacomp_strength.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
 
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
     tokens = evaluation_tokens(model, tokenizer, str(DATA / "wiki.test.raw"), a.eval_tokens)
@@ -69,15 +72,16 @@ def main():
                           f"(paper objective x{gain:.3f}, down steps kept {downs}, {wall:.0f}s)", flush=True)
                     del work
     lines = ["# adaComp strength on SmolLM2-135M", "",
-             f"Command (CPU, `OMP_NUM_THREADS` as noted in docs/adasvd.md): `{command}`", "",
-             f"`{a.allocation}` allocation, 1 adaComp iteration, calibration wiki.valid.tokens × "
-             f"{a.calib_seqlen} tokens, perplexity on {tokens.numel() // a.window * a.window} tokens of wiki.test.raw "
+             f"Command (CPU): `{command}`. Compress times are inflated when other jobs shared the 2 cores.", "",
+             f"`{a.allocation}` allocation, 1 adaComp iteration, calibration: samples × {a.calib_seqlen} tokens "
+             f"of wiki.valid.tokens, perplexity on {tokens.numel() // a.window * a.window} tokens of wiki.test.raw "
              f"(window {a.window}). `objective` is Σ‖W'X_c − W X_o‖ (the paper's, summed over the matrices) after "
              "adaComp, relative to before it; `down steps kept` counts the matrices whose data-free down step",
              "lowered the blended objective (the others keep only the up step).", "",
              "| calibration samples | seed | ratio | method | perplexity | objective after / before | down steps kept | compress s |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {s} | {r} | {m} | {p:.2f} | {g:.3f} | {d} | {w:.0f} |" for n, s, r, m, p, g, d, w in rows]
+    lines += [f"| {n} | {s} | {r} | {m} | {p:.2f} | {'-' if math.isnan(g) else f'{g:.3f}'} | {d} | {w:.0f} |"
+              for n, s, r, m, p, g, d, w in rows]
     Path(a.out).write_text("\n".join(lines) + "\n")
 
 

@@ -11,10 +11,10 @@ process's resident set (sampled) during that row, model and evaluation data incl
 from __future__ import annotations
 
 import argparse
-import os
 import copy
 import fcntl
 import json
+import os
 import shlex
 import sys
 import threading
@@ -111,9 +111,11 @@ def write_docs(rows: list[dict], setting: str) -> None:
         "",
         f"Dense model: perplexity **{dense:.2f}**." if dense else "",
         "",
+        "What the rows show, and where the gains match, beat or fall short of the papers': [../quality.md](../quality.md).",
+        "",
         "Wall time is the compression alone on a 2-core CPU with `threads` PyTorch threads (2: the row ran",
-        "alone; 1: two benchmark processes shared the machine, one core each); `load` is the 1-minute load",
-        "average when the row finished (above the number of busy cores the wall time is inflated).",
+        "alone; 1: run with OMP_NUM_THREADS=1 while other benchmark processes shared the machine, up to four",
+        "at once); `load` is the 1-minute load average when the row finished (above 2 the wall time is inflated).",
         "A profile or gradient pass shared by several rows of one process is charged to each of them.",
         "",
         *pivot(rows),
@@ -149,15 +151,23 @@ def pivot(rows: list[dict]) -> list[str]:
     return lines
 
 
+ALLOCATION_COLORS = {"uniform": "tab:gray", "v2": "tab:red", "adacr": "tab:blue", "global-relative": "tab:olive",
+                     "global-fisher": "tab:orange", "global-fisher-per-type": "tab:green"}
+METHOD_STYLES = {"adasvd": ("-", "o"), "svd-llm-v2": ("--", "s"), "svd-llm": (":", "^"), "svd": (":", "x"),
+                 "asvd": (":", "v"), "fwsvd": (":", "D")}
+
+
 def plot(rows, dense, setting):
+    """Colour = allocation, line and marker = method, so 14 series stay tellable apart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     series = sorted({(r["method"], r["allocation"]) for r in rows if r["method"] != "dense"})
     for method, alloc in series:
         pts = sorted((r["ratio"], r["ppl"]) for r in rows if (r["method"], r["allocation"]) == (method, alloc))
-        ax.plot(*zip(*pts), marker="o", label=f"{method} ({alloc})")
+        line, marker = METHOD_STYLES.get(method, ("-.", "."))
+        ax.plot(*zip(*pts), ls=line, marker=marker, color=ALLOCATION_COLORS.get(alloc), label=f"{method} ({alloc})")
     if dense:
         ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
     ax.set_yscale("log")
@@ -166,7 +176,7 @@ def plot(rows, dense, setting):
     ax.set_title("SmolLM2-135M", fontsize=11)
     ax.text(0.01, 0.01, setting, transform=ax.transAxes, fontsize=7, color="gray")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(RESULTS / "quality-smollm2.png", dpi=120)
 
