@@ -102,8 +102,9 @@ def test_partial_strength_compensates_part_of_the_way(case, strength):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
     before = direct_loss(w, up @ down, x_c, x_o)
-    full = direct_loss(w, (lambda u, d: u @ d)(*adacomp(w, up, down, stats, 1)), x_c, x_o)
-    partial = direct_loss(w, (lambda u, d: u @ d)(*adacomp(w, up, down, stats, 1, strength)), x_c, x_o)
+    up1, down1 = adacomp(w, up, down, stats, 1)
+    up_b, down_b = adacomp(w, up, down, stats, 1, strength)
+    full, partial = direct_loss(w, up1 @ down1, x_c, x_o), direct_loss(w, up_b @ down_b, x_c, x_o)
     assert full < partial < before
     up0, down0 = adacomp(w, up, down, stats, 1, 0.0)
     torch.testing.assert_close(up0 @ down0, up @ down)

@@ -1,0 +1,87 @@
+"""Where each allocation puts the ranks on SmolLM2-135M: the kept fraction of parameters per matrix type and
+per decoder layer, for every allocation and ratio asked, from one profile and one gradient pass (no
+compression, no evaluation). Same calibration as benchmarks/quality_smollm2.py. Writes
+docs/results/allocation-plans.md.
+
+    python benchmarks/allocation_plans.py --ratios 0.2,0.8 --allocations adacr,global-fisher,global-fisher-per-type
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporter.allocation import NEEDS_SENSITIVITY, allocate, plan_params  # noqa: E402
+from exporter.architectures import architecture_of  # noqa: E402
+from exporter.calibration.data import calibration_batches  # noqa: E402
+from exporter.calibration.sensitivity import output_gradient_sensitivity  # noqa: E402
+from exporter.calibration.sequential import capture_layer0_inputs  # noqa: E402
+from exporter.compress import list_matrices, profile_model  # noqa: E402
+from exporter.config import default_min_retention  # noqa: E402
+from exporter.models import load  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+
+def kept(matrices, plan) -> float:
+    """Kept fraction of the dense parameters of `matrices` under `plan` (dense where absent)."""
+    dense = sum(m.dense_params for m in matrices)  # > 0: every group below holds at least one linear
+    return plan_params(matrices, plan) / dense
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ratios", default="0.2,0.8")
+    p.add_argument("--allocations", default="adacr,global-fisher,global-fisher-per-type")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "allocation-plans.md"))
+    a = p.parse_args()
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python benchmarks/allocation_plans.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+
+    model, tokenizer, _ = load("smollm2-135m", device="cpu")
+    arch = architecture_of(model)
+    batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), a.calib_samples,
+                                  a.calib_seqlen, seed=0)
+    matrices = list_matrices(model, arch)
+    profile = profile_model(model, arch, capture_layer0_inputs(model, arch, batches, "cpu"), "cpu")
+    allocations = a.allocations.split(",")
+    if any(name in NEEDS_SENSITIVITY for name in allocations):
+        profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, "cpu")
+
+    kinds = list(dict.fromkeys(m.kind for m in matrices))
+    layers = sorted({m.layer for m in matrices})
+    by_type, by_layer = [], []
+    for ratio in [float(r) for r in a.ratios.split(",")]:
+        for name in allocations:
+            plan = allocate(name, matrices, profile, ratio, min_retention=default_min_retention(ratio))
+            by_type.append((ratio, name, [kept([m for m in matrices if m.kind == k], plan) for k in kinds]))
+            by_layer.append((ratio, name, [kept([m for m in matrices if m.layer == i], plan) for i in layers]))
+            print(f"{name} @{ratio}: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(kinds, by_type[-1][2])), flush=True)
+
+    lines = ["# Where the allocations put the ranks (SmolLM2-135M)", "",
+             f"Command: `{command}`", "",
+             f"Calibration {a.calib_samples} × {a.calib_seqlen} tokens of wiki.valid.tokens (seed 0), as in "
+             "quality-smollm2.md. Each cell is the kept fraction of the dense parameters (1 − ratio) of that "
+             "group; the target is 1 − ratio overall.", "",
+             "## Per matrix type", "",
+             "| ratio | allocation | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    lines += [f"| {r} | {n} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for r, n, vals in by_type]
+    lines += ["", "## Per decoder layer", "",
+              "| ratio | allocation | " + " | ".join(str(i) for i in layers) + " |",
+              "|---|---|" + "---|" * len(layers)]
+    lines += [f"| {r} | {n} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for r, n, vals in by_layer]
+    Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
