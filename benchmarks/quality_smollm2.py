@@ -6,7 +6,8 @@
 Rows accumulate in docs/results/quality-smollm2.json (keyed by method, allocation, ratio and the setting),
 so a later run adds rows without redoing old ones; docs/results/quality-smollm2.md and .png are rewritten
 from every stored row of the current setting. Wall time is the compression alone; peak memory is the
-process's resident set (sampled) during that row, model and evaluation data included.
+process's resident set (sampled) during that row, model and evaluation data included. Several processes
+may fill the store at once (on a 2-core machine: OMP_NUM_THREADS=1 each, disjoint --rows or --ratios).
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def store_row(store: Path, row: dict, setting: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(store.read_text()) if store.exists() else []
         rows = [r for r in rows if key(r) != key(row)] + [row]
-        store.write_text(json.dumps(rows, indent=1))
+        partial = store.with_suffix(".json.partial")
+        partial.write_text(json.dumps(rows, indent=1))
+        os.replace(partial, store)  # readers outside the lock never see half a file
         write_docs(rows, setting)
 
 
@@ -195,19 +198,22 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redo", action="store_true", help="recompute rows already stored")
     a = p.parse_args()
-    command = "python benchmarks/quality_smollm2.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python benchmarks/quality_smollm2.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "quality-smollm2.json"
     setting = setting_key(a)
-    done = {key(r) for r in (json.loads(store.read_text()) if store.exists() else [])}
+
+    def stored() -> set[tuple]:  # re-read each time: other processes may be adding rows
+        return {key(r) for r in json.loads(store.read_text())} if store.exists() else set()
 
     shared = [ComputedOnce(compress.profile_model), ComputedOnce(compress.output_gradient_sensitivity)]
     compress.profile_model, compress.output_gradient_sensitivity = shared
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
     tokens = evaluation_tokens(model, tokenizer, a.eval_data, a.eval_tokens)
     batches = calibration_batches(model, tokenizer, a.calib_data, a.calib_samples, a.calib_seqlen, a.seed)
-    if (setting, "dense", "-", 0.0) not in done:
+    if (setting, "dense", "-", 0.0) not in stored():
         store_row(store, dict(setting=setting, method="dense", allocation="-", ratio=0.0, realized_linears=0.0,
                               realized_model=0.0, ppl=perplexity(torch_logits(model), tokens, a.window, "dense"),
                               wall_s=0.0, peak_rss_mb=0.0, command=command), setting)
@@ -216,10 +222,8 @@ def main():
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for spec in a.rows.split(","):
             method, alloc = spec.split(":")
-            if (setting, method, alloc, ratio) in done and not a.redo:
+            if (setting, method, alloc, ratio) in stored() and not a.redo:
                 continue
-            if not a.redo and (setting, method, alloc, ratio) in {key(r) for r in json.loads(store.read_text())}:
-                continue  # another process stored it meanwhile
             work = copy.deepcopy(model)
             for once in shared:
                 once.charged = 0.0
