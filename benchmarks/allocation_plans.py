@@ -24,7 +24,6 @@ from exporter.calibration.data import calibration_batches  # noqa: E402
 from exporter.calibration.sensitivity import output_gradient_sensitivity  # noqa: E402
 from exporter.calibration.sequential import capture_layer0_inputs  # noqa: E402
 from exporter.compress import list_matrices, profile_model  # noqa: E402
-from exporter.config import default_min_retention  # noqa: E402
 from exporter.models import load  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -62,7 +61,7 @@ def main():
     by_type, by_layer = [], []
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for name in allocations:
-            plan = allocate(name, matrices, profile, ratio, min_retention=default_min_retention(ratio))
+            plan = allocate(name, matrices, profile, ratio)  # each allocation's defaults, as the CLI
             by_type.append((ratio, name, [kept([m for m in matrices if m.kind == k], plan) for k in kinds]))
             by_layer.append((ratio, name, [kept([m for m in matrices if m.layer == i], plan) for i in layers]))
             print(f"{name} @{ratio}: " + ", ".join(f"{k} {v:.2f}" for k, v in zip(kinds, by_type[-1][2])), flush=True)
