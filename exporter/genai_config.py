@@ -9,7 +9,10 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def genai_config(config, generation_config, tokenizer, genai_type: str, position_ids: bool, filename: str) -> dict:
+def genai_config(config, generation_config, tokenizer, genai_type: str, position_ids: bool, filename: str,
+                 share_buffer: bool = False) -> dict:
+    """share_buffer: the graph may write the present KV into the past buffer (GroupQueryAttention, the fused
+    graph); the plain graph concatenates past and new keys (present = past + new), so it cannot."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -49,8 +52,7 @@ def genai_config(config, generation_config, tokenizer, genai_type: str, position
         },
         "search": {
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context, "min_length": 0,
-            # The graph concatenates past and new keys (present = past + new), so buffers cannot be shared.
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "top_k": 1, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
             "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
         },
@@ -58,8 +60,8 @@ def genai_config(config, generation_config, tokenizer, genai_type: str, position
 
 
 def write_genai_config(config, generation_config, tokenizer, folder: Path, genai_type: str, position_ids: bool,
-                       filename: str) -> Path:
+                       filename: str, share_buffer: bool = False) -> Path:
     path = Path(folder) / "genai_config.json"
     path.write_text(json.dumps(genai_config(config, generation_config, tokenizer, genai_type, position_ids,
-                                            filename), indent=2))
+                                            filename, share_buffer), indent=2))
     return path

@@ -12,7 +12,7 @@ WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wik
 
 
 def tiny_config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=256)
     if arch == "llama":
@@ -21,6 +21,8 @@ def tiny_config(arch: str):
         return MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
     if arch == "qwen2":  # q/k/v carry biases
         return Qwen2Config(**common, num_key_value_heads=2)
+    if arch == "qwen3":  # per-head RMSNorm of q and k; head_dim is its own setting
+        return Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
     if arch == "opt":
         return OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=256, word_embed_proj_dim=64)
@@ -35,6 +37,10 @@ def tiny_model(arch: str, seed: int = 0):
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.1)
+    if arch == "qwen3":  # HF initialises the q/k norms to 1; make them matter
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
     return model.eval()
 
 

@@ -1,0 +1,47 @@
+"""One weight → MatMulNBits inputs, with ONNX Runtime's own block quantizer (the one its
+MatMulNBitsQuantizer runs on every MatMul of a loaded model), called per weight as the writer streams it:
+the whole model is never in memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..quantization import Quantization
+
+
+@dataclass
+class NBitsWeight:
+    packed: np.ndarray  # uint8 [N, blocks, block_size·bits/8]
+    scales: np.ndarray  # float [N, blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(blocks·bits/8)]; None when symmetric
+    k: int
+    n: int
+
+
+def quantize_weight(weight_kn: np.ndarray, q: Quantization, scale_dtype) -> NBitsWeight:
+    """weight_kn: the MatMul's B (K×N, float). Quantized from float32; scales in `scale_dtype` (the graph's)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  DefaultWeightOnlyQuantizer)
+    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=q.symmetric,
+                                          accuracy_level=q.accuracy_level or None, bits=q.bits)
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight_kn, dtype=np.float32))
+    k, n = weight_kn.shape
+    return NBitsWeight(packed, scales.astype(scale_dtype), None if q.symmetric else zero_points, k, n)
+
+
+def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
+    """The K×N float32 weight MatMulNBits computes with: for checks against a PyTorch model that carries
+    the same rounded weights."""
+    per_byte = 8 // q.bits
+    codes = np.stack([(w.packed >> (q.bits * i)) & ((1 << q.bits) - 1) for i in range(per_byte)], axis=-1)
+    codes = codes.reshape(w.n, -1, q.block_size).astype(np.float32)  # [N, blocks, block]
+    blocks = codes.shape[1]
+    if w.zero_points is None:
+        zero = np.float32(1 << (q.bits - 1))
+    else:
+        zp = np.stack([(w.zero_points >> (q.bits * i)) & ((1 << q.bits) - 1) for i in range(per_byte)], axis=-1)
+        zero = zp.reshape(w.n, -1)[:, :blocks, None].astype(np.float32)
+    values = (codes - zero) * w.scales.astype(np.float32).reshape(w.n, blocks, 1)
+    return values.reshape(w.n, -1)[:, :w.k].T
