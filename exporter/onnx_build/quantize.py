@@ -45,3 +45,27 @@ def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
         zero = zp.reshape(w.n, -1)[:, :blocks, None].astype(np.float32)
     values = (codes - zero) * w.scales.astype(np.float32).reshape(w.n, blocks, 1)
     return values.reshape(w.n, -1)[:, :w.k].T
+
+
+def round_like_export(model, q: Quantization, quantize_head: bool = True):
+    """A copy of `model` whose linear weights are exactly what the quantized graph computes with
+    (quantized by the same function, dequantized back): PyTorch parity for a quantized export, with the
+    float tolerance. Embeddings, norms and biases stay as they are, as in the graph."""
+    import copy
+
+    import torch
+    import torch.nn as nn
+
+    from .linear import to_numpy
+    rounded = copy.deepcopy(model)
+    head = rounded.get_output_embeddings()
+    with torch.no_grad():
+        for module in rounded.modules():
+            if not isinstance(module, nn.Linear) or (module is head and not quantize_head):
+                continue
+            w_kn = to_numpy(module.weight).T
+            back = dequantize(quantize_weight(w_kn, q, np.float32), q).T
+            if module is head and head.weight is rounded.get_input_embeddings().weight:
+                module.weight = nn.Parameter(module.weight.detach().clone())  # untie: the table stays float
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    return rounded
