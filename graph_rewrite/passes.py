@@ -19,11 +19,33 @@ class RewriteError(RuntimeError):
     pass
 
 
+# The onnx checker gets a serialized copy of the model in which onnx-ir keeps only the initializers of at
+# most this many bytes (onnx_ir.passes.common._c_api_utils); the larger ones become plain inputs.
+CHECKER_INLINE_BYTES = 1000
+
+
+class InlineSmallExternalTensorsPass(ir.passes.InPlacePass):
+    """Load the external initializers the checker will see into memory. Otherwise such a tensor (a small
+    norm weight of an fp16 model loaded with ir.load) reaches the checker as a reference to
+    model.onnx_data, which it looks for in the working directory: "should be stored in model.onnx_data,
+    but it is not regular file". Saving writes them out again like any other initializer."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= CHECKER_INLINE_BYTES:
+                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 def run_passes(model: ir.Model, rules: list[pattern.RewriteRule]) -> ir.Model:
     manager = ir.passes.PassManager([
         RewritePass(pattern.RewriteRuleSet(rules)),
         common.RemoveUnusedNodesPass(),  # also drops initializers nothing reads any more
         common.RemoveUnusedOpsetsPass(),
+        InlineSmallExternalTensorsPass(),
         common.CheckerPass(),
     ])
     return manager(model).model

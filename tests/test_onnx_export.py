@@ -1,6 +1,7 @@
 """ONNX export on tiny random Llama, Mistral (GQA), Qwen2 (biases) and OPT: names and dynamic axes,
 dense and compressed parity with PyTorch over a prefill and decode steps, the rewrite against a direct
 export of the swapped model, fp16, onnxruntime-genai, and the CLI's errors."""
+import copy
 import json
 
 import numpy as np
@@ -166,3 +167,25 @@ def test_cli_errors_leave_nothing(tiny_run, tmp_path):
     result = cli(*tiny_run, out, "--dtype", "bfloat16")
     assert result.exit_code == 1 and "float32 or float16" in result.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_fp16_rewrite_with_small_external_norm_weights(tmp_path):
+    """Issue 13 item 5: an fp16 OPT whose norm weights (hidden 256 → 512 bytes) are saved as external data
+    but are small enough that the checker is handed them inline; the checker then looked for
+    model.onnx_data in the working directory and failed at step 0. The rewrite now succeeds and matches."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    config = tiny_config("opt")
+    config.hidden_size = config.word_embed_proj_dim = 256
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    dense = copy.deepcopy(model).half()
+    dense_path = export_onnx(dense, char_tokenizer(), tmp_path / "dense", dtype="float16")
+    external = [t.name for t in onnx.load(dense_path, load_external_data=False).graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL and 256 <= 2 * np.prod(t.dims) <= 1000]
+    assert "model.model.decoder.final_layer_norm.weight" in external  # the case that failed
+    model = compressed_copy_of(model).half()
+    path, count = export_compressed(dense_path, model, tmp_path / "compressed")
+    assert count == 12
+    result = logits_parity(model, OrtDecoder.load(path), ids(), steps=2, dtype="float16")
+    assert result["passed"], result
