@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from .validate.bound import bound_block
+from .validate.bound import bound_block, graph_bound_block
 from .validate.providers import CHOICES, CUDA, resolve_provider
 from .validate.throughput import ThroughputSettings, default_settings, eager_throughput, ort_throughput
 
@@ -30,8 +30,22 @@ def find_onnx(folder: Path) -> Path:
     raise FileNotFoundError(f"no model.onnx in {folder}: export with --format onnx first")
 
 
-def export_model(model, tokenizer, folder: Path, dtype: str) -> Path:
-    """A model (here: the original one) through the project's ONNX exporter, as the compressed one went."""
+def graph_metadata(onnx_path: Path) -> dict:
+    import onnx
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
+def is_quantized(onnx_path: Path) -> bool:
+    from .onnx_build.writer import QUANTIZE_KEY
+    return graph_metadata(onnx_path).get(QUANTIZE_KEY, "none") != "none"
+
+
+def export_model(model, tokenizer, folder: Path, dtype: str, graph: str = "plain") -> Path:
+    """A model (here: the original one) through the project's ONNX exporter, as the compressed one went:
+    the fused builder (float) or the dynamo export."""
+    if graph == "fused":
+        from .onnx_build import build_onnx
+        return build_onnx(model, tokenizer, folder, dtype)
     from .onnx_export import export_onnx
     export_onnx(model, tokenizer, folder, dtype=dtype)
     return find_onnx(folder)
@@ -75,7 +89,9 @@ def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settin
     with tempfile.TemporaryDirectory(prefix="svd-export-dense-") as tmp:
         if dense_onnx is None:
             echo("throughput: exporting the dense model to ONNX")
-            dense_onnx = export(dense_model, tokenizer, Path(tmp), dtype)
+            from .onnx_build.writer import GRAPH_KEY
+            dense_onnx = export(dense_model, tokenizer, Path(tmp), dtype,
+                                graph_metadata(compressed_onnx).get(GRAPH_KEY, "plain"))
         dense_model = None  # only this function's reference: a caller's model stays
         _free_memory()
         if compressed_model is None and (Path(folder) / "config.json").is_file() and any(Path(folder).glob("*.safetensors")):
@@ -87,6 +103,8 @@ def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settin
         else:
             eager["compressed"] = None
             eager["note"] = "No PyTorch row for the compressed model: the folder has no safetensors (--format safetensors)."
+        if is_quantized(compressed_onnx):  # its weight bytes are the graph's, not the PyTorch model's
+            block.update(graph_bound_block(dense_onnx, compressed_onnx))
         echo(f"throughput: ONNX Runtime dense ({provider})")
         block["dense"] = ort_throughput(dense_onnx, provider, settings)
     echo(f"throughput: ONNX Runtime compressed ({provider})")
@@ -110,8 +128,10 @@ def summary_line(t: dict) -> str:
 @click.option("--decode", type=click.IntRange(min=1), default=None, help="Default: 256 on CUDA, 32 on the CPU.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, show_default="1")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, show_default="3")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of PyTorch and ONNX Runtime (default: OMP_NUM_THREADS, else PyTorch's).")
 @click.option("--dense", default=None, help="The original model (default: report.json's 'model').")
-def main(folder, provider, batch, prefill, decode, warmup, repeats, dense):
+def main(folder, provider, batch, prefill, decode, warmup, repeats, threads, dense):
     """Benchmark an svd-export output FOLDER: ONNX Runtime tokens/s dense vs compressed."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .report import write_json
@@ -124,7 +144,7 @@ def main(folder, provider, batch, prefill, decode, warmup, repeats, dense):
         if dense:
             report["model"] = dense
         chosen = {k: v for k, v in dict(batch=batch, prefill=prefill, decode=decode, warmup=warmup,
-                                        repeats=repeats).items() if v is not None}
+                                        repeats=repeats, threads=threads).items() if v is not None}
         settings = replace(default_settings(resolve_provider(provider)), **chosen)
         report["throughput"] = measure_folder(folder, report, provider=provider, settings=settings, echo=click.echo)
         write_json(report, folder)

@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from .config import ALLOCATIONS, METHODS, CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+from .config import ALLOCATIONS, METHODS, ONNX_GRAPHS, CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+from .quantization import CHOICES as QUANTIZE_CHOICES
+from .quantization import DEFAULT_BLOCK_SIZE
 
 
 def sigterm_as_interrupt(signum, frame):
@@ -57,13 +59,24 @@ def sigterm_as_interrupt(signum, frame):
 @click.option("--min-retention", type=float, default=None,
               help="AdaSVD's mrr (adacr). Default: 0.4, capped at 0.75 x (1 - ratio).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18).")
+@click.option("--onnx-graph", type=click.Choice(ONNX_GRAPHS), default="fused", show_default=True,
+              help="fused: the decoder written from the weights with ONNX Runtime's fused ops (GroupQueryAttention, "
+                   "SkipLayerNorm), one layer at a time; plain: torch.onnx dynamo export + low-rank rewrite.")
+@click.option("--quantize", type=click.Choice(["none", *QUANTIZE_CHOICES]), default="none", show_default=True,
+              help="Weights of every matmul (both factors of each low-rank pair, dense linears, lm_head) as ONNX "
+                   "Runtime's MatMulNBits, quantized per weight as the graph is written (fused graph).")
+@click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
+              help="--quantize block size along each weight's input dimension (a power of two >= 16).")
+@click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Round every rank to a multiple of N (kernel tiles, quantization blocks); the budget stays met.")
 @click.option("--skip-parity", is_flag=True,
               help="Skip the ONNX checks against PyTorch (logits parity, greedy tokens, ORT perplexity).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite, calib_data,
          calib_samples,
          calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
-         adacomp_iterations, adacomp_strength, min_retention, opset, skip_parity, quiet):
+         adacomp_iterations, adacomp_strength, min_retention, opset, onnx_graph, quantize, block_size, rank_multiple,
+         skip_parity, quiet):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
@@ -79,13 +92,15 @@ def main(model, ratio, budget, method, allocation, propagate, formats, validatio
             compression=CompressionConfig(method=method, ratio=0.2 if ratio is None else ratio,
                                           budget_bytes=None if budget is None else parse_size(budget),
                                           allocation=allocation, propagate=propagate,
-                                          min_rank=min_rank, adacomp_iterations=adacomp_iterations,
+                                          min_rank=min_rank, rank_multiple=rank_multiple,
+                                          adacomp_iterations=adacomp_iterations,
                                           adacomp_strength=adacomp_strength,
                                           min_retention=min_retention),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
                                           seed=seed, batch_size=calib_batch_size),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
-            opset=opset, parity=not skip_parity,
+            opset=opset, onnx_graph=onnx_graph, quantize=None if quantize == "none" else quantize,
+            block_size=block_size, parity=not skip_parity,
         )
         run(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from .calibration.sequential import LayerObservation, capture_layer0_inputs, pla
 from .config import CompressionConfig, default_min_retention
 from .linalg import min_truncation_loss, truncation_loss
 from .lowrank import LowRankLinear, swap_module
+from .rank_rounding import round_ranks
 from .methods import MatrixInput, get_method
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
     ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes)
     min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
     plan = allocate(allocation, matrices, profile, ratio, min_rank=config.min_rank, min_retention=min_retention)
+    plan = round_ranks(matrices, plan, config.rank_multiple)  # --rank-multiple; the plan itself for 1
     result = CompressionResult(config.method, allocation, ratio, plan, matrices)
     if allocation == "adacr":
         result.extra["adacr"] = {"min_retention": min_retention}

@@ -8,6 +8,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .quantization import DEFAULT_BLOCK_SIZE, Quantization
+
+ONNX_GRAPHS = ("fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 # The allocation each method's paper used, when --allocation is not given.
@@ -39,6 +42,7 @@ class CompressionConfig:
     # already-compressed ones (needed by adaComp, whose target is the original output).
     propagate: str | None = None  # None: "compressed" for adasvd, else "original"
     min_rank: int = 1
+    rank_multiple: int = 1  # every rank a multiple of this (exporter/rank_rounding.py), the budget still met
     adacomp_iterations: int = 1
     adacomp_strength: float = 0.25  # β: adaComp's target is W(β X_o + (1 − β) X_c); 1 = the paper's (docs/adasvd.md)
     min_retention: float | None = None  # AdaSVD's mrr; None: default_min_retention(ratio)
@@ -59,6 +63,8 @@ class CompressionConfig:
             raise ValueError(f"--budget must be a positive number of bytes, got {self.budget_bytes}")
         if not 0.0 <= self.adacomp_strength <= 1.0:
             raise ValueError(f"--adacomp-strength must be in [0, 1], got {self.adacomp_strength}")
+        if self.rank_multiple < 1:
+            raise ValueError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
         if self.min_retention is not None and not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
 
@@ -89,6 +95,16 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
     opset: int = 18  # ONNX opset of the export
+    onnx_graph: str = "fused"  # "fused": built from the weights with ORT's fused ops (exporter/onnx_build); "plain": dynamo export + rewrite
+    quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/quantization.py)
+    block_size: int = DEFAULT_BLOCK_SIZE  # quantization block along K
+
+    def __post_init__(self):
+        if self.onnx_graph not in ONNX_GRAPHS:
+            raise ValueError(f"--onnx-graph must be one of {', '.join(ONNX_GRAPHS)}, got {self.onnx_graph!r}")
+        Quantization.parse(self.quantize, self.block_size)  # checks the name and the block size
+        if self.quantize is not None and self.onnx_graph != "fused":
+            raise ValueError("--quantize writes MatMulNBits while the fused graph is built: it needs --onnx-graph fused")
     parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 

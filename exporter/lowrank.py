@@ -41,6 +41,9 @@ class LowRankLinear(nn.Module):
 
 
 def swap_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where `name` is, in the mode of the module it replaces: a new nn.Module is in training
+    mode, and one left so inside an eval model is state the reloaded artifact (all eval) does not have."""
+    module.train(root.get_submodule(name).training)
     root.set_submodule(name, module)
 
 

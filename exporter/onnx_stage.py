@@ -2,8 +2,16 @@
 
   before: export the dense model once into a temporary work folder (and, when validating, check it
           against the still-dense PyTorch model);
-  after:  rewrite that graph with the low-rank factors into the output folder, then validate:
-          parity with the compressed PyTorch model, and ORT perplexity of both graphs against PyTorch's.
+  after:  write the compressed graph into the output folder, then validate: parity with the compressed
+          PyTorch model, and ORT perplexity of both graphs against PyTorch's.
+
+Two graphs (--onnx-graph): "fused" builds both directly from the weights (exporter/onnx_build, ORT's
+fused ops, --quantize possible); "plain" exports the dense model with torch.onnx (dynamo) and rewrites
+that graph with the low-rank factors (graph_rewrite).
+
+A quantized graph is checked against a copy of the PyTorch model carrying the same rounded weights
+(so the float tolerances apply); its perplexity is reported next to PyTorch's float one, the price of
+quantization, not a correctness check.
 
 The dense graph never reaches --out: it lives in a TemporaryDirectory next to it, removed when the run
 ends, failed or not.
@@ -17,6 +25,8 @@ from pathlib import Path
 import torch
 
 from .onnx_export import check_dtype, check_opset, export_compressed, export_onnx, onnx_arch
+from .quantization import Quantization
+from .lowrank import LowRankLinear
 from .validate.ort_session import OrtDecoder
 from .validate.parity import parity, prompt_ids
 from .validate.perplexity import perplexity
@@ -31,19 +41,35 @@ class ValidationError(RuntimeError):
 
 
 class OnnxStage:
-    def __init__(self, out: Path, dtype: str, opset: int, validate: bool):
+    def __init__(self, out: Path, dtype: str, opset: int, validate: bool, graph: str = "fused",
+                 quantization: Quantization | None = None):
         check_opset(opset)
         check_dtype(dtype, None)
+        if quantization is not None and graph != "fused":
+            raise ValueError("--quantize needs --onnx-graph fused")
         self.dtype, self.opset, self.validate = dtype, opset, validate
+        self.graph, self.quantization = graph, quantization
         out.parent.mkdir(parents=True, exist_ok=True)
         self.work = tempfile.TemporaryDirectory(prefix=f".{out.name}.dense-onnx-", dir=out.parent)
         self.dense_path: Path | None = None
-        self.report: dict = {"opset": opset, "dtype": dtype, "validated": validate}
+        self.tokenizer = None
+        self.report: dict = {"opset": opset, "dtype": dtype, "validated": validate, "graph": graph,
+                             "quantize": None if quantization is None else
+                             {"bits": quantization.bits, "block_size": quantization.block_size,
+                              "symmetric": quantization.symmetric}}
         self.prompt: torch.Tensor | None = None
 
     def export_dense(self, model, tokenizer) -> None:
-        onnx_arch(model.config)  # an unsupported architecture is refused before the export starts
-        self.dense_path = export_onnx(model, tokenizer, Path(self.work.name) / "dense", self.dtype, self.opset)
+        """The dense graph (float: the baseline of the throughput measurement and of the parity checks)."""
+        self.tokenizer = tokenizer
+        dense = Path(self.work.name) / "dense"
+        if self.graph == "fused":
+            from .onnx_build import build_onnx, family_of
+            family_of(model.config)  # an unsupported model is refused before the export starts
+            self.dense_path = build_onnx(model, tokenizer, dense, self.dtype, opset=self.opset)
+        else:
+            onnx_arch(model.config)  # an unsupported architecture is refused before the export starts
+            self.dense_path = export_onnx(model, tokenizer, dense, self.dtype, self.opset)
         if self.validate:
             self.prompt = prompt_ids(tokenizer)
             self.report["parity"] = {"dense": parity(model, OrtDecoder.load(self.dense_path), self.prompt, self.dtype)}
@@ -54,7 +80,12 @@ class OnnxStage:
         Adds `onnx_dense` / `onnx_compressed` to `perplexities` (the report's perplexity block).
         keep_dense: the dense graph stays for a later measurement (throughput) until cleanup()."""
         try:
-            path, count = export_compressed(self.dense_path, model, folder)
+            if self.graph == "fused":
+                from .onnx_build import build_onnx
+                path = build_onnx(model, self.tokenizer, folder, self.dtype, self.quantization, self.opset)
+                count = sum(isinstance(m, LowRankLinear) for m in model.modules())
+            else:
+                path, count = export_compressed(self.dense_path, model, folder)
             self.report.update(file=path.name, rewritten_linears=count)
             if self.validate:
                 self._validate(model, path, perplexities, eval_ids, window, progress)
@@ -71,7 +102,12 @@ class OnnxStage:
 
     def _validate(self, model, path: Path, perplexities, eval_ids, window, progress) -> None:
         compressed = OrtDecoder.load(path)
-        self.report["parity"]["compressed"] = parity(model, compressed, self.prompt, self.dtype)
+        reference = model
+        if self.quantization is not None:  # the same rounded weights in PyTorch: float tolerances apply
+            from .onnx_build.quantize import round_like_export
+            reference = round_like_export(model, self.quantization)
+        self.report["parity"]["compressed"] = parity(reference, compressed, self.prompt, self.dtype)
+        del reference
         self.report["provider"] = compressed.provider
         failures = [f"{kind} logits/greedy parity (max |diff| {p['max_abs_diff']:.3g}, top-1 {p['top1_agreement']:.3f},"
                     f" greedy equal {p['greedy']['equal']})"
@@ -81,6 +117,8 @@ class OnnxStage:
                 ppl = perplexity(decoder.logits_fn(), eval_ids, window, f"perplexity (onnx {kind})", progress)
                 perplexities[f"onnx_{kind}"] = ppl
                 rel = abs(ppl - perplexities[kind]) / perplexities[kind]
+                if kind == "compressed" and self.quantization is not None:
+                    continue  # quantization changes the model: reported, not a parity check
                 if rel > PPL_REL_TOLERANCE:
                     failures.append(f"ONNX {kind} perplexity {ppl:.4f} vs PyTorch {perplexities[kind]:.4f} "
                                     f"({rel:.2%} > {PPL_REL_TOLERANCE:.1%})")

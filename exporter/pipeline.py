@@ -58,7 +58,9 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     onnx_stage = None
     if "onnx" in config.formats:  # checks --opset/--dtype now, before any work
         from .onnx_stage import OnnxStage
-        onnx_stage = OnnxStage(out, config.dtype, config.opset, config.parity)
+        from .quantization import Quantization
+        onnx_stage = OnnxStage(out, config.dtype, config.opset, config.parity, config.onnx_graph,
+                               Quantization.parse(config.quantize, config.block_size))
     timer = Timer()
     with timer("load"):
         model, tokenizer, source = load(config.model, config.dtype, config.device)

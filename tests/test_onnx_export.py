@@ -142,10 +142,13 @@ def tiny_run(tmp_path, wikitext):
     return model_dir, text
 
 
-def test_cli_writes_a_validated_onnx_folder(tiny_run, tmp_path):
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_cli_writes_a_validated_onnx_folder(tiny_run, tmp_path, graph):
     out = tmp_path / "out"
-    result = cli(*tiny_run, out, "--format", "safetensors")
+    result = cli(*tiny_run, out, "--format", "safetensors", "--onnx-graph", graph)
     assert result.exit_code == 0, result.output
+    kinds = [node.op_type for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
+    assert ("GroupQueryAttention" in kinds) == (graph == "fused")
     assert {"model.onnx", "model.onnx_data", "genai_config.json", "model.safetensors", "report.json"} \
         <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
@@ -189,3 +192,27 @@ def test_fp16_rewrite_with_small_external_norm_weights(tmp_path):
     assert count == 12
     result = logits_parity(model, OrtDecoder.load(path), ids(), steps=2, dtype="float16")
     assert result["passed"], result
+
+
+def test_cli_int4_export_with_rank_multiple(tiny_run, tmp_path):
+    """--quantize int4 --rank-multiple 16: every matmul is MatMulNBits, every rank a multiple of 16, the
+    graph passes parity against PyTorch carrying the same rounded weights, and its ORT perplexity is
+    reported beside PyTorch's float one."""
+    out = tmp_path / "out"
+    result = cli(*tiny_run, out, "--quantize", "int4", "--block-size", "16", "--rank-multiple", "16")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["quantize"] == {"bits": 4, "block_size": 16, "symmetric": False}
+    assert report["layers"] and all(layer["rank"] % 16 == 0 for layer in report["layers"].values())
+    parity_check = report["onnx"]["parity"]["compressed"]
+    assert parity_check["passed"] and parity_check["max_abs_diff"] < 1e-3
+    kinds = [node.op_type for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
+    assert "MatMul" not in kinds and kinds.count("MatMulNBits") == 2 * len(report["layers"]) + 1  # + lm_head
+    ppl = report["perplexity"]
+    assert ppl["onnx_compressed"] != ppl["compressed"] and ppl["onnx_dense"] == pytest.approx(ppl["dense"], rel=5e-3)
+
+
+def test_cli_quantize_needs_the_fused_graph(tiny_run, tmp_path):
+    result = cli(*tiny_run, tmp_path / "out", "--quantize", "int4", "--onnx-graph", "plain")
+    assert result.exit_code == 1 and "--quantize" in result.output and "--onnx-graph fused" in result.output
+    assert not (tmp_path / "out").exists()

@@ -209,3 +209,22 @@ def test_unsupported_models_are_refused_with_one_line(tmp_path):
         FusedDecoderWriter(llama, tmp_path)
     with pytest.raises(ValueError, match="float32 or float16"):
         FusedDecoderWriter(tiny_config("llama"), tmp_path, dtype="bfloat16")
+
+
+def test_graph_weight_bytes_are_the_models_plus_row_lookups(tmp_path):
+    """bound.graph_decode_weight_bytes on the fused graph: the PyTorch count, plus the row each lookup
+    table is read by (embedding, cos, sin) and the three int64 mask constants; quantized, each linear
+    costs what exporter.quantization says."""
+    from exporter.validate.bound import decode_weight_bytes, graph_decode_weight_bytes
+    model = compressed(tiny_model("llama"))
+    config = model.config
+    float_bytes = graph_decode_weight_bytes(build_onnx(model, char_tokenizer(), tmp_path / "f32"))
+    rows = config.hidden_size * 4 + 2 * (config.hidden_size // config.num_attention_heads // 2) * 4
+    assert float_bytes == decode_weight_bytes(model) + rows + 3 * 8
+    q = Quantization(bits=4, block_size=16)
+    int4_bytes = graph_decode_weight_bytes(build_onnx(model, char_tokenizer(), tmp_path / "int4", quantization=q))
+    saved = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            saved += m.weight.numel() * 4 - linear_bytes(m.out_features, m.in_features, None, q, 4)
+    assert int4_bytes == float_bytes - saved

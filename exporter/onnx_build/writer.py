@@ -23,6 +23,7 @@ onnxruntime-genai feeds it); a left-padded batch is not what this graph computes
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..genai_config import write_genai_config
+from ..onnx_export import copy_sidecars
 from ..quantization import Quantization
 from .attention import AttentionInputs, AttentionShape, attention
 from .family import activation_of, family_of, layers_path
@@ -194,15 +196,18 @@ class FusedDecoderWriter:
         return path
 
     def _write_sidecars(self, tokenizer, generation_config) -> None:
-        self.config.save_pretrained(self.folder)
-        if generation_config is not None:
-            generation_config.save_pretrained(self.folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.folder)
-            # GroupQueryAttention can write the present into the past buffer: genai then keeps one buffer
-            write_genai_config(self.config, generation_config, tokenizer, self.folder, self.family.genai_type,
-                               True, MODEL_FILE, share_buffer=True)
-
+        """config/generation config/tokenizer/genai_config.json, never over a file already in the folder (with
+        --format safetensors, its config.json carries the rank plan)."""
+        with tempfile.TemporaryDirectory(dir=self.folder) as tmp:
+            self.config.save_pretrained(tmp)
+            if generation_config is not None:
+                generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+                # GroupQueryAttention may write the present into the past buffer: genai then keeps one buffer
+                write_genai_config(self.config, generation_config, tokenizer, Path(tmp), self.family.genai_type,
+                                   True, MODEL_FILE, share_buffer=True)
+            copy_sidecars(Path(tmp), self.folder)
 
 def _numpy(t: torch.Tensor, dtype) -> np.ndarray:
     return to_numpy(t).astype(dtype)

@@ -43,3 +43,38 @@ def bound_block(dense_model: nn.Module, layers: dict) -> dict:
     compressed = compressed_weight_bytes(dense, layers, element_size)
     return {"bound_decode_speedup": bound_decode_speedup(dense, compressed),
             "weight_bytes_per_token": {"dense": dense, "compressed": compressed, "element_size": element_size}}
+
+
+# Tables a decoded token reads one row of: (op type, input index) of the consumer.
+ROW_READS = {("Gather", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3), ("GroupQueryAttention", 7),
+             ("GroupQueryAttention", 8)}
+
+
+def graph_decode_weight_bytes(onnx_path) -> int:
+    """Bytes of initializers one decoded token reads, counted on the exported graph itself (so quantized
+    weights count as stored: packed blocks, scales, zero points). A table read only by row lookups
+    (embeddings, rotary caches) counts one row; anything else is read in full."""
+    import numpy as np
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    uses: dict[str, set] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, index))
+    total = 0
+    for tensor in graph.initializer:
+        if tensor.name not in uses:
+            continue
+        dims = list(tensor.dims)
+        nbytes = int(np.prod(dims, dtype=np.int64)) * np.dtype(tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        rows_only = dims and uses[tensor.name] <= ROW_READS
+        total += nbytes // dims[0] if rows_only else nbytes
+    return total
+
+
+def graph_bound_block(dense_onnx, compressed_onnx) -> dict:
+    """The bound counted on the two graphs: what a quantized export needs (its bytes are not the model's)."""
+    dense, compressed = graph_decode_weight_bytes(dense_onnx), graph_decode_weight_bytes(compressed_onnx)
+    return {"bound_decode_speedup": bound_decode_speedup(dense, compressed),
+            "weight_bytes_per_token": {"dense": dense, "compressed": compressed, "counted_on": "onnx graphs"}}

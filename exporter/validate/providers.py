@@ -38,14 +38,15 @@ def check_provider(session, wanted: str) -> None:
                            f"libraries did not load (check the CUDA/cuDNN versions onnxruntime-gpu needs)")
 
 
-def open_session(model_path: str | Path, provider: str):
-    """An InferenceSession whose first provider is `provider`, or an error that says why not."""
+def open_session(model_path: str | Path, provider: str, threads: int = 0):
+    """An InferenceSession whose first provider is `provider`, or an error that says why not.
+    threads: intra-op threads (0: ONNX Runtime's default, one per physical core)."""
     from .ort_session import create_session
     ort = _ort()
     if provider == CUDA and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (torch's), where the system has none
     providers = [provider] if provider == CPU else [provider, CPU]  # CPU runs the ops CUDA does not have
-    session = create_session(model_path, providers=providers)
+    session = create_session(model_path, providers=providers, threads=threads)
     check_provider(session, provider)
     return session
 

@@ -10,10 +10,12 @@ never written per model."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,12 @@ PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # KV and logits element types
 
 
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set, else PyTorch's current intra-op thread count."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else torch.get_num_threads()
+
+
 @dataclass(frozen=True)
 class ThroughputSettings:
     batch: int = 4  # the papers' setting
@@ -32,6 +40,9 @@ class ThroughputSettings:
     decode: int = 256
     warmup: int = 1
     repeats: int = 3
+    # Intra-op threads of both PyTorch and ONNX Runtime, one number for every row: more threads than free
+    # cores makes PyTorch's rows 5-20× slower on a shared machine (docs/throughput.md, "Threads").
+    threads: int = field(default_factory=default_threads)
 
     def __post_init__(self):
         for key, value in asdict(self).items():
@@ -39,11 +50,20 @@ class ThroughputSettings:
                 raise ValueError(f"throughput {key} must be >= {0 if key == 'warmup' else 1}, got {value}")
 
 
-CPU_SETTINGS = ThroughputSettings(batch=1, prefill=128, decode=32, warmup=1, repeats=3)  # minutes, not hours
-
-
 def default_settings(provider: str) -> ThroughputSettings:
-    return ThroughputSettings() if provider == CUDA else CPU_SETTINGS
+    if provider == CUDA:
+        return ThroughputSettings()
+    return ThroughputSettings(batch=1, prefill=128, decode=32, warmup=1, repeats=3)  # minutes, not hours
+
+
+@contextmanager
+def torch_threads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -212,7 +232,7 @@ def ort_throughput(model_path: str | Path, provider: str, settings: ThroughputSe
     from .providers import open_session
     model_path = Path(model_path)
     free_before = gpu_free_bytes() if provider == CUDA else None
-    session = open_session(model_path, provider)
+    session = open_session(model_path, provider, threads=settings.threads)
     try:
         signature = read_signature(session, folder_config(model_path.parent))
         loop = OrtDecodeLoop(session, signature, provider, settings, vocab_limit)
@@ -266,6 +286,7 @@ def eager_throughput(model, settings: ThroughputSettings, seed: int = 0) -> dict
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    timings = measure(run_once, settings)
+    with torch_threads(settings.threads):
+        timings = measure(run_once, settings)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     return rates(timings, settings, peak)
