@@ -47,10 +47,10 @@ def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
     return values.reshape(w.n, -1)[:, :w.k].T
 
 
-def round_like_export(model, q: Quantization, quantize_head: bool = True):
-    """A copy of `model` whose linear weights are exactly what the quantized graph computes with
-    (quantized by the same function, dequantized back): PyTorch parity for a quantized export, with the
-    float tolerance. Embeddings, norms and biases stay as they are, as in the graph."""
+def round_like_export(model, q: Quantization):
+    """A copy of `model` whose linear weights are exactly what the quantized graph holds (quantized by
+    the same function, dequantized back; lm_head with q.head()): the PyTorch reference of a quantized
+    export. Embeddings, norms and biases stay as they are, as in the graph."""
     import copy
 
     import torch
@@ -61,10 +61,11 @@ def round_like_export(model, q: Quantization, quantize_head: bool = True):
     head = rounded.get_output_embeddings()
     with torch.no_grad():
         for module in rounded.modules():
-            if not isinstance(module, nn.Linear) or (module is head and not quantize_head):
+            if not isinstance(module, nn.Linear):
                 continue
+            setting = q.head() if module is head else q
             w_kn = to_numpy(module.weight).T
-            back = dequantize(quantize_weight(w_kn, q, np.float32), q).T
+            back = dequantize(quantize_weight(w_kn, setting, np.float32), setting).T
             if module is head and head.weight is rounded.get_input_embeddings().weight:
                 module.weight = nn.Parameter(module.weight.detach().clone())  # untie: the table stays float
             module.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))

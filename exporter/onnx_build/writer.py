@@ -55,13 +55,13 @@ def tensor_input(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
 
 class FusedDecoderWriter:
     def __init__(self, config, folder: str | Path, dtype: str | torch.dtype = "float32",
-                 quantization: Quantization | None = None, opset: int = 18, quantize_head: bool = True):
+                 quantization: Quantization | None = None, opset: int = 18):
         if dtype not in DTYPES:
             raise ValueError(f"the fused ONNX graph supports --dtype float32 or float16, not {dtype}")
         self.config, self.family = config, family_of(config)
         self.folder = Path(folder)
         self.precision = Precision(DTYPES[dtype], quantization)
-        self.head_precision = self.precision if quantize_head else Precision(DTYPES[dtype])
+        self.head_precision = Precision(DTYPES[dtype], None if quantization is None else quantization.head())
         self.num_layers = config.num_hidden_layers
         self.shape = AttentionShape.of(config)
         self.weights = WeightFile(self.folder)

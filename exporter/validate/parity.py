@@ -15,6 +15,11 @@ from .ort_session import OrtDecoder
 # so 1e-3 was too tight for real models; 1e-2 still catches any wrong weight or cache wiring.
 TOLERANCE = {"float32": 1e-2, "float16": 5e-2}
 MIN_TOP1 = {"float32": 1.0, "float16": 0.95}
+# A quantized graph whose MatMulNBits quantize the activations to int8 (accuracy level 4), against PyTorch
+# carrying the same rounded weights: SmolLM2-135M measured 1.14 (int4) and 0.87 (int8) max |logit
+# difference| with every top-1 equal, and greedy text that parts after 9-12 tokens (near-ties flip), so
+# greedy equality is reported, not required. Wiring errors give differences of the logits' own size (~20).
+INT8_ACTIVATIONS = {"tolerance": 2.0, "min_top1": 0.95}
 PROMPT = "The history of the city begins in the early years of the"
 
 
@@ -34,7 +39,8 @@ def _compare(ort_logits: np.ndarray, torch_logits: torch.Tensor) -> tuple[float,
 
 
 @torch.no_grad()
-def logits_parity(model, decoder: OrtDecoder, ids: torch.Tensor, steps: int = 4, dtype: str = "float32") -> dict:
+def logits_parity(model, decoder: OrtDecoder, ids: torch.Tensor, steps: int = 4, dtype: str = "float32",
+                  int8_activations: bool = False) -> dict:
     """Prefill `ids` [B, S] on both, then `steps` single-token decode steps with the cache each side returned."""
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), use_cache=True)
@@ -55,8 +61,10 @@ def logits_parity(model, decoder: OrtDecoder, ids: torch.Tensor, steps: int = 4,
                         "top1_agree": agree / total})
         agree_all, total_all, worst = agree_all + agree, total_all + total, max(worst, diff)
     top1 = agree_all / total_all
-    return {"steps": records, "max_abs_diff": worst, "top1_agreement": top1, "tolerance": TOLERANCE[dtype],
-            "passed": worst <= TOLERANCE[dtype] and top1 >= MIN_TOP1[dtype]}
+    tolerance = INT8_ACTIVATIONS["tolerance"] if int8_activations else TOLERANCE[dtype]
+    min_top1 = INT8_ACTIVATIONS["min_top1"] if int8_activations else MIN_TOP1[dtype]
+    return {"steps": records, "max_abs_diff": worst, "top1_agreement": top1, "tolerance": tolerance,
+            "passed": worst <= tolerance and top1 >= min_top1}
 
 
 @torch.no_grad()
@@ -105,9 +113,12 @@ def greedy_parity(model, decoder: OrtDecoder, ids: torch.Tensor, new_tokens: int
             "first_difference": first_diff}
 
 
-def parity(model, decoder: OrtDecoder, ids: torch.Tensor, dtype: str, steps: int = 4, new_tokens: int = 32) -> dict:
-    result = logits_parity(model, decoder, ids, steps, dtype)
+def parity(model, decoder: OrtDecoder, ids: torch.Tensor, dtype: str, steps: int = 4, new_tokens: int = 32,
+           int8_activations: bool = False) -> dict:
+    """int8_activations: the graph quantizes activations (MatMulNBits accuracy level 4): INT8_ACTIVATIONS'
+    tolerance, and greedy equality reported only."""
+    result = logits_parity(model, decoder, ids, steps, dtype, int8_activations)
     result["greedy"] = greedy_parity(model, decoder, ids, new_tokens)
-    result["passed"] = result["passed"] and result["greedy"]["equal"]
+    result["passed"] = result["passed"] and (result["greedy"]["equal"] or int8_activations)
     result["provider"] = decoder.provider
     return result
