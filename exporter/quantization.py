@@ -11,13 +11,10 @@ import math
 from dataclasses import dataclass
 
 CHOICES = {"int4": 4, "int8": 8}
-# The defaults were measured on SmolLM2-135M, ORT CPU (docs/results/throughput-cpu.md, "Quantization
-# settings"): block 32 is the most accurate at the same decode speed as 64 and 128; symmetric int4 beat
-# asymmetric (perplexity 37.5 vs 39.1 with a float lm_head); accuracy level 4 (int8 activations inside
-# MatMulNBits) decodes 2-3× faster than level 0 for +0.5% perplexity; an int8 lm_head costs +0.1%
-# where an int4 one costs +10%.
+# The defaults were measured on SmolLM2-135M, ORT CPU: docs/results/throughput-cpu.md, "Quantization
+# settings" (block size, symmetric or not, accuracy level, lm_head bits: speed and perplexity).
 DEFAULT_BLOCK_SIZE = 32
-HEAD_BITS = 8  # lm_head's quantization whatever --quantize says: 4 bits there is what hurts most
+HEAD_BITS = 8  # lm_head's bits whatever --quantize says: 4 bits there is what hurts SmolLM2 most
 
 
 @dataclass(frozen=True)
@@ -26,10 +23,11 @@ class Quantization:
     block_size: int = DEFAULT_BLOCK_SIZE
     symmetric: bool = True  # no zero points
     accuracy_level: int = 4  # MatMulNBits' compute type: 4 = int8 activations (CPU), 0 = the activations' type
+    head_bits: int = HEAD_BITS  # the lm_head's bits
 
     def __post_init__(self):
-        if self.bits not in CHOICES.values():
-            raise ValueError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.bits not in CHOICES.values() or self.head_bits not in CHOICES.values():
+            raise ValueError(f"quantization bits must be 4 or 8, got {self.bits} (lm_head {self.head_bits})")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"--block-size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -40,8 +38,8 @@ class Quantization:
         return f"int{self.bits}"
 
     def head(self) -> "Quantization":
-        """The lm_head's setting: HEAD_BITS, the rest as for the decoder's linears."""
-        return Quantization(HEAD_BITS, self.block_size, self.symmetric, self.accuracy_level)
+        """The lm_head's setting: head_bits, the rest as for the decoder's linears."""
+        return Quantization(self.head_bits, self.block_size, self.symmetric, self.accuracy_level, self.head_bits)
 
     @classmethod
     def parse(cls, name: str | None, block_size: int = DEFAULT_BLOCK_SIZE) -> "Quantization | None":

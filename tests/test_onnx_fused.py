@@ -69,14 +69,17 @@ def test_fused_graph_equals_pytorch(arch, variant, tmp_path):
     assert kinds.count("RotaryEmbedding") == (0 if arch == "opt" else 2 * layers)
     skip = "SkipLayerNormalization" if arch == "opt" else "SkipSimplifiedLayerNormalization"
     assert kinds.count(skip) == 2 * layers + (0 if arch == "opt" else -1) + 1  # OPT's first one adds positions
-    assert "Concat" not in kinds and "Softmax" not in kinds  # the KV cache and attention live inside GQA
-    tags = [{p.key: p.value for p in node.metadata_props} for node in graph.node if node.op_type == "MatMul"]
+    cache_readers = {n.op_type for n in graph.node if any(i.startswith("past_key_values") for i in n.input)}
+    assert cache_readers == {"GroupQueryAttention"} and "Softmax" not in kinds  # cache and attention inside GQA
+    tags = [{p.key: p.value for p in node.metadata_props} for node in graph.node if node.op_type in ("MatMul", "Gemm")]
     lowrank = lowrank_modules(model)
     paired = [t[LOWRANK_KEY] for t in tags if LOWRANK_KEY in t]
     assert sorted(paired) == sorted(2 * list(lowrank))  # two MatMuls per compressed linear, tagged
     dense = {t[MODULE_KEY] for t in tags if MODULE_KEY in t}
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith((".down", ".up"))}
-    assert dense == linears  # every other linear (lm_head included) is one tagged MatMul
+    assert dense == linears  # every other linear (lm_head included) is one tagged MatMul (Gemm when tied)
+    tied = model.config.tie_word_embeddings  # OPT: the lm_head reads the embedding table, stored once
+    assert kinds.count("Gemm") == int(tied) and len(graph.initializer) == len({t.name for t in graph.initializer})
 
 
 def test_interface_is_the_plain_exports(tmp_path):

@@ -31,6 +31,8 @@ import onnx_ir as ir
 import torch
 import torch.nn as nn
 
+from graph_rewrite.module_names import MODULE_KEY
+
 from ..genai_config import write_genai_config
 from ..onnx_export import copy_sidecars
 from ..quantization import Quantization
@@ -74,7 +76,7 @@ class FusedDecoderWriter:
         self.final_hidden = ir.Value(name="/model/final_norm/output_0")
         self._next_layer = 0
         self._residual = self._pending = self._pending_bias = None
-        self._final_norm = None
+        self._final_norm = self._table = None
         self._has_embeddings = self._has_head = False
 
     # ------------------------------------------------------------------ graph interface
@@ -121,7 +123,7 @@ class FusedDecoderWriter:
             raise ValueError(f"{self.config.model_type}: position table "
                              f"{'missing' if embed_positions is None else 'not expected'}")
         b, p = self.b, self.precision
-        table = b.weight(f"{self.family.embed}.weight", _numpy(embed_tokens.weight, p.dtype))
+        table = self._token_table(embed_tokens.weight)
         b.op("Gather", [table, self.inputs[0]], "/model/embed_tokens/Gather", outputs=[self.token_embeds])
         if embed_positions is not None:
             positions = b.weight(f"{self.family.positions}.weight", _numpy(embed_positions.weight, p.dtype))
@@ -135,11 +137,36 @@ class FusedDecoderWriter:
         if self._has_head:
             raise RuntimeError("the final norm and lm_head were already added")
         self._final_norm = write_norm(self.b, final_norm, self.family.final_norm, self.family.norm, self.precision)
-        self.logits = linear(self.b, lm_head, "lm_head", self.final_hidden, self.head_precision)
+        tied = getattr(self.config, "tie_word_embeddings", False) and self.head_precision.quantization is None
+        self.logits = (self._tied_head(lm_head) if tied else
+                       linear(self.b, lm_head, "lm_head", self.final_hidden, self.head_precision))
         self.logits.name = "logits"  # the graph output, under its interface name
         self.logits.type = ir.TensorType(ONNX_FLOAT[self.precision.dtype])
         self.logits.shape = ir.Shape(["batch_size", "sequence_length", self.config.vocab_size])
         self._has_head = True
+
+    def _token_table(self, weight: torch.Tensor) -> ir.Value:
+        """The embedding table [vocab, hidden], written once: a tied lm_head reads the same one."""
+        if self._table is None:
+            self._table = self.b.weight(f"{self.family.embed}.weight", _numpy(weight, self.precision.dtype))
+        elif tuple(self._table.shape) != tuple(weight.shape):
+            raise ValueError(f"tied lm_head {tuple(weight.shape)} does not match the embedding table {self._table.shape}")
+        return self._table
+
+    def _tied_head(self, lm_head: nn.Linear) -> ir.Value:
+        """logits = x·Eᵀ on the embedding table itself (Gemm transB=1 on [batch·seq, hidden]), so a tied
+        float table is stored once."""
+        b, hidden = self.b, self.config.hidden_size
+        flat = b.op("Reshape", [self.final_hidden, b.constant("/lm_head/shape_2d", np.array([-1, hidden], np.int64))],
+                    "/lm_head/Reshape")
+        bias = lm_head.bias
+        inputs = [flat, self._token_table(lm_head.weight)] + ([] if bias is None else [
+            b.weight("lm_head.bias", _numpy(bias, self.precision.dtype))])
+        scores = b.op("Gemm", inputs, "/lm_head/Gemm", {"transB": 1}, metadata={MODULE_KEY: "lm_head"})
+        shape = b.op("Concat", [b.op("Shape", [self.inputs[0]], "/lm_head/Shape"),
+                                b.constant("/lm_head/vocab", np.array([self.config.vocab_size], np.int64))],
+                     "/lm_head/Concat", {"axis": 0})
+        return b.op("Reshape", [scores, shape], "/lm_head/Reshape_3d")
 
     def add_outside(self, model: nn.Module) -> None:
         """Embeddings, final norm and lm_head of a causal-LM model (only those modules are read)."""
