@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from .lowrank import LowRankLinear
 from .onnx_export import check_dtype, check_opset, export_compressed, export_onnx, onnx_arch
 from .quantization import Quantization
-from .lowrank import LowRankLinear
 from .validate.ort_session import OrtDecoder
 from .validate.parity import parity, prompt_ids
 from .validate.perplexity import perplexity

@@ -41,7 +41,7 @@ class ThroughputSettings:
     warmup: int = 1
     repeats: int = 3
     # Intra-op threads of both PyTorch and ONNX Runtime, one number for every row: more threads than free
-    # cores makes PyTorch's rows 5-20× slower on a shared machine (docs/throughput.md, "Threads").
+    # cores makes PyTorch's rows many times slower on a shared machine (docs/throughput.md, "Threads").
     threads: int = field(default_factory=default_threads)
 
     def __post_init__(self):
