@@ -59,3 +59,29 @@ def test_genai_serves_the_dense_export_like_pytorch(smollm2, tmp_path):
     model, tokenizer = smollm2
     export_onnx(model, tokenizer, tmp_path)
     greedy_check(tmp_path, model, tokenizer)
+
+
+# The stated bounds on what quantization (the default settings) may cost SmolLM2-135M's ORT perplexity,
+# relative to the float export; docs/results/throughput-cpu.md measures the cost.
+INT4_PPL_BOUND, INT8_PPL_BOUND = 1.35, 1.02
+
+
+def test_int4_and_int8_exports_perplexity_and_size(smollm2, wikitext, tmp_path):
+    """The fused float, int8 and int4 exports of SmolLM2 under ONNX Runtime: float equals PyTorch, int4 and int8
+    perplexities within the stated bounds of the float export's, and int4 under 45% of the float size on disk."""
+    from exporter.calibration.data import evaluation_tokens
+    from exporter.onnx_build import build_onnx
+    from exporter.quantization import Quantization
+    from exporter.validate.ort_session import OrtDecoder
+    from exporter.validate.perplexity import perplexity, torch_logits
+    model, tokenizer = smollm2
+    ids = evaluation_tokens(model, tokenizer, str(wikitext / "wiki.test.raw"), 2048, 512)
+    ppl, size = {}, {}
+    for name, q in (("float", None), ("int8", Quantization(bits=8)), ("int4", Quantization(bits=4))):
+        path = build_onnx(model, tokenizer, tmp_path / name, quantization=q)
+        ppl[name] = perplexity(OrtDecoder.load(path).logits_fn(), ids, 512, progress=False)
+        size[name] = sum(p.stat().st_size for p in (tmp_path / name).glob("model.onnx*"))
+    assert ppl["float"] == pytest.approx(perplexity(torch_logits(model), ids, 512, progress=False), rel=1e-3)
+    assert ppl["float"] < ppl["int8"] <= INT8_PPL_BOUND * ppl["float"], ppl
+    assert ppl["int8"] < ppl["int4"] <= INT4_PPL_BOUND * ppl["float"], ppl
+    assert size["int4"] < 0.45 * size["float"] and size["int8"] < 0.55 * size["float"], size
