@@ -105,8 +105,9 @@ def test_genai_serves_the_fused_graph_like_pytorch(arch, tmp_path):
     assert len(served) == 20 and served == torch_greedy(model, prompt, 20)
 
 
-def test_fp16_fused_graph(tmp_path):
-    model = compressed(tiny_model("qwen2")).half()
+@pytest.mark.parametrize("arch", ["qwen2", "opt"])  # OPT: the tied lm_head's Gemm in float16
+def test_fp16_fused_graph(arch, tmp_path):
+    model = compressed(tiny_model(arch)).half()
     path = build_onnx(model, char_tokenizer(), tmp_path, dtype="float16")
     graph = onnx.load(path, load_external_data=False).graph
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

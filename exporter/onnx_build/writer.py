@@ -100,9 +100,9 @@ class FusedDecoderWriter:
     def _make_attention_inputs(self) -> None:
         """seqlens_k = Σ attention_mask − 1 (int32 [batch]) and total length = its width (int32 scalar)."""
         b, mask = self.b, self.inputs[1]
-        total = b.op("ReduceSum", [mask, b.constant("/model/mask/axis_1", np.array([1], np.int64))],
+        valid = b.op("ReduceSum", [mask, b.constant("/model/mask/axis_1", np.array([1], np.int64))],
                      "/model/mask/ReduceSum", {"keepdims": 0})
-        valid_minus_one = b.op("Sub", [total, b.constant("/model/mask/one", np.array(1, np.int64))], "/model/mask/Sub")
+        valid_minus_one = b.op("Sub", [valid, b.constant("/model/mask/one", np.array(1, np.int64))], "/model/mask/Sub")
         seqlens_k = b.op("Cast", [valid_minus_one], "/model/mask/seqlens_k", {"to": ir.DataType.INT32})
         width = b.op("Gather", [b.op("Shape", [mask], "/model/mask/Shape"),
                                 b.constant("/model/mask/index_1", np.array(1, np.int64))], "/model/mask/Gather",
@@ -203,9 +203,9 @@ class FusedDecoderWriter:
     def finish(self, tokenizer=None, generation_config=None) -> Path:
         """Close the graph (final norm → lm_head → logits), write model.onnx and the sidecar files.
         -> the model.onnx path."""
-        missing = [what for what, done in (("embeddings", self._has_embeddings), ("final norm and lm_head",
-                   self._has_head), (f"layers {self._next_layer}..{self.num_layers - 1}",
-                   self._next_layer == self.num_layers)) if not done]
+        parts = {"embeddings": self._has_embeddings, "final norm and lm_head": self._has_head,
+                 f"layers {self._next_layer}..{self.num_layers - 1}": self._next_layer == self.num_layers}
+        missing = [part for part, added in parts.items() if not added]
         if missing:
             raise RuntimeError(f"cannot finish the ONNX model: {', '.join(missing)} not added")
         skip_normalize(self.b, self._residual, self._pending, self._pending_bias, self._final_norm,
@@ -235,6 +235,7 @@ class FusedDecoderWriter:
                 write_genai_config(self.config, generation_config, tokenizer, Path(tmp), self.family.genai_type,
                                    True, MODEL_FILE, share_buffer=True)
             copy_sidecars(Path(tmp), self.folder)
+
 
 def _numpy(t: torch.Tensor, dtype) -> np.ndarray:
     return to_numpy(t).astype(dtype)
