@@ -16,19 +16,32 @@ from .lowrank import build_skeleton
 CONFIG_KEY = "svd_export"  # the entry in config.json that holds method, ratio and every module's rank
 
 
+def partial_folder(out: Path, key: str) -> Path:
+    """The temporary sibling a run writes into; named by the run's settings so that --resume finds it."""
+    return out.parent / f".{out.name}.partial-{key}"
+
+
 @contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False):
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on any error it is removed.
-    A failed or interrupted run never leaves a partial artifact under the output name."""
+def atomic_output(out: str | Path, overwrite: bool = False, key: str | None = None, resume: bool = False):
+    """Yield a temporary folder next to `out`; on success it replaces `out`, on any error it is removed —
+    unless `resume`: then it is kept (it holds the run's per-layer checkpoint) and reused by the next run
+    with the same `key`. A failed or interrupted run never leaves a partial artifact under the output name."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if key is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    else:
+        tmp = partial_folder(out, key)
+        if tmp.exists() and not resume:  # a killed run's leftovers: start afresh
+            shutil.rmtree(tmp)
+        tmp.mkdir(exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if out.exists():

@@ -37,6 +37,9 @@ def sigterm_as_interrupt(signum, frame):
                    "dense vs compressed (CUDA when available, else CPU with small settings).")
 @click.option("--out", "-o", default="svd-export-out", show_default=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty output folder.")
+@click.option("--resume", is_flag=True,
+              help="Continue a run that was killed, from its last finished layer (same options and --out); an "
+                   "interrupted --resume run keeps its checkpoint for the next one.")
 @click.option("--calib-data", default="wikitext2", show_default=True,
               help="'wikitext2' (hub), 'generated' (the model writes its own, offline), or a .txt/.raw/.jsonl path.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True)
@@ -47,7 +50,9 @@ def sigterm_as_interrupt(signum, frame):
               help="'wikitext2' (hub test split), 'generated', a file path, or 'none' to skip perplexity.")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=None, help="Cap on evaluated tokens.")
 @click.option("--eval-seqlen", type=click.IntRange(min=2), default=2048, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="dtype the weights are written in; auto: the checkpoint's (float32 for a GGUF). ONNX graphs are "
+                   "float32 or float16 (a bfloat16 model's graph is float16).")
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
 @click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True)
@@ -60,7 +65,7 @@ def sigterm_as_interrupt(signum, frame):
 @click.option("--skip-parity", is_flag=True,
               help="Skip the ONNX checks against PyTorch (logits parity, greedy tokens, ORT perplexity).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite, calib_data,
+def main(model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite, resume, calib_data,
          calib_samples,
          calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
          adacomp_iterations, adacomp_strength, min_retention, opset, skip_parity, quiet):
@@ -74,7 +79,8 @@ def main(model, ratio, budget, method, allocation, propagate, formats, validatio
         if ratio is not None and budget is not None:
             raise ValueError("give either --ratio or --budget, not both")
         config = RunConfig(
-            model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=dtype, device=device,
+            model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=None if dtype == "auto" else dtype,
+            device=device,
             validations=tuple(dict.fromkeys(validations)),
             compression=CompressionConfig(method=method, ratio=0.2 if ratio is None else ratio,
                                           budget_bytes=None if budget is None else parse_size(budget),
@@ -87,7 +93,7 @@ def main(model, ratio, budget, method, allocation, propagate, formats, validatio
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
             opset=opset, parity=not skip_parity,
         )
-        run(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
+        run(config, overwrite=overwrite, progress=not quiet, echo=click.echo, resume=resume)
     except KeyboardInterrupt:
         click.echo("svd-export: interrupted; nothing was written under the output name", err=True)
         sys.exit(130)

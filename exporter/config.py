@@ -83,7 +83,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     out: str = "svd-export-out"
     formats: tuple[str, ...] = ("safetensors",)
-    dtype: str = "float32"
+    dtype: str | None = None  # export dtype; None: the checkpoint's (float32 for a de-quantized GGUF)
     device: str | None = None  # None: cuda when available
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

@@ -86,15 +86,17 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load(spec: str, dtype: str = "float32", device: str | None = None):
-    """-> (model in eval mode on `device`, tokenizer, ModelSource)."""
+def load(spec: str, dtype: str | None = "float32", device: str | None = None):
+    """The whole model in memory. -> (model in eval mode on `device`, tokenizer, ModelSource).
+    dtype None: the checkpoint's (float32 for GGUF, whose tensors are de-quantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=parse_dtype(dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=parse_dtype(dtype) if dtype else ("float32" if source.gguf_file else "auto"), **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {spec!r} ({source.describe()}): {first}") from exc
@@ -105,3 +107,47 @@ def load(spec: str, dtype: str = "float32", device: str | None = None):
         model.config.__dict__.pop("quantization_config", None)
     model.eval().to(pick_device(device))
     return model, tokenizer, source
+
+
+WEIGHT_PATTERNS = (["*.safetensors", "*.safetensors.index.json"], ["*.bin", "*.bin.index.json"])
+SIDECAR_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "*.model", "chat_template.jinja"]
+
+
+def local_folder(source: ModelSource) -> Path:
+    """A checkpoint folder on disk: the directory given, or the hub snapshot (safetensors preferred, else .bin)."""
+    path = Path(source.location)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    for weights in WEIGHT_PATTERNS:
+        try:
+            folder = Path(snapshot_download(source.location, allow_patterns=weights + SIDECAR_PATTERNS))
+        except Exception as exc:  # noqa: BLE001 — offline, unknown id, gated repo: one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"could not download {source.location!r} from the Hugging Face hub: {first}") from exc
+        if any(folder.glob(weights[0])):
+            return folder
+    raise ModelLoadError(f"{source.location!r} has neither safetensors nor .bin weights on the hub")
+
+
+def open_source(spec: str, dtype: str | None = None, device: str | None = None, resident: bool = False):
+    """The model as a layer source. A checkpoint folder (or hub id) is streamed one decoder layer at a time
+    unless `resident` (stages that need the whole model: FWSVD, the gradient allocations, generated text);
+    a GGUF file is always loaded whole (transformers de-quantizes it on load).
+    -> (LayerSource, tokenizer, ModelSource, export dtype)."""
+    from transformers import AutoTokenizer
+
+    from .source import CheckpointSource, ResidentSource
+
+    source = resolve(spec)
+    if source.gguf_file or resident:
+        model, tokenizer, source = load(spec, dtype, device)
+        return ResidentSource(model, pick_device(device)), tokenizer, source, next(model.parameters()).dtype
+    folder = local_folder(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {spec!r} ({folder}): {str(exc).strip().splitlines()[0]}") from exc
+    layers = CheckpointSource(folder, pick_device(device), export_dtype=parse_dtype(dtype) if dtype else None)
+    return layers, tokenizer, source, layers.export_dtype

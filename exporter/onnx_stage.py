@@ -30,6 +30,12 @@ class ValidationError(RuntimeError):
     pass
 
 
+def onnx_dtype(export_dtype: torch.dtype) -> str:
+    """The ONNX graph's float type: the export dtype, except bfloat16 (no ONNX Runtime CPU kernels), which is
+    written as float16; report.json's onnx.dtype says which one was used."""
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float16"}[export_dtype]
+
+
 class OnnxStage:
     def __init__(self, out: Path, dtype: str, opset: int, validate: bool):
         check_opset(opset)

@@ -57,3 +57,9 @@ class InputStats:
     def whitening(self) -> Whitening:
         # One eigendecomposition per distinct input, shared by q/k/v (and gate/up).
         return whiten(self.gram)
+
+    @cached_property
+    def root(self) -> torch.Tensor:
+        """S with S Sᵀ = X Xᵀ (n×n), shared by the linears of this input whose output side is the larger."""
+        wh = self.whitening
+        return wh.basis * wh.sqrt_eig

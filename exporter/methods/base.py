@@ -14,20 +14,70 @@ from typing import ClassVar
 import torch
 
 from ..calibration.stats import InputStats
-from ..linalg import WhitenedSVD, whitened_svd
+from ..linalg import (descending_eigh, descending_eigvalsh, input_side_gram, lift_to_output, output_gram,
+                      truncation_loss)
 
 
 @dataclass
 class MatrixInput:
-    """One weight to factorize and what was observed about its input."""
+    """One weight to factorize and what was observed about its input. The expensive products are cached
+    here so that the spectrum (for the report and allocations), the loss-optimal directions and the loss of
+    the stored factors share them."""
     name: str
     weight: torch.Tensor  # out×in, float64, on the compute device
     stats: InputStats
 
+    @property
+    def output_side(self) -> bool:
+        """Work with the m×m Gram W C Wᵀ (m ≤ n), else with the n×n one through the group's root of C."""
+        m, n = self.weight.shape
+        return m <= n
+
     @cached_property
-    def whitened(self) -> WhitenedSVD:
-        """SVD of W·U_s·√S_s (computed once, shared by the loss report and the methods that use it)."""
-        return whitened_svd(self.weight, self.stats.whitening)
+    def weight_gram(self) -> torch.Tensor:
+        """W·C (m×n): the one m·n² product."""
+        return self.weight @ self.stats.gram
+
+    @cached_property
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gram = (output_gram(self.weight, self.stats.gram, self.weight_gram) if self.output_side
+                else input_side_gram(self.weight, self.stats.root))
+        return descending_eigh(gram)
+
+    @cached_property
+    def spectrum(self) -> torch.Tensor:
+        """σ(WX), descending, length min(m, n): the truncation-loss spectrum. Eigenvalues only, unless the
+        eigenvectors were already computed."""
+        if "_eigh" in self.__dict__:
+            values = self._eigh[0]
+        elif self.output_side:
+            values = descending_eigvalsh(output_gram(self.weight, self.stats.gram, self.weight_gram))
+        else:
+            values = descending_eigvalsh(input_side_gram(self.weight, self.stats.root))
+        return values[: min(self.weight.shape)].sqrt()
+
+    def top_directions(self, rank: int) -> torch.Tensor:
+        """P_r: the top-`rank` left singular vectors of WX (m×rank, orthonormal)."""
+        values, vectors = self._eigh
+        if self.output_side:
+            return vectors[:, :rank]
+        lifted = lift_to_output(self.weight, self.stats.root, values, vectors, rank)
+        if lifted is not None:
+            return lifted
+        values, vectors = descending_eigh(output_gram(self.weight, self.stats.gram, self.weight_gram))
+        return vectors[:, :rank]
+
+    def min_loss(self, rank: int) -> float:
+        """The theoretical minimum √(tr(W C Wᵀ) − Σ_{i≤r} σ_i²) = √Σ_{i>r} σ_i(WX)², from the same raw C as
+        loss(): when few calibration tokens leave C singular, its rounding noise then cancels between the
+        two instead of telling them apart."""
+        energy = float((self.weight_gram * self.weight.to(self.weight_gram.dtype)).sum())
+        kept = float(self.spectrum[:rank].to(torch.float64).square().sum())
+        return max(energy - kept, 0.0) ** 0.5
+
+    def loss(self, up: torch.Tensor, down: torch.Tensor) -> float:
+        """‖WX − up·down·X‖_F for the factors as given (pass them as stored)."""
+        return truncation_loss(self.weight, up, down, self.stats.gram, self.weight_gram)
 
 
 class Method:
