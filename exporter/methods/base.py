@@ -22,20 +22,32 @@ from ..linalg import (descending_eigh, descending_eigvalsh, input_side_gram, lif
 class MatrixInput:
     """One weight to factorize and what was observed about its input. The expensive products are cached
     here so that the spectrum (for the report and allocations), the loss-optimal directions and the loss of
-    the stored factors share them."""
+    the stored factors share them. Two representations of the input (calibration/stats.py): the tokens X
+    themselves while there are fewer of them than input features (then WX, m×N, is at hand), else C."""
     name: str
     weight: torch.Tensor  # out×in, float64, on the compute device
     stats: InputStats
 
     @property
     def output_side(self) -> bool:
-        """Work with the m×m Gram W C Wᵀ (m ≤ n), else with the n×n one through the group's root of C."""
+        """Gram path: work with the m×m Gram W C Wᵀ (m ≤ n), else with the n×n one through a root of C."""
         m, n = self.weight.shape
         return m <= n
 
     @cached_property
+    def wx(self) -> torch.Tensor | None:
+        """W X (m×N) when the tokens were kept, else None."""
+        tokens = self.stats.tokens
+        return None if tokens is None else self.weight @ tokens.T
+
+    @cached_property
+    def _wx_svd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, _ = torch.linalg.svd(self.wx, full_matrices=False)
+        return u, s
+
+    @cached_property
     def weight_gram(self) -> torch.Tensor:
-        """W·C (m×n): the one m·n² product."""
+        """W·C (m×n): the one m·n² product of the Gram path."""
         return self.weight @ self.stats.gram
 
     @cached_property
@@ -46,18 +58,30 @@ class MatrixInput:
 
     @cached_property
     def spectrum(self) -> torch.Tensor:
-        """σ(WX), descending, length min(m, n): the truncation-loss spectrum. Eigenvalues only, unless the
-        eigenvectors were already computed."""
+        """σ(WX), descending, length min(m, n): the truncation-loss spectrum (zeros past rank(X)).
+        Eigenvalues only, unless the eigenvectors were already computed."""
+        size = min(self.weight.shape)
+        if self.wx is not None:
+            s = self._wx_svd[1]
+            return torch.cat([s, s.new_zeros(max(size - len(s), 0))])[:size]
         if "_eigh" in self.__dict__:
             values = self._eigh[0]
         elif self.output_side:
             values = descending_eigvalsh(output_gram(self.weight, self.stats.gram, self.weight_gram))
         else:
             values = descending_eigvalsh(input_side_gram(self.weight, self.stats.root))
-        return values[: min(self.weight.shape)].sqrt()
+        return values[:size].sqrt()
 
     def top_directions(self, rank: int) -> torch.Tensor:
         """P_r: the top-`rank` left singular vectors of WX (m×rank, orthonormal)."""
+        if self.wx is not None:
+            u = self._wx_svd[0]
+            if rank <= u.shape[1]:
+                return u[:, :rank]
+            # Past rank(X) every direction costs nothing on the data: take those that keep most of W.
+            rest = self.weight - u @ (u.T @ self.weight)
+            extra = torch.linalg.svd(rest, full_matrices=False)[0][:, : rank - u.shape[1]]
+            return torch.cat([u, extra], dim=1)
         values, vectors = self._eigh
         if self.output_side:
             return vectors[:, :rank]
@@ -68,15 +92,21 @@ class MatrixInput:
         return vectors[:, :rank]
 
     def min_loss(self, rank: int) -> float:
-        """The theoretical minimum √(tr(W C Wᵀ) − Σ_{i≤r} σ_i²) = √Σ_{i>r} σ_i(WX)², from the same raw C as
-        loss(): when few calibration tokens leave C singular, its rounding noise then cancels between the
-        two instead of telling them apart."""
-        energy = float((self.weight_gram * self.weight.to(self.weight_gram.dtype)).sum())
+        """The theoretical minimum √Σ_{i>r} σ_i(WX)². On the Gram path as √(tr(W C Wᵀ) − Σ_{i≤r} σ_i²), from
+        the same raw C as loss(): when few calibration tokens leave C singular, its rounding noise then
+        cancels between the two instead of telling them apart."""
         kept = float(self.spectrum[:rank].to(torch.float64).square().sum())
+        if self.wx is not None:
+            energy = float(self.wx.square().sum())
+        else:
+            energy = float((self.weight_gram * self.weight.to(self.weight_gram.dtype)).sum())
         return max(energy - kept, 0.0) ** 0.5
 
     def loss(self, up: torch.Tensor, down: torch.Tensor) -> float:
         """‖WX − up·down·X‖_F for the factors as given (pass them as stored)."""
+        if self.wx is not None:
+            approx = up.to(torch.float64) @ (down.to(torch.float64) @ self.stats.tokens.T)
+            return float(torch.linalg.norm(self.wx - approx))
         return truncation_loss(self.weight, up, down, self.stats.gram, self.weight_gram)
 
 
