@@ -52,12 +52,6 @@ def output_gram(weight: torch.Tensor, gram: torch.Tensor, weight_gram: torch.Ten
     return symmetric((weight_gram if weight_gram is not None else w @ gram) @ w.T, gram.dtype)
 
 
-def input_side_gram(weight: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """(WS)ᵀ(WS), n×n, for S Sᵀ = C: the same non-zero eigenvalues as W C Wᵀ (the cheaper one when m > n)."""
-    d = weight.to(root.dtype) @ root
-    return symmetric(d.T @ d, root.dtype)
-
-
 def descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of a PSD Gram by decreasing value (negative rounding noise clamped to 0)."""
     values, vectors = torch.linalg.eigh(gram)
@@ -66,16 +60,6 @@ def descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def descending_eigvalsh(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
-
-
-def lift_to_output(weight: torch.Tensor, root: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor,
-                   rank: int) -> torch.Tensor | None:
-    """Top-`rank` left singular vectors of WX from the eigenpairs (σ², V) of (WS)ᵀ(WS): P_r = W S V_r / σ_r.
-    None when σ_r is numerically 0 (the rank exceeds that of WX; the m×m route completes the basis)."""
-    sigma = values[:rank].sqrt()
-    if rank > len(values) or float(sigma[-1]) <= float(sigma[0]) * torch.finfo(root.dtype).eps ** 0.5:
-        return None
-    return (weight.to(root.dtype) @ (root @ vectors[:, :rank])) / sigma
 
 
 def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,9 +229,10 @@ def lowrank_factors(model: nn.Module) -> dict:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
+            # float32 on the way to numpy (which has no bfloat16); the rule casts to the graph's dtype
             out[name] = LowRankFactors(
-                down=module.down.weight.detach().cpu().numpy(), up=module.up.weight.detach().cpu().numpy(),
-                bias=None if module.up.bias is None else module.up.bias.detach().cpu().numpy())
+                down=module.down.weight.detach().float().cpu().numpy(), up=module.up.weight.detach().float().cpu().numpy(),
+                bias=None if module.up.bias is None else module.up.bias.detach().float().cpu().numpy())
     return out
 
 

@@ -159,10 +159,18 @@ def test_cli_writes_a_validated_onnx_folder(tiny_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no work folder left behind
 
 
+def test_a_bfloat16_model_gets_a_float16_graph(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*tiny_run, out, "--dtype", "bfloat16", "--skip-parity")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["dtype"]["export"] == "bfloat16" and report["onnx"]["dtype"] == "float16"
+
+
 def test_cli_errors_leave_nothing(tiny_run, tmp_path):
     out = tmp_path / "out"
     result = cli(*tiny_run, out, "--opset", "17")
     assert result.exit_code == 1 and "opset >= 18" in result.output
-    result = cli(*tiny_run, out, "--dtype", "bfloat16")
-    assert result.exit_code == 1 and "float32 or float16" in result.output
+    result = cli(*tiny_run, out, "--method", "nonsense")
+    assert result.exit_code == 2 and "nonsense" in result.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

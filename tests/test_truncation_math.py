@@ -143,7 +143,7 @@ def test_kept_tokens_and_gram_give_the_same_minimal_truncation(rank):
     x = torch.randn(IN, 30, generator=g, dtype=torch.float64) * torch.logspace(0, 1, IN, dtype=torch.float64)[:, None]
     w = weight()
     kept, summed = MatrixInput("w", w, stats_of(x, tokens=True)), MatrixInput("w", w, stats_of(x))
-    assert kept.wx is not None and summed.wx is None
+    assert kept.stats.tokens is not None and summed.stats.tokens is None
     best = theoretical_min(w, x, rank)
     for mi in (kept, summed):
         up, down = get_method("svd-llm-v2").factorize(mi, rank)
