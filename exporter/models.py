@@ -131,23 +131,44 @@ def local_folder(source: ModelSource) -> Path:
     raise ModelLoadError(f"{source.location!r} has neither safetensors nor .bin weights on the hub")
 
 
-def open_source(spec: str, dtype: str | None = None, device: str | None = None, resident: bool = False):
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def open_source(spec: str, dtype: str | None = None, device: str | None = None, whole_model: str | None = None):
     """The model as a layer source. A checkpoint folder (or hub id) is streamed one decoder layer at a time
-    unless `resident` (stages that need the whole model: FWSVD, the gradient allocations, generated text);
-    a GGUF file is always loaded whole (transformers de-quantizes it on load).
-    -> (LayerSource, tokenizer, ModelSource, export dtype)."""
+    unless `whole_model` says why a stage needs it all in memory (FWSVD, the gradient allocations, generated
+    text); that is refused with one line when it does not fit. A GGUF file is always loaded whole
+    (transformers de-quantizes it on load). -> (LayerSource, tokenizer, ModelSource, export dtype)."""
     from transformers import AutoTokenizer
 
     from .source import CheckpointSource, ResidentSource
+    from .source.files import TensorFiles
 
-    source = resolve(spec)
-    if source.gguf_file or resident:
+    source, target = resolve(spec), pick_device(device)
+    if source.gguf_file:
         model, tokenizer, source = load(spec, dtype, device)
-        return ResidentSource(model, pick_device(device)), tokenizer, source, next(model.parameters()).dtype
+        return ResidentSource(model, target), tokenizer, source, next(model.parameters()).dtype
     folder = local_folder(source)
+    if whole_model:
+        files = TensorFiles(folder)
+        held = torch.float32 if target.type == "cpu" else (parse_dtype(dtype) if dtype else files.float_dtype())
+        element = torch.empty((), dtype=held).element_size()
+        need = files.num_elements() * element
+        if need > available_bytes(target):
+            raise ModelLoadError(f"{whole_model}, and the whole model ({need / 1e9:.1f} GB) does not fit in the "
+                                 f"{available_bytes(target) / 1e9:.1f} GB available on {target}")
+        model, tokenizer, _ = load(str(folder), dtype, device)
+        export_dtype = next(model.parameters()).dtype
+        if target.type == "cpu":  # computed in float32 (CPUs), holding values rounded to the export dtype
+            model.float()
+        return ResidentSource(model, target), tokenizer, source, export_dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the tokenizer of {spec!r} ({folder}): {str(exc).strip().splitlines()[0]}") from exc
-    layers = CheckpointSource(folder, pick_device(device), export_dtype=parse_dtype(dtype) if dtype else None)
+    layers = CheckpointSource(folder, target, export_dtype=parse_dtype(dtype) if dtype else None)
     return layers, tokenizer, source, layers.export_dtype

@@ -105,7 +105,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     timer = Timer()
     with timer("load"):
         source, tokenizer, origin, export_dtype = open_source(config.model, config.dtype, config.device,
-                                                              resident=whole_model_reason(config) is not None)
+                                                              whole_model=whole_model_reason(config))
     model = source.model
     dense_total = count_params(model)
     report: dict = {"tool": f"svd-export {__version__}", "model": config.model, "source": origin.describe(),

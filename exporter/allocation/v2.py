@@ -64,7 +64,9 @@ def svd_llm_v2(matrices: list[Matrix], profile: Profile, ratio: float, min_rank:
             for i, r in zip(free, exact_mean_ratios(raw, target, max_ratio)):
                 ratios[i] = r
         elif abs(ratio - max_ratio) > 1e-12:
-            raise ValueError(f"v2 allocation: every {kind} matrix has truncation loss <= 1; the score is undefined")
+            raise ValueError(f"v2 allocation: every {kind} matrix has truncation loss <= 1 at the uniform rank, where "
+                             "1/log L is undefined (too few calibration tokens make WX's rank fall below it: use "
+                             "more, or another --allocation)")
         if pinned:
             log.warning("v2 allocation: %d %s matrices have truncation loss <= 1 (log <= 0, undefined score); "
                         "pinned at ratio %.2f: %s", len(pinned), kind, max_ratio, [group[i].name for i in pinned])

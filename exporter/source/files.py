@@ -4,6 +4,7 @@ Sharded or not: the HF index file says which file holds which tensor."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -60,6 +61,18 @@ class TensorFiles:
             return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {name} from {path}: {exc}") from exc
+
+    def num_elements(self) -> int:
+        """Elements of every tensor (from the headers of safetensors files)."""
+        total = 0
+        for path in sorted(set(self.where.values())):
+            if path.suffix == ".safetensors":
+                for k, v in safetensors_header(path).items():
+                    if k != "__metadata__":
+                        total += math.prod(v["shape"])
+            else:
+                total += sum(t.numel() for t in _open(path).values())
+        return total
 
     def float_dtype(self) -> torch.dtype:
         """The dtype most of the floating-point tensors are stored in (read from the headers only)."""
