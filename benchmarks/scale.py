@@ -151,8 +151,32 @@ def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | 
     return row
 
 
+def _mean(values) -> str:
+    return f"{sum(values) / len(values):.0f}" if values else "–"
+
+
 def render() -> None:
-    raise NotImplementedError
+    """docs/results/scale.md from every stored row (each row keeps the command that made it)."""
+    rows = json.loads(STORE.read_text())
+    lines = ["# Real sizes on a 2-core, 24 GB machine without a GPU", "",
+             "Made by `benchmarks/scale.py` (random-weight checkpoints of real shapes; time and memory depend on "
+             "the shapes only). Every row: the exact command, exit code, wall time, the run's own peak RSS "
+             "(report.json), seconds per decoder layer of each pass, and the 1-minute load average at the end "
+             "(other jobs shared the 2 cores when it is above 2).", "",
+             "| run | exit | wall s | peak RSS GB | profile s/layer | compress s/layer | output GB | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = r.get("layer_seconds") or (r.get("killed_at") or {}).get("layer_seconds") or {}
+        out = sum((r.get("output_mb") or {}).values()) / 1024
+        rss = f"{r['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in r else "killed"
+        lines.append(f"| {r['name']} | {r['exit']} | {r['wall_s']:.0f} | {rss} | {_mean(seconds.get('profile'))} | "
+                     f"{_mean(seconds.get('compress'))} | {out:.2f} | {r['load_avg_1m']:.1f} |")
+    lines += ["", "## Commands", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
+    lines += ["", "## Stages (seconds, from report.json)", ""]
+    for r in rows:
+        if r.get("timings"):
+            lines.append(f"- {r['name']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items()))
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
 
 def main():
