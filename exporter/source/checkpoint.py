@@ -91,9 +91,10 @@ class CheckpointSource(LayerSource):
 
     def _load_outside_layers(self) -> None:
         prefix = self.arch.layers + "."
-        for name in self.keys:
-            if not name.startswith(prefix):
-                self._set(self.model, name, name)
+        with self.files.opened():
+            for name in self.keys:
+                if not name.startswith(prefix):
+                    self._set(self.model, name, name)
         self.model.tie_weights()
         for name, buf in self.model.named_buffers():  # non-persistent buffers (rotary) come from the config
             if not name.startswith(prefix):
@@ -102,9 +103,10 @@ class CheckpointSource(LayerSource):
     def materialize(self, i: int) -> nn.Module:
         layer = decoder_layers(self.model, self.arch)[i]
         prefix = self.layer_prefix(i)
-        for name in self.keys:
-            if name.startswith(prefix):
-                self._set(layer, name[len(prefix):], name)
+        with self.files.opened():
+            for name in self.keys:
+                if name.startswith(prefix):
+                    self._set(layer, name[len(prefix):], name)
         for name, buf in list(layer.named_buffers()):
             set_module_tensor_to_device(layer, name, self.device, value=buf, clear_cache=False)
         return layer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,10 +42,14 @@ def _open(path: Path):
 
 
 class TensorFiles:
+    """Files are opened (memory-mapped) inside `opened()` only and unmapped when it ends: a mapped file's pages
+    count in the process's resident memory once read, so keeping a 5 GB shard mapped for the whole run would
+    look like (and, under pressure, cost) memory the loop never needs."""
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.where = checkpoint_files(self.folder)
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] | None = None
         missing = sorted({p for p in self.where.values() if not p.is_file()})
         if missing:
             raise CheckpointError(f"the checkpoint index names {missing[0]}, which does not exist")
@@ -52,15 +57,28 @@ class TensorFiles:
     def keys(self) -> set[str]:
         return set(self.where)
 
+    @contextmanager
+    def opened(self):
+        self._handles = {}
+        try:
+            yield self
+        finally:
+            self._handles = None  # unmapped with the last reference
+
     def get(self, name: str) -> torch.Tensor:
+        """A tensor of its own (never a view of the mapped file)."""
+        if self._handles is None:
+            with self.opened():
+                return self.get(name)
         path = self.where[name]
         if path not in self._handles:
             self._handles[path] = _open(path)
         handle = self._handles[path]
         try:
-            return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
+            tensor = handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {name} from {path}: {exc}") from exc
+        return tensor.clone()
 
     def num_elements(self) -> int:
         """Elements of every tensor (from the headers of safetensors files)."""
