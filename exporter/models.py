@@ -90,14 +90,20 @@ def load(spec: str, dtype: str = "float32", device: str | None = None):
     """-> (model in eval mode on `device`, tokenizer, ModelSource)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checks import check_checkpoint_files, check_finite, check_loading_info
+
     source = resolve(spec)
+    check_checkpoint_files(source.location, source.gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=parse_dtype(dtype), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.location, dtype=parse_dtype(dtype),
+                                                           output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {spec!r} ({source.describe()}): {first}") from exc
+    check_loading_info(info, source.describe())
+    check_finite(model.named_parameters(), source.describe())
     if source.gguf_file:
         # transformers de-quantizes GGUF tensors to `dtype` on load but keeps a GGUF "quantizer" that makes
         # save_pretrained refuse: the weights are plain floats, so drop the marker.

@@ -18,6 +18,7 @@ from .calibration.data import calibration_batches, evaluation_tokens
 from .compress import compress_
 from .config import RunConfig
 from .models import load
+from .preflight import preflight
 from .report import count_params, ratio_block, summary, write_json
 from .report_md import write_report_md
 from .validate.perplexity import model_window, perplexity, torch_logits
@@ -47,6 +48,7 @@ def peak_memory() -> dict:
 
 
 def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=print) -> dict:
+    preflight(config, overwrite)  # everything checkable before loading weights: a bad argument costs seconds
     unknown = set(config.formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown --format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
@@ -83,7 +85,8 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
 
     cal = config.calibration
     with timer("calibration_data"):
-        batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed, cal.batch_size)
+        batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed, cal.batch_size,
+                                      cal.allow_overlap)
     with timer("compress"):
         result = compress_(model, batches, config.compression, progress=progress)
     del batches
