@@ -19,11 +19,12 @@ FAST = ["--calib-data", "generated", "--calib-samples", "4", "--calib-seqlen", "
 
 
 def char_tokenizer():
-    from tokenizers import Tokenizer, models
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {"<unk>": 0, **{chr(i): i - 31 for i in range(32, 127)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>")),
-                                   unk_token="<unk>", eos_token="<unk>")
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<unk>")
 
 
 def save_tiny(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
