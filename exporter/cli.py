@@ -3,6 +3,7 @@
 thread, so SIGTERM (143) and SIGINT (130) are honoured at once and leave nothing beside --out."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -31,10 +32,21 @@ def sane_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the cause chain; safetensors' Rust writer reports it as text only."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def one_line(exc: BaseException, out: str) -> str:
     """The error as one line naming what is at fault."""
-    if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
-        return f"no space left on the device of --out {out} ({exc.strerror}{': ' + exc.filename if exc.filename else ''})"
+    if disk_full(exc):
+        return f"no space left on the device of --out {out} (nothing was written under the output name)"
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         return f"{exc.strerror}: {exc.filename}"
     text = " ".join(str(exc).split()) or type(exc).__name__

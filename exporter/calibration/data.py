@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -113,7 +114,7 @@ def generate_samples(model, tokenizer, samples: int, seqlen: int, seed: int, pro
     """Data-free calibration: the model writes its own text, seeded. Each sample starts from a random
     vocabulary token and is sampled (top-k 50) to `seqlen` tokens. All samples advance together, one
     token per step with the KV cache (one batch while the cache fits in KV_CACHE_BYTES), with a bar per step.
-    progress=None leaves the bar to tqdm's default (TQDM_DISABLE), as the CLI's -q sets it."""
+    progress=None: a bar unless TQDM_DISABLE is set (the CLI's -q sets it)."""
     param = next(model.parameters())
     per_sample = kv_bytes_per_sample(model.config, seqlen, param.element_size())
     batch = max(1, min(samples, KV_CACHE_BYTES // max(per_sample, 1)))
@@ -122,8 +123,8 @@ def generate_samples(model, tokenizer, samples: int, seqlen: int, seed: int, pro
     ids = torch.empty(samples, seqlen, dtype=torch.long)
     ids[:, 0] = torch.randint(0, vocab, (samples,), generator=gen)
     cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.24 renamed it
-    bar = tqdm(total=samples * (seqlen - 1), desc=desc, unit="tok", unit_scale=True,
-               **({} if progress is None else {"disable": not progress}))
+    quiet = bool(os.environ.get("TQDM_DISABLE")) if progress is None else not progress
+    bar = tqdm(total=samples * (seqlen - 1), desc=desc, unit="tok", unit_scale=True, disable=quiet)
     for start in range(0, samples, batch):
         rows = slice(start, min(start + batch, samples))
         out = model(input_ids=ids[rows, :1].to(param.device), use_cache=True)
