@@ -125,6 +125,39 @@ def test_parents_created_for_out_are_removed_on_failure(llama, tmp_path):
     assert code == 1 and list(tmp_path.iterdir()) == [], output
 
 
+# --- offline -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The hub endpoint is a closed local port: what a machine without network sees, deterministically."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("exporter.preflight._DETECTED", {"offline": False})
+    monkeypatch.setattr("exporter.preflight.go_offline", lambda: None)  # keep this test process online-capable
+
+
+def test_hub_id_without_network_is_one_line_without_retries(tmp_path, no_network):
+    code, output = cli(["-m", "nobody-xyz/not-a-model-123", *FAST, "-o", tmp_path / "out"])
+    assert code == 1
+    assert_one_error(output, "is not in the local Hugging Face cache and the hub cannot be reached (no network)")
+    assert output.strip().count("\n") == 0 and "Retry" not in output  # no retry storm, no duplicated warnings
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wikitext_without_network_is_one_line(llama, tmp_path, no_network, monkeypatch):
+    import datasets
+
+    def unreachable(*a, **k):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    code, output = cli(["-m", llama, "--calib-data", "wikitext2", "--calib-seqlen", "64", "--eval-data", "none", "--allocation",
+                        "uniform", "-q", "-o", tmp_path / "out"])
+    assert code == 1
+    assert_one_error(output, "could not load wikitext-2 (train) from the Hugging Face hub")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- failures mid-run and at the end -------------------------------------------------------------------
 
 def test_simulated_full_disk_during_save(llama, tmp_path, monkeypatch):
@@ -208,7 +241,8 @@ def test_debug_shows_the_traceback(llama, tmp_path):
     assert code == 1 and "Traceback" in output and "svd-export: error: --ratio 0 removes nothing" in output
 
 
-@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)],
+                         ids=["umask-022", "umask-027"])
 def test_the_output_follows_the_umask(llama, tmp_path, mask, dir_mode, file_mode):
     old = os.umask(mask)
     try:
