@@ -110,9 +110,9 @@ def kv_bytes_per_sample(config, seqlen: int, element: int) -> int:
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, samples: int, seqlen: int, seed: int, progress: bool | None = None,
-                     desc: str = "generate text") -> torch.Tensor:
+                     desc: str = "generate text", top_k: int = 50) -> torch.Tensor:
     """Data-free calibration: the model writes its own text, seeded. Each sample starts from a random
-    vocabulary token and is sampled (top-k 50) to `seqlen` tokens. All samples advance together, one
+    vocabulary token and is sampled (top-k) to `seqlen` tokens. All samples advance together, one
     token per step with the KV cache (one batch while the cache fits in KV_CACHE_BYTES), with a bar per step.
     progress=None: a bar unless TQDM_DISABLE is set (the CLI's -q sets it)."""
     param = next(model.parameters())
@@ -130,7 +130,7 @@ def generate_samples(model, tokenizer, samples: int, seqlen: int, seed: int, pro
         out = model(input_ids=ids[rows, :1].to(param.device), use_cache=True)
         for t in range(1, seqlen):
             logits = out.logits[:, -1, :vocab].float().cpu()
-            top = logits.topk(min(50, vocab), dim=-1)
+            top = logits.topk(min(top_k, vocab), dim=-1)
             pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=gen)
             ids[rows, t] = top.indices.gather(1, pick)[:, 0]
             bar.update(ids[rows].shape[0])
