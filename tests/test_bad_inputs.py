@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import click
 import pytest
 import torch
 from bad_inputs_helpers import FAST, assert_one_error, cli, save_tiny, snapshot
@@ -257,3 +258,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, saved, tmp_path, m
     assert code == case.code, output
     assert_one_error(output, case.fragment)
     assert snapshot(tmp_path) == before
+
+
+def test_every_option_has_a_description():
+    from exporter.cli import main
+    undocumented = [p.name for p in main.params if isinstance(p, click.Option) and not p.help]
+    assert undocumented == []

@@ -106,3 +106,13 @@ def test_two_runs_on_one_name_never_both_succeed(llama, tmp_path, first_overwrit
     else:
         assert third.returncode == 1 and "exists and is not empty" in err3, err3
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_quiet_run_prints_nothing_on_stderr(llama, tmp_path):
+    """-q silences every bar, ours and transformers' (loading weights, writing shards) and warnings."""
+    proc = spawn(["-m", llama, "--calib-data", "generated", "--calib-samples", "4", "--calib-seqlen", "32",
+                  "--eval-data", "generated", "--eval-tokens", "128", "--eval-seqlen", "32", "--allocation", "uniform",
+                  "-q", "-o", tmp_path / "out"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and stderr == "", stderr
+    assert stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'out'}/"
