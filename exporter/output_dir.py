@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import threading
+import weakref
 from pathlib import Path
 
 PID_FOLDER = re.compile(r"(partial|dense-onnx|old)-pid(\d+)-[0-9a-f]+")
@@ -177,6 +178,10 @@ def hold(out: str | Path):
         remove_stale(out)
         yield lock
     finally:
+        prefix = f".{out.name}."
+        for folder, keep in list(_registry.folders.items()):  # work folders an error path did not reach
+            if not keep and folder.parent == out.parent and folder.name.startswith(prefix):
+                _discard(folder)
         _registry.locks.pop(key, None)
         lock.release()
         if not out.exists():
@@ -222,7 +227,8 @@ def _mkdir(path: Path, exist_ok: bool = False) -> None:
 
 
 class WorkFolder:
-    """A scratch folder beside `out` (e.g. the dense ONNX graph), removed by cleanup() or abandon()."""
+    """A scratch folder beside `out` (e.g. the dense ONNX graph), removed by cleanup(), when the object is
+    collected, when the hold() on `out` ends, or by abandon()."""
 
     def __init__(self, out: str | Path, kind: str):
         out = Path(out)
@@ -231,10 +237,15 @@ class WorkFolder:
         _mkdir(self.path)
         _registry.folders[self.path] = False
         self.name = str(self.path)
+        self._finalizer = weakref.finalize(self, _discard, self.path)
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        _registry.folders.pop(self.path, None)
+        self._finalizer()
+
+
+def _discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _registry.folders.pop(path, None)
 
 
 def _replace(out: Path, tmp: Path, overwrite: bool) -> None:

@@ -218,6 +218,21 @@ def test_error_mid_run_leaves_nothing(llama, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_error_after_the_dense_onnx_export_leaves_nothing(llama, tmp_path, monkeypatch):
+    """The dense-ONNX work folder exists from the start of the run: an error later must remove it too."""
+    def export_dense(self, model, tokenizer):
+        (Path(self.work.name) / "model.onnx").write_bytes(b"dense graph")
+
+    def broken(*a, **k):
+        raise RuntimeError("factorization exploded")
+    monkeypatch.setattr("exporter.onnx_stage.OnnxStage.export_dense", export_dense)
+    monkeypatch.setattr("exporter.pipeline.compress_", broken)
+    code, output = cli(["-m", llama, *FAST, "--format", "onnx", "-o", tmp_path / "out"])
+    assert code == 1
+    assert_one_error(output, "factorization exploded")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failing_final_rename_restores_the_previous_output(llama, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -338,3 +353,12 @@ def test_finite_check_names_the_tensor():
     from exporter.checks import check_finite
     with pytest.raises(CorruptInput, match="w2 has 2 non-finite"):
         check_finite([("w1", torch.ones(3)), ("w2", torch.tensor([1.0, float("inf"), float("nan")]))], "x")
+
+
+def test_cuda_device_without_cuda_is_refused_before_loading(llama, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, output = cli(["-m", llama, *FAST, "--device", "cuda", "-o", tmp_path / "out"])
+    assert code == 1
+    assert_one_error(output, "--device cuda: no CUDA device is available here")
+    assert list(tmp_path.iterdir()) == []
