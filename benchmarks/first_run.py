@@ -1,5 +1,6 @@
-"""The README's first command, timed, and the signal latency of a run stuck in a long LAPACK call.
-Writes docs/results/first-run.md with the command, the machine's load average and what each printed.
+"""The README's first command, timed; the OpenMP wait policy's effect on text generation with 2 threads on a
+shared machine; and the signal latency of a run stuck in a long LAPACK call. Writes docs/results/first-run.md
+with the command, the machine's load average and what each printed.
 
     python benchmarks/first_run.py                # both
     python benchmarks/first_run.py --skip-readme  # only the signal latency (a tiny random model)
@@ -44,6 +45,36 @@ def time_readme(work: Path) -> dict:
             "summary": proc.stdout.strip()}
 
 
+WAIT_POLICY_PROBE = """
+import os, time, torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from exporter.calibration.data import generate_samples
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)  # SmolLM2-135M's shape
+model = AutoModelForCausalLM.from_config(config).eval()
+class Vocab:
+    def __len__(self):
+        return 49152
+start, cpu = time.monotonic(), time.process_time()
+generate_samples(model, Vocab(), 8, 64, 0, progress=False)
+print(torch.get_num_threads(), time.monotonic() - start, time.process_time() - cpu, *os.getloadavg())
+"""
+
+
+def wait_policy(rounds: int = 2) -> list[tuple[str, int, float, float, float]]:
+    """8 samples x 64 tokens of SmolLM2-shaped random weights, 2 threads, libgomp spinning or sleeping."""
+    rows = []
+    for _ in range(rounds):
+        for policy in ("ACTIVE", "PASSIVE"):
+            env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+            env.update(OMP_WAIT_POLICY=policy, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+            out = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE], env=env, capture_output=True, text=True,
+                                 check=True).stdout.split()
+            rows.append((policy, int(out[0]), float(out[1]), float(out[2]), float(out[3])))
+    return rows
+
+
 def signal_latency(work: Path) -> list[tuple[str, int, float]]:
     from bad_inputs_helpers import FAST, save_tiny, spawn
     model = save_tiny(work / "tiny-llama")
@@ -64,6 +95,7 @@ def signal_latency(work: Path) -> list[tuple[str, int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-readme", action="store_true")
+    parser.add_argument("--skip-wait-policy", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "first-run.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="first-run-"))
@@ -80,6 +112,12 @@ def main() -> None:
                       f"{', '.join(f'{x:.2f}' for x in r['load_after'])}", "",
                       "| stage | seconds |", "|---|---|",
                       *[f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()], "", "```", r["summary"], "```", ""]
+        if not args.skip_wait_policy:
+            lines += ["## OpenMP threads: spinning (ACTIVE) or sleeping (PASSIVE) between parallel regions", "",
+                      "Generated text, 8 samples x 64 tokens, SmolLM2-135M-shaped random weights, 2 threads. "
+                      "The CLI sets OMP_WAIT_POLICY=PASSIVE unless the user set it.", "",
+                      "| OMP_WAIT_POLICY | threads | wall s | cpu s | load average (1 min) before |", "|---|---|---|---|---|",
+                      *[f"| {p} | {n} | {w:.1f} | {c:.1f} | {l:.2f} |" for p, n, w, c, l in wait_policy()], ""]
         load = os.getloadavg()
         rows = signal_latency(work)
         lines += ["## Signal to exit, inside a long LAPACK call", "",
