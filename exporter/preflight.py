@@ -144,12 +144,17 @@ def check_device(device: str | None) -> None:
 
 def hub_reachable(timeout: float = NETWORK_TIMEOUT_S) -> bool:
     """One TCP connection to the hub endpoint, a few seconds at most: huggingface_hub would instead retry
-    every request for a minute, printing each retry."""
+    every request for a minute, printing each retry. Behind a proxy the direct connection proves nothing:
+    then the hub is assumed reachable and huggingface_hub's own errors apply."""
     from huggingface_hub import constants
 
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout):
             return True
     except OSError:
         return False
