@@ -130,7 +130,8 @@ def test_parents_created_for_out_are_removed_on_failure(llama, tmp_path):
 @pytest.fixture
 def no_network(monkeypatch):
     """The hub endpoint is a closed local port: what a machine without network sees, deterministically."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr("exporter.preflight._DETECTED", {"offline": False})
