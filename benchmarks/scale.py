@@ -151,6 +151,25 @@ def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | 
     return row
 
 
+def time_eigh(sizes: list[int], limit_s: float) -> dict:
+    """Seconds of a float64 eigendecomposition (values and vectors) at growing sizes; sizes past `limit_s`
+    are extrapolated from the largest measured one by the n³ law (and marked so)."""
+    out, last = {}, None
+    for n in sizes:
+        if last is not None and last[1] * (n / last[0]) ** 3 > limit_s:
+            out[n] = {"seconds": last[1] * (n / last[0]) ** 3, "extrapolated_from": last[0]}
+            continue
+        x = torch.randn(n, n, dtype=torch.float64)
+        gram = x @ x.T
+        began = time.perf_counter()
+        torch.linalg.eigh(gram)
+        last = (n, time.perf_counter() - began)
+        out[n] = {"seconds": last[1]}
+        del x, gram
+        print(n, out[n], flush=True)
+    return out
+
+
 def _mean(values) -> str:
     return f"{sum(values) / len(values):.0f}" if values else "–"
 
@@ -166,12 +185,20 @@ def render() -> None:
              "| run | exit | wall s | peak RSS GB | profile s/layer | compress s/layer | output GB | load |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "eigh" in r:
+            continue
         seconds = r.get("layer_seconds") or (r.get("killed_at") or {}).get("layer_seconds") or {}
         out = sum((r.get("output_mb") or {}).values()) / 1024
         rss = f"{r['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in r else "killed"
         lines.append(f"| {r['name']} | {r['exit']} | {r['wall_s']:.0f} | {rss} | {_mean(seconds.get('profile'))} | "
                      f"{_mean(seconds.get('compress'))} | {out:.2f} | {r['load_avg_1m']:.1f} |")
     lines += ["", "## Commands", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
+    for r in rows:
+        if "eigh" in r:
+            lines += ["", f"## float64 eigendecomposition (`{r['command']}`, OMP_NUM_THREADS={r['threads']}, "
+                      f"load {r['load_avg_1m']:.1f})", "", "| n | seconds |", "|---|---|"]
+            lines += [f"| {n} | {v['seconds']:.1f}" + (f" (n³ from {v['extrapolated_from']})" if "extrapolated_from" in v
+                                                        else "") + " |" for n, v in r["eigh"].items()]
     lines += ["", "## Stages (seconds, from report.json)", ""]
     for r in rows:
         if r.get("timings"):
@@ -194,6 +221,9 @@ def main():
             r.add_argument("--pass", dest="pass_", default="compress", choices=["profile", "compress"])
             r.add_argument("--kill-after", default="2,4", help="layers after which the runs are killed")
         r.add_argument("extra", nargs=argparse.REMAINDER)
+    e = sub.add_parser("eigh")
+    e.add_argument("--sizes", default="1024,2048,4096,8192,16384,28672")
+    e.add_argument("--limit-s", type=float, default=600)
     sub.add_parser("render")
     a = p.parse_args()
     if a.cmd == "make":
@@ -204,6 +234,10 @@ def main():
         extra = [x for x in a.extra if x != "--"] + ["--resume"]
         for k, layer in enumerate(int(x) for x in a.kill_after.split(",")):
             run_cli(f"{a.name}-kill{k + 1}", a.model, extra, kill_at=(a.pass_, layer))
+    elif a.cmd == "eigh":
+        store({"name": "eigh-float64", "command": "python benchmarks/scale.py eigh --sizes " + a.sizes,
+               "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1m": os.getloadavg()[0],
+               "eigh": time_eigh([int(x) for x in a.sizes.split(",")], a.limit_s)})
     else:
         render()
 

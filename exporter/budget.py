@@ -39,8 +39,8 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
 
 def ratio_for_budget(model: nn.Module, matrices: list[Matrix], budget_bytes: int, dtype: torch.dtype | None = None) -> float:
     """The ratio (fraction of the candidate linears' parameters removed) that spends `budget_bytes` on the
-    whole model's weights, counted in `dtype` (default: as the parameters are). 0 when the dense model
-    already fits."""
+    whole model's weights, counted in `dtype` (default: as the parameters are). A budget the dense model
+    already meets is refused: it would compress nothing."""
     if not matrices:
         raise ValueError("--budget: the model has no linears to compress")
     element = (model.get_submodule(matrices[0].name).weight.element_size() if dtype is None
@@ -51,4 +51,7 @@ def ratio_for_budget(model: nn.Module, matrices: list[Matrix], budget_bytes: int
     if available <= 0:
         raise ValueError(f"--budget {budget_bytes:,} bytes is below the {fixed:,} bytes that the parts which stay "
                          "dense (embeddings, lm_head, norms, biases) already need")
-    return max(0.0, 1.0 - available / linears)
+    if available >= linears:
+        raise ValueError(f"--budget {budget_bytes:,} bytes: the dense model's weights ({weight_bytes(model):,} bytes) "
+                         "already fit, there is nothing to compress")
+    return 1.0 - available / linears

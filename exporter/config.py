@@ -28,6 +28,7 @@ class CalibrationConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 1
+    allow_overlap: bool = False  # fewer tokens than samples × seqlen: overlapping windows instead of an error
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class CompressionConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"--ratio must be in [0, 1): it is the fraction of parameters removed, got {self.ratio}")
+        if self.ratio == 0 and self.budget_bytes is None:
+            raise ValueError("--ratio 0 removes nothing: there is nothing to compress")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.propagate not in (None, "original", "compressed"):

@@ -91,15 +91,21 @@ def load(spec: str, dtype: str | None = "float32", device: str | None = None):
     dtype None: the checkpoint's (float32 for GGUF, whose tensors are de-quantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checks import check_checkpoint_files, check_finite, check_loading_info
+
     source = resolve(spec)
+    check_checkpoint_files(source.location, source.gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=parse_dtype(dtype) if dtype else ("float32" if source.gguf_file else "auto"), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=parse_dtype(dtype) if dtype else ("float32" if source.gguf_file else "auto"),
+            output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {spec!r} ({source.describe()}): {first}") from exc
+    check_loading_info(info, source.describe())
+    check_finite(model.named_parameters(), source.describe())
     if source.gguf_file:
         # transformers de-quantizes GGUF tensors to `dtype` on load but keeps a GGUF "quantizer" that makes
         # save_pretrained refuse: the weights are plain floats, so drop the marker.
@@ -145,6 +151,7 @@ def open_source(spec: str, dtype: str | None = None, device: str | None = None, 
     (transformers de-quantizes it on load). -> (LayerSource, tokenizer, ModelSource, export dtype)."""
     from transformers import AutoTokenizer
 
+    from .checks import check_checkpoint_files
     from .source import CheckpointSource, ResidentSource
     from .source.files import TensorFiles
 
@@ -153,6 +160,7 @@ def open_source(spec: str, dtype: str | None = None, device: str | None = None, 
         model, tokenizer, source = load(spec, dtype, device)
         return ResidentSource(model, target), tokenizer, source, next(model.parameters()).dtype
     folder = local_folder(source)
+    check_checkpoint_files(folder)  # a truncated or corrupt file: one line naming it, before any work
     if whole_model:
         files = TensorFiles(folder)
         held = torch.float32 if target.type == "cpu" else (parse_dtype(dtype) if dtype else files.float_dtype())

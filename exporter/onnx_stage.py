@@ -5,18 +5,18 @@
   after:  rewrite that graph with the low-rank factors into the output folder, then validate:
           parity with the compressed PyTorch model, and ORT perplexity of both graphs against PyTorch's.
 
-The dense graph never reaches --out: it lives in a TemporaryDirectory next to it, removed when the run
-ends, failed or not.
+The dense graph never reaches --out: it lives in a work folder next to it (output_dir.WorkFolder), removed
+when the run ends, failed, interrupted or not; one left by a killed run is removed by the next run.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .onnx_export import check_dtype, check_opset, export_compressed, export_onnx, onnx_arch
+from .output_dir import WorkFolder
 from .validate.ort_session import OrtDecoder
 from .validate.parity import parity, prompt_ids
 from .validate.perplexity import perplexity
@@ -41,8 +41,7 @@ class OnnxStage:
         check_opset(opset)
         check_dtype(dtype, None)
         self.dtype, self.opset, self.validate = dtype, opset, validate
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.work = tempfile.TemporaryDirectory(prefix=f".{out.name}.dense-onnx-", dir=out.parent)
+        self.work = WorkFolder(out, "dense-onnx")
         self.dense_path: Path | None = None
         self.report: dict = {"opset": opset, "dtype": dtype, "validated": validate}
         self.prompt: torch.Tensor | None = None

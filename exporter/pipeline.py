@@ -18,12 +18,15 @@ import torch
 
 from . import __version__
 from .allocation import needs as allocation_needs
-from .artifacts import CONFIG_KEY, atomic_output, partial_folder
+from .artifacts import CONFIG_KEY
+from .checksums import record_checksums
 from .budget import weight_bytes
 from .calibration.data import calibration_batches, evaluation_tokens
 from .compress import compress_source
 from .config import RunConfig
 from .models import open_source
+from .output_dir import atomic_output, resume_folder
+from .preflight import preflight
 from .report import count_params, ratio_block, summary, write_json
 from .report_md import write_report_md
 from .shards import ShardWriter
@@ -91,6 +94,7 @@ def write_sidecars(model, tokenizer, folder: Path, meta: dict, dtype: torch.dtyp
 
 
 def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=print, resume: bool = False) -> dict:
+    preflight(config, overwrite)  # everything checkable before loading weights: a bad argument costs seconds
     unknown = set(config.formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown --format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
@@ -130,13 +134,17 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
 
     cal = config.calibration
     with timer("calibration_data"):
-        batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed, cal.batch_size)
+        batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed, cal.batch_size,
+                                      cal.allow_overlap)
 
     settings = run_settings(config)
     key = run_key(settings)
-    if resume and not partial_folder(out, key).exists():
+    if resume and not resume_folder(out, key).exists():
         refuse_other_settings(sorted(out.parent.glob(f".{out.name}.partial-*")), settings)
-    with atomic_output(out, overwrite, key=key, resume=resume) as tmp:
+    with atomic_output(out, overwrite, resume_key=key, keep_on_interrupt=resume) as tmp:
+        if not resume:  # what a killed run of the same settings left: start afresh
+            for leftover in list(tmp.iterdir()):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         checkpoint = Checkpoint(tmp, settings)
         writer = ShardWriter(tmp, export_dtype)
         with timer("compress"):
@@ -176,6 +184,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
             writer.write_rest(model, source.arch.layers)
             files = writer.finish()
             write_sidecars(model, tokenizer, tmp, meta, export_dtype)
+            record_checksums(tmp)
         shutil.rmtree(tmp / CHECKPOINT_FOLDER, ignore_errors=True)
         if onnx_stage is not None:
             with timer("onnx"):

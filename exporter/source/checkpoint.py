@@ -20,6 +20,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from ..architectures import architecture_of, decoder_layers
+from ..checks import check_checkpoint_files
 from .base import LayerSource
 from .files import CheckpointError, TensorFiles
 
@@ -43,6 +44,7 @@ class CheckpointSource(LayerSource):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = Path(folder)
+        check_checkpoint_files(self.folder)  # a truncated or corrupt file is one line naming it, before any work
         self.files = TensorFiles(self.folder)
         self.checkpoint_dtype = self.files.float_dtype()
         self.export_dtype = export_dtype or self.checkpoint_dtype
