@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .experts import unfuse_experts
 from .lowrank import build_skeleton
 
 CONFIG_KEY = "svd_export"  # the entry in config.json that holds method, ratio and every module's rank
@@ -70,6 +71,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
         raise ValueError(f"{folder} has no '{CONFIG_KEY}' entry with ranks in config.json: not an svd-export artifact")
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
+    unfuse_experts(model)  # compress_ saved MoE experts one module per expert
     build_skeleton(model, meta["ranks"])
     state = _state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

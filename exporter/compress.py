@@ -18,7 +18,9 @@ from .budget import ratio_for_budget
 from .calibration.sensitivity import output_gradient_sensitivity
 from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
 from .config import CompressionConfig, default_min_retention
+from .experts import unfuse_experts
 from .linalg import min_truncation_loss, truncation_loss
+from .linears import linear_dims, linear_weight
 from .lowrank import LowRankLinear, swap_module
 from .methods import MatrixInput, get_method
 
@@ -65,12 +67,11 @@ class CompressionResult:
 def list_matrices(model: nn.Module, arch: Architecture, skip: tuple[str, ...] = ()) -> list[Matrix]:
     out = []
     for i, layer in enumerate(decoder_layers(model, arch)):
-        for path in arch.linear_names():
+        for path in arch.linear_names(i):
             name = f"{arch.layers}.{i}.{path}"
             if any(s in name for s in skip):
                 continue
-            lin = layer.get_submodule(path)
-            out.append(Matrix(name, matrix_kind(path), i, lin.out_features, lin.in_features))
+            out.append(Matrix(name, matrix_kind(path), i, *linear_dims(layer.get_submodule(path))))
     return out
 
 
@@ -86,19 +87,23 @@ def layer_home(model, arch, device):
     return home if home != torch.device(device) else None
 
 
-def profile_model(model, arch, inputs, device, progress=True, spectra=True) -> Profile:
+def profile_model(model, arch, inputs, device, progress=True, spectra=True, uncalibrated=None) -> Profile:
     """One pass over the original layers: the whitened spectrum σ(WX) of every linear (unless
-    spectra=False) and the input/output similarity of every layer. Keeps only vectors, never X Xᵀ."""
+    spectra=False) and the input/output similarity of every layer. Keeps only vectors, never X Xᵀ.
+    Linears that no calibration token reached (an MoE expert) get no spectrum; their names are added
+    to `uncalibrated`."""
     profile = Profile()
 
     def visit(obs: LayerObservation):
         profile.layer_similarity.append(obs.input_similarity)
-        if not spectra:
-            return
-        for group, stats in zip(arch.groups, obs.stats):
+        for group, stats in zip(arch.groups_of(obs.index), obs.stats):
+            if stats.count == 0 and uncalibrated is not None:
+                uncalibrated.update(f"{arch.layers}.{obs.index}.{path}" for path in group.linears)
+            if not spectra or stats.count == 0:
+                continue
             for path in group.linears:
                 name = f"{arch.layers}.{obs.index}.{path}"
-                w = obs.layer.get_submodule(path).weight.detach().to(torch.float64)
+                w = linear_weight(obs.layer.get_submodule(path)).detach().to(torch.float64)
                 profile.spectra[name] = MatrixInput(name, w, stats).whitened.s.cpu()
 
     run_layers(model, arch, inputs, visit, device, offload=layer_home(model, arch, device),
@@ -109,6 +114,7 @@ def profile_model(model, arch, inputs, device, progress=True, spectra=True) -> P
 @torch.no_grad()
 def compress_(model: nn.Module, batches: list[torch.Tensor], config: CompressionConfig,
               device=None, progress: bool = True) -> CompressionResult:
+    unfuse_experts(model)  # MoE experts as per-expert linears (exporter/experts.py); nothing else changes
     arch = architecture_of(model)
     device = torch.device(device) if device is not None else default_device(model)
     model.eval()
@@ -120,8 +126,11 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
 
     inputs = capture_layer0_inputs(model, arch, batches, device)
     allocation = config.allocation_name
-    profile = (profile_model(model, arch, inputs, device, progress, spectra=allocation in NEEDS_SPECTRA)
+    uncalibrated: set[str] = set()  # experts no calibration token was routed to: kept dense, reported
+    profile = (profile_model(model, arch, inputs, device, progress, spectra=allocation in NEEDS_SPECTRA,
+                             uncalibrated=uncalibrated)
                if allocation in NEEDS_PROFILE else None)
+    matrices = [m for m in matrices if m.name not in uncalibrated]
     if allocation in NEEDS_SENSITIVITY:
         profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, device)
     ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes)
@@ -136,13 +145,17 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
 
     def visit(obs: LayerObservation):
         similarity.append(obs.input_similarity)
-        for group, stats in zip(arch.groups, obs.stats):
+        for group, stats in zip(arch.groups_of(obs.index), obs.stats):
             for path in group.linears:
                 name = f"{arch.layers}.{obs.index}.{path}"
                 if name not in plan:
                     continue
+                if stats.count == 0:
+                    uncalibrated.add(name)
+                    del plan[name]
+                    continue
                 linear = obs.layer.get_submodule(path)
-                w = linear.weight.detach().to(torch.float64)
+                w = linear_weight(linear).detach().to(torch.float64)
                 mi = MatrixInput(name, w, stats)
                 rank = plan[name]
                 try:
@@ -165,6 +178,10 @@ def compress_(model: nn.Module, batches: list[torch.Tensor], config: Compression
                progress=(lambda it: tqdm(it, desc=f"compress ({config.method})", unit="layer")) if progress else None)
     if not result.layer_similarity:
         result.layer_similarity = similarity
+    if uncalibrated:
+        log.warning("%d expert linear(s) received no calibration token and stay dense, e.g. %s",
+                    len(uncalibrated), sorted(uncalibrated)[0])
+        result.extra["uncalibrated_experts"] = sorted(uncalibrated)
     missing = set(plan) - set(result.records)
     if missing:
         raise RuntimeError(f"{len(missing)} planned modules were never factorized, e.g. {sorted(missing)[0]}")

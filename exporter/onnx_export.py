@@ -96,7 +96,7 @@ class FlatCacheDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, *rest):
         from transformers import DynamicCache
         position_ids, past = (rest[0], rest[1:]) if self.position_ids else (None, rest)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

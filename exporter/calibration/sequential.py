@@ -16,18 +16,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..architectures import Architecture, decoder_layers
+from ..architectures import Architecture, InputGroup, decoder_layers
+from ..linears import linear_dims
+from .layer_inputs import LayerInputs, capture_layer_inputs
 from .stats import InputStats
-
-
-class _Captured(Exception):
-    pass
-
-
-@dataclass
-class LayerInputs:
-    hidden: list[torch.Tensor]  # one tensor per calibration batch, on the storage device
-    kwargs: list[dict]  # the keyword arguments the model passed to the decoder layer for that batch
 
 
 def _first(out):
@@ -54,37 +46,19 @@ def place_outside_layers(model: nn.Module, arch: Architecture, device) -> None:
             p.data = p.data.to(device)
 
 
-@torch.no_grad()
 def capture_layer0_inputs(model: nn.Module, arch: Architecture, batches: list[torch.Tensor], device,
                           storage="cpu") -> LayerInputs:
-    layer0 = decoder_layers(model, arch)[0]
-    captured = LayerInputs([], [])
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        captured.hidden.append(hidden.to(storage))
-        captured.kwargs.append(kw)
-        raise _Captured
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
+    """Layer 0's hidden states and every layer's own keyword arguments (calibration/layer_inputs.py)."""
+    return capture_layer_inputs(model, decoder_layers(model, arch), batches, device, storage)
 
 
 @contextmanager
-def capture_linear_inputs(layer: nn.Module, arch: Architecture):
-    """Record the input of the first linear of each input group on every forward of `layer`."""
+def capture_linear_inputs(layer: nn.Module, groups: tuple[InputGroup, ...]):
+    """Record the input of the first linear of each input group on every forward of `layer`. A routed
+    group (one expert) is absent when no token reached it: clear `seen` before each forward."""
     seen: dict[int, torch.Tensor] = {}
     handles = []
-    for gi, group in enumerate(arch.groups):
+    for gi, group in enumerate(groups):
         def hook(_m, args, gi=gi):
             seen[gi] = args[0].detach()
         handles.append(layer.get_submodule(group.linears[0]).register_forward_pre_hook(hook))
@@ -103,7 +77,7 @@ def _run(layer, hidden, kwargs, device):
 class LayerObservation:
     index: int
     layer: nn.Module
-    stats: list[InputStats]  # one per input group (arch.groups order)
+    stats: list[InputStats]  # one per input group (arch.groups_of(index) order); count 0: never reached
     input_similarity: float  # mean cosine similarity of the layer's input and output (original stream)
 
 
@@ -130,11 +104,17 @@ def run_layers(model: nn.Module, arch: Architecture, inputs: LayerInputs, visit:
     indices = range(len(layers))
     for i in (progress(indices) if progress else indices):
         layer = layers[i].to(device)
-        dims = [layer.get_submodule(g.linears[0]).in_features for g in arch.groups]
+        groups = arch.groups_of(i)
+        if need_cross and any(g.routed for g in groups):
+            raise ValueError("cross statistics (adaComp) pair each token's two inputs, but MoE experts route the "
+                             "original and the compressed stream differently; use a method without adaComp")
+        dims = [linear_dims(layer.get_submodule(g.linears[0]))[1] for g in groups]
         stats = [InputStats(d, device, abs_mean=need_abs_mean, cross=need_cross) for d in dims]
         next_orig, cos_sum, cos_count = [], 0.0, 0
-        with capture_linear_inputs(layer, arch) as seen:
-            for b, kwargs in enumerate(inputs.kwargs):
+        layer_kwargs = inputs.kwargs_for(i)
+        with capture_linear_inputs(layer, groups) as seen:
+            for b, kwargs in enumerate(layer_kwargs):
+                seen.clear()
                 out = _run(layer, orig[b], kwargs, device)
                 x = orig[b].to(device)
                 cos_sum += float(torch.nn.functional.cosine_similarity(x.float(), out.float(), dim=-1).sum())
@@ -142,16 +122,17 @@ def run_layers(model: nn.Module, arch: Architecture, inputs: LayerInputs, visit:
                 next_orig.append(out.to(storage))
                 if two_streams:
                     seen_orig = dict(seen)
+                    seen.clear()
                     _run(layer, comp[b], kwargs, device)
-                    for gi, s in enumerate(stats):
-                        s.add(seen[gi], seen_orig[gi] if need_cross else None)
+                    for gi, seen_x in seen.items():
+                        stats[gi].add(seen_x, seen_orig[gi] if need_cross else None)
                 else:
-                    for gi, s in enumerate(stats):
-                        s.add(seen[gi])
+                    for gi, seen_x in seen.items():
+                        stats[gi].add(seen_x)
         visit(LayerObservation(i, layer, stats, cos_sum / max(cos_count, 1)))
         del stats
         if two_streams:
-            comp = [_run(layer, comp[b], kw, device).to(storage) for b, kw in enumerate(inputs.kwargs)]
+            comp = [_run(layer, comp[b], kw, device).to(storage) for b, kw in enumerate(layer_kwargs)]
         orig = next_orig
         if offload is not None:
             layers[i].to(offload)
