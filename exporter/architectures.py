@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .experts import unfuse_experts
+
 
 @dataclass(frozen=True)
 class InputGroup:
@@ -49,6 +51,14 @@ def architecture_of(model: nn.Module) -> Architecture:
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     return discover(model)
+
+
+def prepare(model: nn.Module) -> Architecture:
+    """Everything compress_ and the ONNX export need before they start: fused MoE experts become per-expert
+    linears, in place (an equivalent model, checked), and the architecture is found — or one clear line
+    for a model they cannot handle, before any work."""
+    unfuse_experts(model)
+    return architecture_of(model)
 
 
 def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:

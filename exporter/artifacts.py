@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .checkpoint_keys import to_model_keys
 from .experts import unfuse_experts
 from .lowrank import build_skeleton
 
@@ -73,7 +74,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
     unfuse_experts(model)  # compress_ saved MoE experts one module per expert
     build_skeleton(model, meta["ranks"])
-    state = _state_dict(folder)
+    state = to_model_keys(model, _state_dict(folder))  # save_pretrained writes the hub's key names
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -13,12 +13,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .allocation import NEEDS_PROFILE, NEEDS_SENSITIVITY, NEEDS_SPECTRA, Matrix, Profile, allocate
-from .architectures import Architecture, architecture_of, decoder_layers, matrix_kind
+from .architectures import Architecture, decoder_layers, matrix_kind, prepare
 from .budget import ratio_for_budget
 from .calibration.sensitivity import output_gradient_sensitivity
 from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
 from .config import CompressionConfig, default_min_retention
-from .experts import unfuse_experts
 from .linalg import min_truncation_loss, truncation_loss
 from .linears import linear_dims, linear_weight
 from .lowrank import LowRankLinear, swap_module
@@ -114,8 +113,7 @@ def profile_model(model, arch, inputs, device, progress=True, spectra=True, unca
 @torch.no_grad()
 def compress_(model: nn.Module, batches: list[torch.Tensor], config: CompressionConfig,
               device=None, progress: bool = True) -> CompressionResult:
-    unfuse_experts(model)  # MoE experts as per-expert linears (exporter/experts.py); nothing else changes
-    arch = architecture_of(model)
+    arch = prepare(model)  # discovery; MoE experts become per-expert linears (an equivalent model)
     device = torch.device(device) if device is not None else default_device(model)
     model.eval()
     place_outside_layers(model, arch, device)

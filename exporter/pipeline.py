@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .architectures import prepare
 from .artifacts import atomic_output, save_safetensors
 from .budget import weight_bytes
 from .calibration.data import calibration_batches, evaluation_tokens
@@ -62,6 +63,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     timer = Timer()
     with timer("load"):
         model, tokenizer, source = load(config.model, config.dtype, config.device)
+        prepare(model)  # an architecture the compressor cannot handle is one line here, before any work
     dense_total = count_params(model)
     report: dict = {"tool": f"svd-export {__version__}", "model": config.model, "source": source.describe(),
                     "config": json.loads(config.to_json())}
