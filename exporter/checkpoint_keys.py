@@ -1,7 +1,7 @@
 """Checkpoint key names back to the model's own.
 
 transformers renames some checkpoint keys when it loads a model (Mixtral's `block_sparse_moe.` → `mlp.`,
-GPT-NeoX's `embed_out` → `lm_head`, …) and save_pretrained writes the original names back. A state dict
+an older `embed_out` → `lm_head`, …) and save_pretrained writes the original names back. A state dict
 loaded by hand (load_compressed) therefore has to go through the same renamings. Only the plain renamings:
 a converter (which merges or splits tensors) never matches a compressed model's keys, whose experts are
 already one module each.

@@ -24,6 +24,7 @@ from .architectures import Architecture, InputGroup
 from .calibration.layer_inputs import capture_layer_inputs
 from .experts import ExpertList, is_fused_experts, is_router
 from .linears import is_linear, linear_dims
+from .lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,14 @@ def _module_lists(model: nn.Module):
 
 
 def find_decoder_layers(model: nn.Module) -> str:
-    """The path of the decoder layers' ModuleList."""
+    """The path of the decoder layers' ModuleList: the list of the classes transformers keeps whole on one
+    device (`_no_split_modules`); without those, the one list as long as the config's layer count."""
     classes = set(getattr(model, "_no_split_modules", None) or ())
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     lists = [(name, m) for name, m in _module_lists(model) if all(type(layer).__name__ in classes for layer in m)]
+    if not lists:
+        lists = [(name, m) for name, m in _module_lists(model) if len(m) == count]
     if len(lists) > 1:  # e.g. a vision tower next to the text decoder: the one the config counts
-        count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
         lists = [(name, m) for name, m in lists if len(m) == count] or lists
     if len(lists) != 1:
         found = ", ".join(name for name, _ in lists) or "none"
@@ -71,6 +75,8 @@ def layer_linears(layer: nn.Module) -> list[str]:
     gates stay dense."""
     paths = []
     for parent_name, parent in layer.named_modules():
+        if isinstance(parent, LowRankLinear):  # already compressed: its two factors are not candidates
+            continue
         children = list(parent.children())
         for child_name, child in parent.named_children():
             if is_linear(child) and not is_router(child, children):
@@ -167,9 +173,10 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def discover(model: nn.Module, materialize: Callable[[int], ContextManager] | None = None) -> Architecture:
-    """The Architecture of a causal LM. One forward of one layer per distinct layer structure; that layer
-    must be materialised (not on the meta device), or `materialize(i)` must make it so for its duration
-    (a streamed loader). Embeddings and rotary embeddings must be materialised."""
+    """The Architecture of a causal LM. One forward of one layer per distinct layer structure: a layer of
+    that structure that is materialised (not on the meta device), else layer i materialised by
+    `materialize(i)` for the duration (a streamed loader's context manager). The embeddings and rotary
+    embeddings must be materialised; the other layers may stay on the meta device."""
     check_causal_lm(model)
     fused = [name for name, m in model.named_modules() if is_fused_experts(m)]
     if fused:
@@ -180,14 +187,15 @@ def discover(model: nn.Module, materialize: Callable[[int], ContextManager] | No
     device = _device_of(model.get_input_embeddings())
     sample = capture_layer_inputs(model, layers, [_sample_ids(model)], device, storage=device)
     found: dict[tuple, tuple[InputGroup, ...]] = {}
-    for i, sig in enumerate(signatures):
-        if sig in found:
-            continue
-        with (materialize(i) if materialize is not None else nullcontext()):
+    for sig in dict.fromkeys(signatures):
+        with_sig = [i for i, other in enumerate(signatures) if other == sig]
+        real = [i for i in with_sig if _device_of(layers[i]).type != "meta"]
+        if not real and materialize is None:
+            raise DiscoveryError(f"{path}.{with_sig[0]} is on the meta device: discovery runs one forward of one "
+                                 "layer of each structure; materialise one (discover(model, materialize=...))")
+        i = real[0] if real else with_sig[0]
+        with (nullcontext() if real else materialize(i)):
             layer = layers[i]
-            if _device_of(layer).type == "meta":
-                raise DiscoveryError(f"{path}.{i} is on the meta device: discovery runs one forward of it; "
-                                     "materialise it (discover(model, materialize=...))")
             hidden = sample.hidden[0].to(_device_of(layer))
             found[sig] = discover_layer_groups(layer, hidden, sample.kwargs_for(i)[0])
     per_layer = tuple(found[sig] for sig in signatures)

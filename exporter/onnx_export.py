@@ -221,8 +221,8 @@ def write_sidecars(model: nn.Module, tokenizer, folder: Path, arch: OnnxArch) ->
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if not arch.genai_known:
-        log.info("onnxruntime-genai has no model type for %r: genai_config.json uses its generic %r type",
-                 model.config.model_type, arch.genai_type)
+        log.info("onnxruntime-genai has no model type of its own that serves this graph for %r: "
+                 "genai_config.json uses its generic %r type", model.config.model_type, arch.genai_type)
     write_genai_config(model.config, getattr(model, "generation_config", None), tokenizer, folder, arch.genai_type,
                        arch.position_ids, MODEL_FILE)
 
