@@ -163,10 +163,6 @@ def unfuse_experts(root: nn.Module) -> list[str]:
     return names
 
 
-def expert_lists(root: nn.Module) -> dict[str, ExpertList]:
-    return {name: m for name, m in root.named_modules() if isinstance(m, ExpertList)}
-
-
 def is_router(linear: nn.Module, siblings: list[nn.Module]) -> bool:
     """A linear next to an experts module whose outputs number the experts (the router) or are a single
     value (a shared expert's sigmoid gate): both stay dense."""

@@ -45,7 +45,7 @@ SIDECAR_FILES = ("config.json", "generation_config.json", "genai_config.json", "
 @dataclass(frozen=True)
 class OnnxArch:
     genai_type: str  # onnxruntime-genai's model.type
-    genai_known: bool  # False: genai has no type for this model; genai_config.json uses its generic one
+    genai_known: bool  # False: genai has no type of its own serving this graph; the config uses its generic one
     position_ids: bool = True  # a graph input (OPT's default derives them from the mask; it accepts them too)
 
 
