@@ -253,18 +253,21 @@ def _config(auto_config, spec: str, location: str, **kwargs):
 
 
 def check_model_config(config: RunConfig, model_config) -> None:
-    from .architectures import ARCHITECTURES
+    """The architecture from its config alone: a meta-device skeleton must be a causal LM whose decoder
+    layers discovery finds (the input groups need a forward, later). A GGUF header is checked by its load."""
+    if not isinstance(model_config, SimpleNamespace):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
 
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise PreflightError(f"--model {config.model}: architecture {model_type!r} is not supported; "
-                             f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    if "onnx" in config.formats:
-        from .onnx_export import onnx_arch
+        from .discovery import DiscoveryError, check_causal_lm, find_decoder_layers
         try:
-            onnx_arch(model_config)
-        except ValueError as exc:
-            raise PreflightError(str(exc)) from exc
+            with init_empty_weights(include_buffers=False):
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+            check_causal_lm(skeleton)
+            find_decoder_layers(skeleton)
+        except (DiscoveryError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PreflightError(f"--model {config.model}: {first}") from exc
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions and config.calibration.seqlen > positions:
         raise PreflightError(f"--calib-seqlen {config.calibration.seqlen} exceeds the model's "
