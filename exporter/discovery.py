@@ -163,6 +163,16 @@ def discover_layer_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) 
     return tuple(out)
 
 
+def linears_only(model: nn.Module) -> Architecture:
+    """The decoder layers and their linears from the structure alone (a meta skeleton will do), each linear
+    in a group of its own: enough to count parameters (the --budget preflight), NOT to gather statistics,
+    which need the input groups that only discover() sees."""
+    path = find_decoder_layers(model)
+    per_layer = tuple(tuple(InputGroup((p,)) for p in layer_linears(layer)) for layer in model.get_submodule(path))
+    same = all(groups == per_layer[0] for groups in per_layer)
+    return Architecture(layers=path, groups=per_layer[0], per_layer=None if same else per_layer)
+
+
 def _sample_ids(model: nn.Module) -> torch.Tensor:
     vocab = model.get_input_embeddings().num_embeddings
     return (torch.arange(SAMPLE_TOKENS) * 7 % vocab).unsqueeze(0)

@@ -282,8 +282,9 @@ def check_budget(config: RunConfig, model_config) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .architectures import architecture_of
     from .budget import ratio_for_budget
+    from .discovery import linears_only
+    from .experts import unfuse_experts
     from .compress import list_matrices
     from .models import parse_dtype
 
@@ -293,7 +294,8 @@ def check_budget(config: RunConfig, model_config) -> None:
         stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    ratio_for_budget(skeleton, list_matrices(skeleton, architecture_of(skeleton), config.compression.skip),
+    unfuse_experts(skeleton)  # MoE experts count as the per-expert linears they are compressed as
+    ratio_for_budget(skeleton, list_matrices(skeleton, linears_only(skeleton), config.compression.skip),
                      config.compression.budget_bytes, dtype)
 
 
