@@ -7,6 +7,7 @@ evaluation tokens for every run; prints a markdown table and writes it to docs/r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import sys
 import time
@@ -51,7 +52,7 @@ def main(model, method, ratio, min_retention, calib, calib_samples, calib_seqlen
         if (importance or alloc) not in chosen:
             continue
         if importance:
-            allocation.ALLOCATORS["adacr"] = functools.partial(adacr, importance=importance)
+            allocation.ALLOCATORS["adacr"] = dataclasses.replace(adacr, fn=functools.partial(adacr.fn, importance=importance))
         model_copy = copy.deepcopy(dense)
         start = time.perf_counter()
         result = compress_(model_copy, batches, CompressionConfig(method=method, ratio=ratio, allocation=alloc,

@@ -1,6 +1,18 @@
 """svd-export: SVD-based low-rank compression of causal LLMs, exported as ONNX + safetensors."""
 __version__ = "0.1.0"
 
-from .artifacts import load_compressed  # noqa: E402,F401
-from .compress import compress_  # noqa: E402,F401
-from .config import CalibrationConfig, CompressionConfig, EvalConfig, RunConfig  # noqa: E402,F401
+import importlib
+
+# Loaded on first use, so that `svd-export --help` and the CLI's environment set-up (threads, -q) happen
+# before torch and tqdm are imported.
+_EXPORTS = {"load_compressed": ".artifacts", "compress_": ".compress", "CalibrationConfig": ".config",
+            "CompressionConfig": ".config", "EvalConfig": ".config", "RunConfig": ".config"}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

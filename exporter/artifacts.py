@@ -1,42 +1,21 @@
-"""Safetensors artifacts: save a compressed model with its rank plan, reload it in one call; and the
-atomic output folder (everything is written to a temporary sibling, renamed into place at the end)."""
+"""Safetensors artifacts: save a compressed model with its rank plan, reload it in one call (verified
+against the checksums recorded at save). The atomic output folder lives in output_dir.py."""
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from .checkpoint_keys import to_model_keys
+from .checks import check_finite
+from .checksums import record_checksums, verify_checksums
+from .experts import unfuse_experts
 from .lowrank import build_skeleton
+from .output_dir import atomic_output  # noqa: F401 — moved to output_dir.py; re-exported for pipeline.py
 
 CONFIG_KEY = "svd_export"  # the entry in config.json that holds method, ratio and every module's rank
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False):
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on any error it is removed.
-    A failed or interrupted run never leaves a partial artifact under the output name."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_safetensors(model, tokenizer, folder: Path, meta: dict, max_shard_size: str = "4GB") -> None:
@@ -46,6 +25,7 @@ def save_safetensors(model, tokenizer, folder: Path, meta: dict, max_shard_size:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
     finally:
         model.config.__dict__.pop(CONFIG_KEY, None)
+    record_checksums(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -70,10 +50,13 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
         raise ValueError(f"{folder} has no '{CONFIG_KEY}' entry with ranks in config.json: not an svd-export artifact")
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
+    unfuse_experts(model)  # compress_ saved MoE experts one module per expert
     build_skeleton(model, meta["ranks"])
-    state = _state_dict(folder)
+    verify_checksums(folder, meta)
+    state = to_model_keys(model, _state_dict(folder))  # save_pretrained writes the hub's key names
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    check_finite(model.named_parameters(), str(folder))
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if unexpected or still_meta:
         raise ValueError(f"{folder}: checkpoint does not match its rank plan "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
 
 from .allocation import Matrix
@@ -29,20 +30,28 @@ def parse_size(text: str) -> int:
     return size
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields tied weights once
+def weight_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of every parameter once (parameters() yields tied weights once), at its own element size or,
+    given `dtype`, at that of the export dtype (a streamed model computes in another dtype than it writes)."""
+    size = None if dtype is None else torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * (size or p.element_size()) for p in model.parameters())
 
 
-def ratio_for_budget(model: nn.Module, matrices: list[Matrix], budget_bytes: int) -> float:
+def ratio_for_budget(model: nn.Module, matrices: list[Matrix], budget_bytes: int, dtype: torch.dtype | None = None) -> float:
     """The ratio (fraction of the candidate linears' parameters removed) that spends `budget_bytes` on the
-    whole model's weights. 0 when the dense model already fits."""
+    whole model's weights, counted in `dtype` (default: as the parameters are). A budget the dense model
+    already meets is refused: it would compress nothing."""
     if not matrices:
         raise ValueError("--budget: the model has no linears to compress")
-    element = model.get_submodule(matrices[0].name).weight.element_size()
+    element = (model.get_submodule(matrices[0].name).weight.element_size() if dtype is None
+               else torch.empty((), dtype=dtype).element_size())
     linears = sum(m.dense_params for m in matrices)
-    fixed = weight_bytes(model) - linears * element  # what stays dense whatever the ranks
+    fixed = weight_bytes(model, dtype) - linears * element  # what stays dense whatever the ranks
     available = (budget_bytes - fixed) // element  # parameters left for the compressed linears
     if available <= 0:
         raise ValueError(f"--budget {budget_bytes:,} bytes is below the {fixed:,} bytes that the parts which stay "
                          "dense (embeddings, lm_head, norms, biases) already need")
-    return max(0.0, 1.0 - available / linears)
+    if available >= linears:
+        raise ValueError(f"--budget {budget_bytes:,} bytes: the dense model's weights ({weight_bytes(model):,} bytes) "
+                         "already fit, there is nothing to compress")
+    return 1.0 - available / linears

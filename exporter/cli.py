@@ -1,9 +1,13 @@
-"""Command line: flags → one RunConfig → pipeline.run. Bad input: one clear line, non-zero exit."""
+"""Command line: flags → one RunConfig → pipeline.run. Bad input: one line `svd-export: error: …`, exit 1
+(--debug adds the traceback). The run holds the output name's lock from start to end and runs in a worker
+thread, so SIGTERM (143) and SIGINT (130) are honoured at once and leave nothing beside --out."""
 from __future__ import annotations
 
+import errno
 import logging
-import signal
+import os
 import sys
+import traceback
 
 import click
 
@@ -11,22 +15,71 @@ from .config import ALLOCATIONS, METHODS, ONNX_GRAPHS, CalibrationConfig, Compre
 from .quantization import CHOICES as QUANTIZE_CHOICES
 from .quantization import DEFAULT_BLOCK_SIZE
 
-
-def sigterm_as_interrupt(signum, frame):
-    """`docker stop`, `timeout` and batch schedulers send SIGTERM, whose default kills the process before any
-    cleanup: unwind like Ctrl-C instead, so the temporary folders next to --out are removed."""
-    raise KeyboardInterrupt
+DEFAULT_OPSET = 18
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def quiet_libraries() -> None:
+    """-q: no progress bar from anyone (our tqdm bars, transformers', huggingface_hub's)."""
+    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm at import: covers every bar not given disable=
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def sane_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (libgomp's default spins): on a shared machine spinning
+    threads steal the cores the work needs. Only a default: an explicit OMP_WAIT_POLICY wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the cause chain; safetensors' Rust writer reports it as text only."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def one_line(exc: BaseException, out: str) -> str:
+    """The error as one line naming what is at fault."""
+    if disk_full(exc):
+        return f"no space left on the device of --out {out} (nothing was written under the output name)"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 400 else text[:397] + "..."
+
+
+class OneLineUsageError(click.UsageError):
+    def show(self, file=None) -> None:
+        click.echo(f"svd-export: error: {self.format_message()} (svd-export --help lists the options)", err=True)
+
+
+class Command(click.Command):
+    """Usage errors (unknown option, bad value) as one line too, exit 2 as click's."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise OneLineUsageError(" ".join(exc.format_message().split()), exc.ctx) from exc
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--model", "-m", default="smollm2-135m", show_default=True,
               help="Alias (smollm2-135m, opt-6.7b, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b, ...), "
                    "hub id, local directory or .gguf file.")
 @click.option("--ratio", "-r", type=float, default=None,
-              help="Fraction of the compressed linears' parameters to remove (default 0.2).")
+              help="Fraction of the compressed linears' parameters to remove, in (0, 1) (default 0.2).")
 @click.option("--budget", default=None,
               help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
-@click.option("--method", type=click.Choice(METHODS), default="svd-llm-v2", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="svd-llm-v2", show_default=True,
+              help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="Rank allocation; default: the method's paper (v2 for svd-llm-v2, adacr for adasvd, else uniform).")
 @click.option("--propagate", type=click.Choice(["original", "compressed"]), default=None,
@@ -37,57 +90,88 @@ def sigterm_as_interrupt(signum, frame):
 @click.option("--validate", "validations", multiple=True, type=click.Choice(["throughput"]),
               help="Extra validation of the ONNX export; repeat for several. throughput: ONNX Runtime tokens/s "
                    "dense vs compressed (CUDA when available, else CPU with small settings).")
-@click.option("--out", "-o", default="svd-export-out", show_default=True, help="Output folder.")
+@click.option("--out", "-o", default="svd-export-out", show_default=True,
+              help="Output folder: written beside it, renamed into place at the end; one run per name at a time.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty output folder.")
+@click.option("--resume", is_flag=True,
+              help="Continue a run that was killed, from its last finished layer (same options and --out); an "
+                   "interrupted --resume run keeps its checkpoint for the next one.")
 @click.option("--calib-data", default="wikitext2", show_default=True,
               help="'wikitext2' (hub), 'generated' (the model writes its own, offline), or a .txt/.raw/.jsonl path.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--calib-seqlen", type=click.IntRange(min=2), default=2048, show_default=True)
-@click.option("--calib-batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Number of calibration sequences.")
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Tokens per calibration sequence (at most the model's positions).")
+@click.option("--calib-batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Calibration sequences per forward pass.")
+@click.option("--calib-overlap", is_flag=True,
+              help="Allow overlapping calibration windows when the text has fewer tokens than samples x seqlen "
+                   "(otherwise an error).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the calibration windows and of generated text.")
 @click.option("--eval-data", default="wikitext2", show_default=True,
               help="'wikitext2' (hub test split), 'generated', a file path, or 'none' to skip perplexity.")
-@click.option("--eval-tokens", type=click.IntRange(min=2), default=None, help="Cap on evaluated tokens.")
-@click.option("--eval-seqlen", type=click.IntRange(min=2), default=2048, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=None,
+              help="Cap on evaluated tokens (default: the whole split; generated: 16 windows).")
+@click.option("--eval-seqlen", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Perplexity window in tokens (capped at the model's positions).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Dtype the weights are written in; auto: the checkpoint's (float32 for a GGUF). ONNX graphs are "
+                   "float32 or float16 (a bfloat16 model's graph is float16).")
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
-@click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Smallest rank any compressed matrix gets.")
+@click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True,
+              help="adasvd only: alternating least-squares updates of the factors (adaComp).")
 @click.option("--adacomp-strength", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
-              help="adaComp's target W(b X_orig + (1-b) X_compressed): 1 = full compensation (the paper's), "
-                   "0 = none.")
+              help="adasvd only: adaComp's target W(b X_orig + (1-b) X_compressed): 1 = full compensation "
+                   "(the paper's), 0 = none.")
 @click.option("--min-retention", type=float, default=None,
-              help="AdaSVD's mrr (adacr). Default: 0.4, capped at 0.75 x (1 - ratio).")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18).")
-@click.option("--onnx-graph", type=click.Choice(ONNX_GRAPHS), default="fused", show_default=True,
-              help="fused: the decoder written from the weights with ONNX Runtime's fused ops (GroupQueryAttention, "
-                   "SkipLayerNorm), one layer at a time; plain: torch.onnx dynamo export + low-rank rewrite.")
+              help="adacr only: AdaSVD's mrr. Default: 0.4, capped at 0.75 x (1 - ratio).")
+@click.option("--opset", type=int, default=None,
+              help=f"--format onnx only: ONNX opset, >= 18 and supported by ONNX Runtime (default {DEFAULT_OPSET}).")
+@click.option("--onnx-graph", type=click.Choice(ONNX_GRAPHS), default="auto", show_default=True,
+              help="--format onnx only. fused: the decoder written from the weights with ONNX Runtime's fused ops "
+                   "(GroupQueryAttention, SkipLayerNorm), one layer at a time (Llama, Mistral, Qwen2/3, OPT); plain: "
+                   "torch.onnx dynamo export + low-rank rewrite (any family); auto: fused where it can be.")
 @click.option("--quantize", type=click.Choice(["none", *QUANTIZE_CHOICES]), default="none", show_default=True,
-              help="Weights of every matmul (both factors of each low-rank pair, dense linears, lm_head) as ONNX "
-                   "Runtime's MatMulNBits, quantized per weight as the graph is written (fused graph).")
+              help="--format onnx only: weights of every matmul (both factors of each low-rank pair, dense linears, "
+                   "lm_head) as ONNX Runtime's MatMulNBits, quantized per weight as the graph is written (fused graph).")
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
               help="--quantize block size along each weight's input dimension (a power of two >= 16).")
 @click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True,
               help="Round every rank to a multiple of N (kernel tiles, quantization blocks); the budget stays met.")
 @click.option("--skip-parity", is_flag=True,
-              help="Skip the ONNX checks against PyTorch (logits parity, greedy tokens, ORT perplexity).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite, calib_data,
-         calib_samples,
-         calib_seqlen, calib_batch_size, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank,
-         adacomp_iterations, adacomp_strength, min_retention, opset, onnx_graph, quantize, block_size, rank_multiple,
-         skip_parity, quiet):
+              help="--format onnx only: skip the ONNX checks against PyTorch (logits parity, greedy tokens, "
+                   "ORT perplexity).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (ours and the libraries').")
+@click.option("--debug", is_flag=True, help="On error, print the traceback too.")
+@click.pass_context
+def main(ctx, model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite,
+         resume, calib_data, calib_samples, calib_seqlen, calib_batch_size, calib_overlap, seed, eval_data, eval_tokens,
+         eval_seqlen, dtype, device, min_rank, adacomp_iterations, adacomp_strength, min_retention, opset,
+         onnx_graph, quantize, block_size, rank_multiple, skip_parity, quiet, debug):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
-    from .budget import parse_size
-    from .pipeline import run  # heavy imports after argument parsing, so --help is instant
-
+    if debug:
+        logging.getLogger("exporter").setLevel(logging.DEBUG)
+    sane_threads()
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                   click.core.ParameterSource.ENVIRONMENT)}
     try:
+        if quiet:
+            quiet_libraries()
+        from . import output_dir, signals
+        from .budget import parse_size
+        from .pipeline import run  # heavy imports after argument parsing, so --help is instant
+        from .preflight import check_flags_apply
+
         if ratio is not None and budget is not None:
             raise ValueError("give either --ratio or --budget, not both")
         config = RunConfig(
-            model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=dtype, device=device,
+            model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=None if dtype == "auto" else dtype,
+            device=device,
             validations=tuple(dict.fromkeys(validations)),
             compression=CompressionConfig(method=method, ratio=0.2 if ratio is None else ratio,
                                           budget_bytes=None if budget is None else parse_size(budget),
@@ -97,19 +181,22 @@ def main(model, ratio, budget, method, allocation, propagate, formats, validatio
                                           adacomp_strength=adacomp_strength,
                                           min_retention=min_retention),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
-                                          seed=seed, batch_size=calib_batch_size),
+                                          seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
-            opset=opset, onnx_graph=onnx_graph, quantize=None if quantize == "none" else quantize,
-            block_size=block_size, parity=not skip_parity,
+            opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
+            quantize=None if quantize == "none" else quantize, block_size=block_size, parity=not skip_parity,
         )
-        run(config, overwrite=overwrite, progress=not quiet, echo=click.echo)
-    except KeyboardInterrupt:
+        check_flags_apply(given, config)
+        with output_dir.hold(out):
+            signals.run_interruptible(lambda: run(config, overwrite=overwrite, progress=not quiet, echo=click.echo,
+                                                         resume=resume))
+    except KeyboardInterrupt:  # before the worker started (its own signals exit from signals.on_signal)
         click.echo("svd-export: interrupted; nothing was written under the output name", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 — the CLI's one place that turns errors into one line
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            raise
-        click.echo(f"svd-export: error: {exc}", err=True)
+        if debug:
+            traceback.print_exception(exc)
+        click.echo(f"svd-export: error: {one_line(exc, out)}", err=True)
         sys.exit(1)
 
 

@@ -1,27 +1,32 @@
-"""The one transform: compress_(model, batches, config) — in place, torchao-style.
+"""The one transform: compress_(model, batches, config) — in place, torchao-style — and compress_source,
+the same on any layer source (a resident model, or a checkpoint streamed one decoder layer at a time).
 
-capture layer-0 inputs → (profiling pass, if the allocation needs one) → rank plan →
-layer loop: observe → factorize each planned linear → swap in a LowRankLinear.
+capture layer-0 inputs → (profile pass, if the allocation needs one) → rank plan → compression pass:
+per layer observe → factorize each planned linear → swap in a LowRankLinear → carry the activations on
+(and, when asked, the evaluation streams, the shard writer and the per-layer checkpoint).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .allocation import NEEDS_PROFILE, NEEDS_SENSITIVITY, NEEDS_SPECTRA, Matrix, Profile, allocate
-from .architectures import Architecture, architecture_of, decoder_layers, matrix_kind
+from . import allocation
+from .allocation import Matrix, Profile, allocate
+from .architectures import Architecture, decoder_layers, matrix_kind
+from .linears import linear_dims, linear_weight
 from .budget import ratio_for_budget
-from .calibration.sensitivity import output_gradient_sensitivity
-from .calibration.sequential import LayerObservation, capture_layer0_inputs, place_outside_layers, run_layers
 from .config import CompressionConfig, default_min_retention
-from .linalg import min_truncation_loss, truncation_loss
 from .lowrank import LowRankLinear, swap_module
-from .rank_rounding import round_ranks
 from .methods import MatrixInput, get_method
+from .rank_rounding import round_ranks
+from .source import LayerSource, ResidentSource
+from .stream.activations import Activations, advance, capture_inputs
+from .stream.checkpoint import Checkpoint
+from .stream.observe import observe
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class MatrixRecord:
     rank: int
-    loss: float  # ‖WX − W'X‖_F on the calibration statistics the method saw
+    loss: float  # ‖WX − W'X‖_F on the calibration statistics the method saw, factors as stored
     loss_min: float  # √Σ_{i>r} σ_i(WX)²: the best any rank-r factorization can do on the same X
     shape: tuple[int, int]
 
@@ -44,6 +49,7 @@ class CompressionResult:
     records: dict[str, MatrixRecord] = field(default_factory=dict)
     layer_similarity: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific report entries (e.g. adaComp losses)
+    layer_seconds: dict[str, list[float]] = field(default_factory=dict)  # pass name -> seconds per layer
 
     def linear_params(self) -> tuple[int, int]:
         """(dense, compressed) parameter counts over all candidate linears."""
@@ -66,108 +72,233 @@ class CompressionResult:
 def list_matrices(model: nn.Module, arch: Architecture, skip: tuple[str, ...] = ()) -> list[Matrix]:
     out = []
     for i, layer in enumerate(decoder_layers(model, arch)):
-        for path in arch.linear_names():
+        for path in arch.linear_names(i):
             name = f"{arch.layers}.{i}.{path}"
             if any(s in name for s in skip):
                 continue
-            lin = layer.get_submodule(path)
-            out.append(Matrix(name, matrix_kind(path), i, lin.out_features, lin.in_features))
+            out.append(Matrix(name, matrix_kind(path), i, *linear_dims(layer.get_submodule(path))))
     return out
 
 
-def default_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _linears(arch: Architecture, index: int, layer: nn.Module, obs):
+    """(full name, path in the layer, module, input statistics) of every candidate linear of one layer."""
+    for group, stats in zip(arch.groups_of(index), obs.stats):
+        for path in group.linears:
+            yield f"{arch.layers}.{index}.{path}", path, layer.get_submodule(path), stats
 
 
-def layer_home(model, arch, device):
-    """Where the decoder layers live when that is not the compute device (a model kept on the host and
-    compressed on a GPU): each layer is moved to `device` for its turn and back home after, so only the
-    current layer occupies the GPU. None when they already live on `device`."""
-    home = next(decoder_layers(model, arch)[0].parameters()).device
-    return home if home != torch.device(device) else None
+@dataclass
+class Streams:
+    """The activations the compression pass carries from layer to layer."""
+    calib: Activations  # calibration inputs through the original layers
+    calib_compressed: Activations | None = None  # ... through the compressed layers (two-stream methods)
+    eval_dense: Activations | None = None  # evaluation windows through the original layers
+    eval_compressed: Activations | None = None  # ... through the compressed layers
+
+    def named(self) -> dict[str, Activations]:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
-def profile_model(model, arch, inputs, device, progress=True, spectra=True) -> Profile:
-    """One pass over the original layers: the whitened spectrum σ(WX) of every linear (unless
-    spectra=False) and the input/output similarity of every layer. Keeps only vectors, never X Xᵀ."""
-    profile = Profile()
-
-    def visit(obs: LayerObservation):
+def profile_pass(source: LayerSource, calib: Activations, needs: frozenset[str], profile: Profile,
+                 start: int = 0, checkpoint: Checkpoint | None = None, progress: bool = True) -> Profile:
+    """One pass over the original layers: the input/output similarity of every layer and, when asked,
+    the spectrum σ(WX) of every linear (eigenvalues only; keeps vectors, never X Xᵀ). Linears no
+    calibration token reached (an MoE expert) get no spectrum and are listed in profile.uncalibrated."""
+    arch = source.arch
+    for i, layer in source.layers(start, "profile" if progress else None):
+        began = time.perf_counter()
+        obs = observe(i, layer, arch, calib, source.device)
         profile.layer_similarity.append(obs.input_similarity)
-        if not spectra:
-            return
-        for group, stats in zip(arch.groups, obs.stats):
-            for path in group.linears:
-                name = f"{arch.layers}.{obs.index}.{path}"
-                w = obs.layer.get_submodule(path).weight.detach().to(torch.float64)
-                profile.spectra[name] = MatrixInput(name, w, stats).whitened.s.cpu()
-
-    run_layers(model, arch, inputs, visit, device, offload=layer_home(model, arch, device),
-               progress=(lambda it: tqdm(it, desc="profile", unit="layer")) if progress else None)
+        for name, _, linear, stats in _linears(arch, i, layer, obs):
+            if stats.count == 0:
+                profile.uncalibrated.append(name)
+            elif "spectra" in needs:
+                w = linear_weight(linear).detach().to(torch.float64)
+                profile.spectra[name] = MatrixInput(name, w, stats).spectrum.cpu()
+        del obs
+        profile.layer_seconds.append(time.perf_counter() - began)
+        if checkpoint is not None:
+            checkpoint.save({"pass": "profile", "next": i + 1, "similarity": profile.layer_similarity,
+                             "seconds": profile.layer_seconds, "uncalibrated": profile.uncalibrated}, {"profile": calib},
+                            {f"spectrum.{k}": v for k, v in profile.spectra.items()})
     return profile
+
+
+def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan: dict[str, int], method,
+                    export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """Factorize every planned linear of one layer and swap in its LowRankLinear. The factors are rounded to
+    the export dtype first: the loss is reported, and the next layers see, the factors as stored."""
+    for name, path, linear, stats in _linears(arch, index, layer, obs):
+        if name not in plan:
+            continue
+        if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
+            del plan[name]
+            result.extra.setdefault("uncalibrated_experts", []).append(name)
+            continue
+        w = linear_weight(linear).detach().to(torch.float64)
+        mi, rank = MatrixInput(name, w, stats), plan[name]
+        try:
+            up, down = method.factorize(mi, rank)
+        except Exception as exc:  # a layer that fails to factorize is an error, never skipped
+            raise RuntimeError(f"{method.name} failed to factorize {name} at rank {rank}: {exc}") from exc
+        up, down = up.to(export_dtype), down.to(export_dtype)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise FloatingPointError(f"{method.name} produced non-finite factors for {name} "
+                                     f"(in {str(export_dtype).removeprefix('torch.')})")
+        result.records[name] = MatrixRecord(rank, mi.loss(up, down), mi.min_loss(rank),
+                                            tuple(w.shape))
+        method.report(name, mi, up, down, result.extra)
+        swap_module(layer, path, LowRankLinear.from_factors(up, down, linear.bias, dtype=linear.weight.dtype,
+                                                            device=linear.weight.device))
+        del mi
+
+
+def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int], method, config: CompressionConfig,
+                     result: CompressionResult, export_dtype: torch.dtype, start: int = 0, writer=None,
+                     checkpoint: Checkpoint | None = None, state: dict | None = None, progress: bool = True) -> None:
+    """`state`: what the checkpoint keeps besides this pass's own progress (the plan, the profile)."""
+    arch, device, seconds = source.arch, source.device, result.layer_seconds.setdefault("compress", [])
+    for i, layer in source.layers(start, f"compress ({config.method})" if progress else None):
+        began = time.perf_counter()
+        obs = observe(i, layer, arch, streams.calib, device, compressed=streams.calib_compressed,
+                      need_abs_mean="abs_mean" in method.needs, need_cross="cross" in method.needs)
+        result.layer_similarity.append(obs.input_similarity)
+        if streams.eval_dense is not None:
+            advance(i, layer, streams.eval_dense, device)
+        factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
+        del obs
+        for stream in (streams.calib_compressed, streams.eval_compressed):
+            if stream is not None:
+                advance(i, layer, stream, device)
+        if writer is not None:
+            writer.write_layer(i, layer, source.layer_prefix(i))
+        seconds.append(time.perf_counter() - began)
+        if checkpoint is not None:
+            checkpoint.save({**(state or {}), "pass": "compress", "next": i + 1,
+                             "records": {k: asdict(v) for k, v in result.records.items()},
+                             "compress_similarity": result.layer_similarity, "extra": result.extra,
+                             "layer_seconds": result.layer_seconds}, streams.named())
+
+
+def _restore_result(result: CompressionResult, state: dict) -> None:
+    result.records = {k: MatrixRecord(v["rank"], v["loss"], v["loss_min"], tuple(v["shape"]))
+                      for k, v in state.get("records", {}).items()}
+    result.layer_similarity = list(state.get("compress_similarity", []))
+    result.extra = state.get("extra", {})
+    result.layer_seconds = {k: list(v) for k, v in state.get("layer_seconds", {}).items()}
+
+
+@torch.no_grad()
+def compress_source(source: LayerSource, batches: list[torch.Tensor], config: CompressionConfig,
+                    eval_batches: list[torch.Tensor] | None = None, writer=None, checkpoint: Checkpoint | None = None,
+                    export_dtype: torch.dtype | None = None, profile: Profile | None = None,
+                    progress: bool = True) -> tuple[CompressionResult, Streams]:
+    """Compress every planned linear of `source`'s model layer by layer. -> (result, the final streams: the
+    evaluation windows' last hidden states through the dense and the compressed layers, when asked).
+    `profile`: what the allocation needs, measured before (measure_profile) and shared by several runs."""
+    arch, device, model = source.arch, source.device, source.model
+    export_dtype = export_dtype or source.compute_dtype
+    method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
+                        strength=config.adacomp_strength)
+    matrices = list_matrices(model, arch, config.skip)
+    name = config.allocation_name
+    needs = allocation.needs(name)
+    state = checkpoint.load() if checkpoint is not None else None
+
+    method.prepare(model, batches, matrices, device)  # whole-model work (FWSVD's Fisher); resident models only
+    calib = capture_inputs(model, arch, batches, device)
+    own_profile = profile is None
+    if own_profile:
+        profile = Profile()
+        if "sensitivity" in needs:
+            from .calibration.sensitivity import output_gradient_sensitivity
+            profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, device)
+        if needs - {"sensitivity"} and (state is None or state["pass"] == "profile"):
+            start, running = 0, calib.copy()
+            if state is not None:
+                start = state["next"]
+                profile.layer_similarity, profile.layer_seconds = list(state["similarity"]), list(state["seconds"])
+                profile.uncalibrated = list(state["uncalibrated"])
+                extra = checkpoint.restore(state, {"profile": running})
+                profile.spectra = {k[len("spectrum."):]: v for k, v in extra.items() if k.startswith("spectrum.")}
+            profile_pass(source, running, needs, profile, start, checkpoint, progress)
+            del running
+        elif state is not None and state["pass"] == "compress":
+            profile.layer_similarity = list(state["profile"]["similarity"])
+            profile.uncalibrated = list(state["profile"]["uncalibrated"])
+    if profile.uncalibrated:  # experts no calibration token reached: dense, out of the budget's reach
+        matrices = [m for m in matrices if m.name not in set(profile.uncalibrated)]
+    ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes,
+                                                                             export_dtype)
+    min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
+    if state is not None and state["pass"] == "compress":
+        plan = state["plan"]
+        profile_state = state["profile"]
+    else:
+        plan = allocate(name, matrices, profile if needs else None, ratio, min_rank=config.min_rank,
+                        min_retention=min_retention)
+        plan = round_ranks(matrices, plan, config.rank_multiple)  # --rank-multiple; the plan itself for 1
+        profile_state = {"similarity": profile.layer_similarity, "seconds": profile.layer_seconds,
+                         "uncalibrated": profile.uncalibrated}
+    if own_profile:
+        profile.spectra = {}  # the plan is made: the spectra are not needed any more
+    result = CompressionResult(config.method, name, ratio, plan, matrices)
+    if profile.uncalibrated:
+        result.extra["uncalibrated_experts"] = list(profile.uncalibrated)
+    if name == "adacr":
+        result.extra["adacr"] = {"min_retention": min_retention}
+
+    streams = Streams(calib)
+    if config.propagation == "compressed":
+        streams.calib_compressed = calib.copy()
+    if eval_batches is not None:
+        streams.eval_dense = capture_inputs(model, arch, eval_batches, device)
+        streams.eval_compressed = streams.eval_dense.copy()
+    start = 0
+    if state is not None and state["pass"] == "compress":
+        start = state["next"]
+        checkpoint.restore(state, streams.named())
+        _restore_result(result, state)
+        if writer is not None:
+            writer.resume(start)
+    base_state = {"plan": plan, "profile": profile_state}
+    if profile_state.get("seconds"):
+        result.layer_seconds["profile"] = profile_state["seconds"]
+    compression_pass(source, streams, plan, method, config, result, export_dtype, start, writer, checkpoint,
+                     base_state, progress)
+    if profile.layer_similarity:  # the profile pass measured it on the original stream before any swap
+        result.layer_similarity = profile.layer_similarity
+    if "uncalibrated_experts" in result.extra:
+        result.extra["uncalibrated_experts"] = sorted(result.extra["uncalibrated_experts"])
+        log.warning("%d expert linear(s) received no calibration token and stay dense, e.g. %s",
+                    len(result.extra["uncalibrated_experts"]), result.extra["uncalibrated_experts"][0])
+    missing = set(plan) - set(result.records)
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned modules were never factorized, e.g. {sorted(missing)[0]}")
+    return result, streams
 
 
 @torch.no_grad()
 def compress_(model: nn.Module, batches: list[torch.Tensor], config: CompressionConfig,
-              device=None, progress: bool = True) -> CompressionResult:
-    arch = architecture_of(model)
-    device = torch.device(device) if device is not None else default_device(model)
+              device=None, progress: bool = True, profile: Profile | None = None) -> CompressionResult:
+    """Compress a model that is in memory, in place (its decoder layers visit `device` one at a time)."""
     model.eval()
-    place_outside_layers(model, arch, device)
-    method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
-                        strength=config.adacomp_strength)
-    matrices = list_matrices(model, arch, config.skip)
-    method.prepare(model, batches, matrices, device)
-
-    inputs = capture_layer0_inputs(model, arch, batches, device)
-    allocation = config.allocation_name
-    profile = (profile_model(model, arch, inputs, device, progress, spectra=allocation in NEEDS_SPECTRA)
-               if allocation in NEEDS_PROFILE else None)
-    if allocation in NEEDS_SENSITIVITY:
-        profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, device)
-    ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes)
-    min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
-    plan = allocate(allocation, matrices, profile, ratio, min_rank=config.min_rank, min_retention=min_retention)
-    plan = round_ranks(matrices, plan, config.rank_multiple)  # --rank-multiple; the plan itself for 1
-    result = CompressionResult(config.method, allocation, ratio, plan, matrices)
-    if allocation == "adacr":
-        result.extra["adacr"] = {"min_retention": min_retention}
-    if profile is not None:
-        result.layer_similarity = profile.layer_similarity
-    similarity = []
-
-    def visit(obs: LayerObservation):
-        similarity.append(obs.input_similarity)
-        for group, stats in zip(arch.groups, obs.stats):
-            for path in group.linears:
-                name = f"{arch.layers}.{obs.index}.{path}"
-                if name not in plan:
-                    continue
-                linear = obs.layer.get_submodule(path)
-                w = linear.weight.detach().to(torch.float64)
-                mi = MatrixInput(name, w, stats)
-                rank = plan[name]
-                try:
-                    up, down = method.factorize(mi, rank)
-                except Exception as exc:  # a layer that fails to factorize is an error, never skipped
-                    raise RuntimeError(f"{config.method} failed to factorize {name} at rank {rank}: {exc}") from exc
-                if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                    raise FloatingPointError(f"{config.method} produced non-finite factors for {name}")
-                result.records[name] = MatrixRecord(
-                    rank, truncation_loss(w, up @ down, stats.whitening), min_truncation_loss(mi.whitened.s, rank),
-                    tuple(w.shape))
-                method.report(name, mi, up, down, result.extra)
-                swap_module(obs.layer, path, LowRankLinear.from_factors(
-                    up, down, linear.bias, dtype=linear.weight.dtype, device=linear.weight.device))
-
-    needs = method.needs
-    run_layers(model, arch, inputs, visit, device, propagate=config.propagation,
-               need_abs_mean="abs_mean" in needs, need_cross="cross" in needs,
-               offload=layer_home(model, arch, device),
-               progress=(lambda it: tqdm(it, desc=f"compress ({config.method})", unit="layer")) if progress else None)
-    if not result.layer_similarity:
-        result.layer_similarity = similarity
-    missing = set(plan) - set(result.records)
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned modules were never factorized, e.g. {sorted(missing)[0]}")
+    result, _ = compress_source(ResidentSource(model, device), batches, config, profile=profile, progress=progress)
     return result
+
+
+@torch.no_grad()
+def measure_profile(model: nn.Module, batches: list[torch.Tensor], allocations: list[str], device=None,
+                    progress: bool = True) -> Profile:
+    """What the given allocations need from the original model (layer similarities, spectra, sensitivity),
+    measured once for a resident model, to pass to several compress_ calls (benchmarks)."""
+    source = ResidentSource(model, device)
+    needs = frozenset().union(*(allocation.needs(a) for a in allocations))
+    profile = Profile()
+    if "sensitivity" in needs:
+        from .calibration.sensitivity import output_gradient_sensitivity
+        profile.sensitivity = output_gradient_sensitivity(model, batches, list_matrices(model, source.arch), source.device)
+    if needs - {"sensitivity"}:
+        profile_pass(source, capture_inputs(model, source.arch, batches, source.device), needs, profile,
+                     progress=progress)
+    return profile

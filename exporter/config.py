@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .quantization import DEFAULT_BLOCK_SIZE, Quantization
 
-ONNX_GRAPHS = ("fused", "plain")
+ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 # The allocation each method's paper used, when --allocation is not given.
@@ -31,6 +31,7 @@ class CalibrationConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 1
+    allow_overlap: bool = False  # fewer tokens than samples × seqlen: overlapping windows instead of an error
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class CompressionConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"--ratio must be in [0, 1): it is the fraction of parameters removed, got {self.ratio}")
+        if self.ratio == 0 and self.budget_bytes is None:
+            raise ValueError("--ratio 0 removes nothing: there is nothing to compress")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.propagate not in (None, "original", "compressed"):
@@ -89,13 +92,15 @@ class RunConfig:
     model: str = "smollm2-135m"
     out: str = "svd-export-out"
     formats: tuple[str, ...] = ("safetensors",)
-    dtype: str = "float32"
+    dtype: str | None = None  # export dtype; None: the checkpoint's (float32 for a de-quantized GGUF)
     device: str | None = None  # None: cuda when available
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
     opset: int = 18  # ONNX opset of the export
-    onnx_graph: str = "fused"  # "fused": built from the weights with ORT's fused ops (exporter/onnx_build); "plain": dynamo export + rewrite
+    # "fused": built from the weights with ORT's fused ops (exporter/onnx_build); "plain": dynamo export + rewrite;
+    # "auto": fused for the families the builder knows, plain for the others (report.json says which)
+    onnx_graph: str = "auto"
     quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/quantization.py)
     block_size: int = DEFAULT_BLOCK_SIZE  # quantization block along K
 
@@ -103,7 +108,7 @@ class RunConfig:
         if self.onnx_graph not in ONNX_GRAPHS:
             raise ValueError(f"--onnx-graph must be one of {', '.join(ONNX_GRAPHS)}, got {self.onnx_graph!r}")
         Quantization.parse(self.quantize, self.block_size)  # checks the name and the block size
-        if self.quantize is not None and self.onnx_graph != "fused":
+        if self.quantize is not None and self.onnx_graph == "plain":
             raise ValueError("--quantize writes MatMulNBits while the fused graph is built: it needs --onnx-graph fused")
     parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)

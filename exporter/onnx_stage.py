@@ -13,19 +13,19 @@ A quantized graph is checked against a copy of the PyTorch model carrying the sa
 the tolerance of int8 activations (exporter/validate/parity.py: INT8_ACTIVATIONS); its perplexity is
 reported next to PyTorch's float one: the price of quantization, not a correctness check.
 
-The dense graph never reaches --out: it lives in a TemporaryDirectory next to it, removed when the run
-ends, failed or not.
+The dense graph never reaches --out: it lives in a work folder next to it (output_dir.WorkFolder), removed
+when the run ends, failed, interrupted or not; one left by a killed run is removed by the next run.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .lowrank import LowRankLinear
 from .onnx_export import check_dtype, check_opset, export_compressed, export_onnx, onnx_arch
+from .output_dir import WorkFolder
 from .quantization import Quantization
 from .validate.ort_session import OrtDecoder
 from .validate.parity import parity, prompt_ids
@@ -40,17 +40,36 @@ class ValidationError(RuntimeError):
     pass
 
 
+def onnx_dtype(export_dtype: torch.dtype) -> str:
+    """The ONNX graph's float type: the export dtype, except bfloat16 (no ONNX Runtime CPU kernels), which is
+    written as float16; report.json's onnx.dtype says which one was used."""
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float16"}[export_dtype]
+
+
+def choose_graph(requested: str, config, quantized: bool) -> tuple[str, str]:
+    """--onnx-graph auto → fused where the builder knows the family, else plain. -> (graph, why)."""
+    if requested == "plain":
+        return "plain", "--onnx-graph plain"
+    from .onnx_build import UnsupportedModel, family_of
+    try:
+        family_of(config)
+        return "fused", f"--onnx-graph {requested}"
+    except UnsupportedModel as exc:
+        if requested == "fused" or quantized:  # asked for explicitly (or needed by --quantize): an error
+            raise ValueError(f"{exc}{' (--quantize needs the fused graph)' if quantized else ''}") from exc
+        return "plain", f"--onnx-graph auto: {exc}"
+
+
 class OnnxStage:
-    def __init__(self, out: Path, dtype: str, opset: int, validate: bool, graph: str = "fused",
+    def __init__(self, out: Path, dtype: str, opset: int, validate: bool, graph: str = "auto",
                  quantization: Quantization | None = None):
         check_opset(opset)
         check_dtype(dtype, None)
-        if quantization is not None and graph != "fused":
-            raise ValueError("--quantize needs --onnx-graph fused")
+        if quantization is not None and graph == "plain":
+            raise ValueError("--quantize needs the fused graph, not --onnx-graph plain")
         self.dtype, self.opset, self.validate = dtype, opset, validate
         self.graph, self.quantization = graph, quantization
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.work = tempfile.TemporaryDirectory(prefix=f".{out.name}.dense-onnx-", dir=out.parent)
+        self.work = WorkFolder(out, "dense-onnx")
         self.dense_path: Path | None = None
         self.tokenizer = None
         self.report: dict = {"opset": opset, "dtype": dtype, "validated": validate, "graph": graph,
@@ -64,12 +83,18 @@ class OnnxStage:
         """The dense graph (float: the baseline of the throughput measurement and of the parity checks)."""
         self.tokenizer = tokenizer
         dense = Path(self.work.name) / "dense"
+        self.graph, self.report["graph_reason"] = choose_graph(self.graph, model.config, self.quantization is not None)
+        self.report["graph"] = self.graph
         if self.graph == "fused":
-            from .onnx_build import build_onnx, family_of
-            family_of(model.config)  # an unsupported model is refused before the export starts
+            from .onnx_build import build_onnx
             self.dense_path = build_onnx(model, tokenizer, dense, self.dtype, opset=self.opset)
         else:
-            onnx_arch(model.config)  # an unsupported architecture is refused before the export starts
+            arch = onnx_arch(model)  # an unsupported architecture is refused before the export starts
+            self.report["genai"] = {"type": arch.genai_type, "model_type_known": arch.genai_known}
+            if not arch.genai_known:
+                self.report["genai"]["note"] = (
+                    f"onnxruntime-genai has no model type of its own that serves this graph for "
+                    f"{model.config.model_type!r}; genai_config.json uses its generic {arch.genai_type!r} type")
             self.dense_path = export_onnx(model, tokenizer, dense, self.dtype, self.opset)
         if self.validate:
             self.prompt = prompt_ids(tokenizer)

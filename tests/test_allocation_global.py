@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporter.allocation import Matrix, Profile, allocate, plan_params
-from exporter.allocation_global import DENSE, chain, greedy_ranks
+from exporter.allocation.greedy import DENSE, chain, greedy_ranks
 from exporter.calibration.sensitivity import output_gradient_sensitivity
 from exporter.compress import compress_, list_matrices
 from exporter.architectures import architecture_of

@@ -56,10 +56,12 @@ def test_budget_below_the_dense_parts_fails_clearly():
     assert ratio_for_budget(model, matrices, fixed_bytes(model, matrices) + 4 * 100) > 0.99
 
 
-def test_budget_above_the_dense_model_compresses_nothing():
+def test_budget_the_dense_model_already_meets_is_refused():
     model = tiny_model("llama")
     matrices = list_matrices(model, architecture_of(model))
-    assert ratio_for_budget(model, matrices, weight_bytes(model) + 10**6) == 0.0
+    for budget in (weight_bytes(model), weight_bytes(model) + 10**6):  # compressing would be a silent loss
+        with pytest.raises(ValueError, match="already fit, there is nothing to compress"):
+            ratio_for_budget(model, matrices, budget)
 
 
 def test_cli_ratio_and_budget_are_exclusive():

@@ -63,6 +63,17 @@ def test_generated_calibration_is_seeded():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_generation_with_the_kv_cache_matches_a_full_forward(arch):
+    """Greedy (top-k 1): every token is the argmax of a full forward over the text before it, so the
+    cached steps see the right positions and history, for every sample of the batch."""
+    model = tiny_model(arch)
+    ids = data.generate_samples(model, CharTokenizer(), samples=3, seqlen=24, seed=1, progress=False, top_k=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :128]
+    assert torch.equal(logits.argmax(-1), ids[:, 1:])
+
+
 def test_local_wikitext_files_tokenize(wikitext):
     text = data.read_text(str(wikitext / "wiki.valid.tokens"), "train")
     assert "<unk>" in text and len(text) > 100_000

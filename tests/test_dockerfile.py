@@ -41,6 +41,7 @@ def test_image_contract():
     assert "[gpu]" in installs  # the extra that brings onnxruntime-gpu
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'gpu\s*=\s*\[[^\]]*"onnxruntime-gpu', pyproject)
+    assert re.search(r'gpu\s*=\s*\[[^\]]*"onnxruntime-genai-cuda', pyproject)  # genai's CUDA build
     assert any(op == "USER" for op, _ in rows), "the image must not run as root"
 
 

@@ -109,10 +109,11 @@ def test_genai_greedy_equals_pytorch(arch, tmp_path):
 
 
 def test_unsupported_architecture_dtype_and_opset_are_refused(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
-    with pytest.raises(ValueError, match="does not handle architecture 'gpt2'"):
-        export_onnx(gpt2, char_tokenizer(), tmp_path)
+    from transformers import T5Config, T5ForConditionalGeneration
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=2)).eval()
+    with pytest.raises(ValueError, match="'t5' is an encoder-decoder"):
+        export_onnx(t5, char_tokenizer(), tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before any work
     with pytest.raises(ValueError, match="opset >= 18"):
         export_onnx(tiny_model("llama"), char_tokenizer(), tmp_path, opset=17)
     with pytest.raises(ValueError, match="float32 or float16"):
@@ -163,12 +164,20 @@ def test_cli_writes_a_validated_onnx_folder(tiny_run, tmp_path, graph):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no work folder left behind
 
 
+def test_a_bfloat16_model_gets_a_float16_graph(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*tiny_run, out, "--dtype", "bfloat16", "--skip-parity")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["dtype"]["export"] == "bfloat16" and report["onnx"]["dtype"] == "float16"
+
+
 def test_cli_errors_leave_nothing(tiny_run, tmp_path):
     out = tmp_path / "out"
     result = cli(*tiny_run, out, "--opset", "17")
     assert result.exit_code == 1 and "opset >= 18" in result.output
-    result = cli(*tiny_run, out, "--dtype", "bfloat16")
-    assert result.exit_code == 1 and "float32 or float16" in result.output
+    result = cli(*tiny_run, out, "--method", "nonsense")
+    assert result.exit_code == 2 and "nonsense" in result.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 

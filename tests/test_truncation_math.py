@@ -28,12 +28,14 @@ def activations(kind: str, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     return x * scale
 
 
-def stats_of(x: torch.Tensor) -> InputStats:
-    s = InputStats(x.shape[0], "cpu")
+def stats_of(x: torch.Tensor, tokens: bool = False) -> InputStats:
+    if tokens:  # X itself kept (fewer tokens than features)
+        s = InputStats(x.shape[0], "cpu")
+        s.add(x.T)
+        assert s.tokens is not None
+        return s
     # Summed directly in float64 (add() would take float32 per-batch products on the CPU).
-    s.gram += x @ x.T
-    s.count = x.shape[1]
-    return s
+    return InputStats.from_gram(x @ x.T, x.shape[1])
 
 
 def weight(seed=1) -> torch.Tensor:
@@ -64,14 +66,14 @@ def test_whitened_spectrum_is_the_spectrum_of_wx(kind):
     mi = MatrixInput("w", w, stats_of(x))
     ref = torch.linalg.svdvals(w @ x)
     k = min(OUT, 20)
-    assert torch.allclose(mi.whitened.s[:k], ref[:k], rtol=1e-8)
-    assert min_truncation_loss(mi.whitened.s, 8) == pytest.approx(theoretical_min(w, x, 8), rel=1e-8)
+    assert torch.allclose(mi.spectrum[:k], ref[:k], rtol=1e-8)
+    assert min_truncation_loss(mi.spectrum, 8) == pytest.approx(theoretical_min(w, x, 8), rel=1e-8)
 
 
 def test_loss_from_gram_matches_loss_from_x():
     w, x = weight(), activations("full")
     approx = w + 0.01 * weight(seed=7)
-    assert truncation_loss(w, approx, whiten(x @ x.T)) == pytest.approx(float(torch.linalg.norm((w - approx) @ x)), rel=1e-10)
+    assert truncation_loss(w, approx, torch.eye(IN, dtype=torch.float64), x @ x.T) == pytest.approx(float(torch.linalg.norm((w - approx) @ x)), rel=1e-10)
 
 
 def test_v1_cholesky_fails_on_singular_gram_and_ends_above_minimum():
@@ -126,5 +128,40 @@ def test_reported_loss_on_a_float32_accumulated_singular_gram():
     mi = MatrixInput("w", w, stats)
     rank = 29  # just below rank(X) = 30: the true loss is small next to W's never-excited components
     up, down = get_method("svd-llm-v2").factorize(mi, rank)
-    loss, best = truncation_loss(w, up @ down, stats.whitening), min_truncation_loss(mi.whitened.s, rank)
-    assert best > 0 and loss == pytest.approx(best, rel=1e-9)  # the raw-gram formula was off by 3e-4 here
+    loss, best = mi.loss(up, down), mi.min_loss(rank)
+    assert best > 0 and loss == pytest.approx(best, rel=1e-9)  # a clamped minimum was off by 2e-5 here
+    # and both describe the data: ‖WX − W'X‖ in float64 on the float32 activations the statistics came from
+    truth = float(torch.linalg.norm(w @ x.double() - up @ down @ x.double()))
+    assert loss == pytest.approx(truth, rel=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 25, 29])
+def test_kept_tokens_and_gram_give_the_same_minimal_truncation(rank):
+    """Fewer tokens than inputs (30 < 48): the tokens themselves are kept and WX is formed directly; the
+    result must be the Gram path's, at the theoretical minimum."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(IN, 30, generator=g, dtype=torch.float64) * torch.logspace(0, 1, IN, dtype=torch.float64)[:, None]
+    w = weight()
+    kept, summed = MatrixInput("w", w, stats_of(x, tokens=True)), MatrixInput("w", w, stats_of(x))
+    assert kept.stats.tokens is not None and summed.stats.tokens is None
+    best = theoretical_min(w, x, rank)
+    for mi in (kept, summed):
+        up, down = get_method("svd-llm-v2").factorize(mi, rank)
+        assert mi.loss(up, down) == pytest.approx(best, rel=1e-7, abs=1e-9)
+        assert mi.min_loss(rank) == pytest.approx(best, rel=1e-7, abs=1e-9)
+    torch.testing.assert_close(kept.spectrum[:30], summed.spectrum[:30], rtol=1e-7, atol=1e-8)
+    assert kept.spectrum[30:].abs().max() == 0 and summed.spectrum[30:].abs().max() < 1e-5  # √(rounding noise)
+
+
+def test_past_the_rank_of_x_the_kept_directions_stay_closest_to_w():
+    """Rank 40 > 30 tokens: the calibration loss is 0 whatever the last 10 directions are; they are the ones
+    that keep most of W (never further from W than the Gram path's arbitrary null-space vectors)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(IN, 30, generator=g, dtype=torch.float64)
+    w = weight()
+    mi = MatrixInput("w", w, stats_of(x, tokens=True))
+    up, down = get_method("svd-llm-v2").factorize(mi, 31)
+    assert torch.allclose(up.T @ up, torch.eye(31, dtype=torch.float64), atol=1e-10)
+    assert mi.loss(up, down) == pytest.approx(0.0, abs=1e-8)
+    gram_up, gram_down = get_method("svd-llm-v2").factorize(MatrixInput("w", w, stats_of(x)), 31)
+    assert torch.linalg.norm(w - up @ down) <= torch.linalg.norm(w - gram_up @ gram_down) + 1e-12

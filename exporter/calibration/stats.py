@@ -1,4 +1,11 @@
-"""Accumulators of linear-input statistics. Pure: tensors in, float64 sums out. No hooks here."""
+"""Accumulators of linear-input statistics. Pure: tensors in, float64 sums out. No hooks here.
+
+X (n×N) enters batch by batch. Everything the factorizations need is a function of C = X Xᵀ, but while
+fewer tokens than input features have been seen (N ≤ n: few calibration tokens on a wide layer, the CPU
+setting) X itself is the smaller object and makes every product cheaper (WX is m×N instead of W C being
+m×n): the tokens are then kept as they are and folded into C only when N passes n, or when a method asks
+for C.
+"""
 from __future__ import annotations
 
 from functools import cached_property
@@ -9,41 +16,81 @@ from ..linalg import Whitening, whiten
 
 
 class InputStats:
-    """Statistics of one linear input X (in×N) summed over all calibration tokens, in float64.
+    """Statistics of one linear input X (n×N) over all calibration tokens, in float64.
 
-    gram = X Xᵀ always. Optional, when a method asks: abs_sum (Σ|x|, ASVD), and for adaComp the
-    statistics pairing the propagated input X_c with the original input X_o of the same tokens:
+    gram = X Xᵀ (or `tokens` = Xᵀ while N ≤ n). Optional, when a method asks: abs_sum (Σ|x|, ASVD), and for
+    adaComp the statistics pairing the propagated input X_c with the original input X_o of the same tokens:
     cross = X_c X_oᵀ and gram_orig = X_o X_oᵀ.
     """
 
-    def __init__(self, dim: int, device, abs_mean: bool = False, cross: bool = False):
-        self.dim, self.count = dim, 0
+    def __init__(self, dim: int, device, abs_mean: bool = False, cross: bool = False, keep_tokens: bool = True):
+        self.dim, self.count, self.device = dim, 0, device
         f64 = dict(dtype=torch.float64, device=device)
-        self.gram = torch.zeros(dim, dim, **f64)
+        self._sum: torch.Tensor | None = None  # Σ X Xᵀ over the batches folded so far
+        self._tokens: list[torch.Tensor] | None = [] if keep_tokens and not cross else None
         self.abs_sum = torch.zeros(dim, **f64) if abs_mean else None
         self.cross = torch.zeros(dim, dim, **f64) if cross else None
         self.gram_orig = torch.zeros(dim, dim, **f64) if cross else None
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, count: int) -> "InputStats":
+        """Statistics given as C = X Xᵀ directly (tests, synthetic inputs)."""
+        stats = cls(gram.shape[0], gram.device, keep_tokens=False)
+        stats._sum, stats.count = gram.to(torch.float64), count
+        return stats
 
     @staticmethod
     def _product_dtype(x: torch.Tensor) -> torch.dtype:
         # Per-batch products in float32 on the CPU (float64 GEMMs are slow there); float64 on GPUs.
         return torch.float32 if x.device.type == "cpu" else torch.float64
 
+    def _fold(self, x: torch.Tensor) -> None:
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
+        xt = x.to(self._product_dtype(x))
+        self._sum += (xt.T @ xt).to(torch.float64)
+
     def add(self, x: torch.Tensor, x_orig: torch.Tensor | None = None) -> None:
         dt = self._product_dtype(x)
-        x = x.reshape(-1, self.dim).to(dt)
+        x = x.reshape(-1, self.dim)
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite calibration activations (NaN/Inf): the model overflowed in its dtype")
-        self.gram += (x.T @ x).to(torch.float64)
+        if self._tokens is not None and self.count + x.shape[0] <= self.dim:
+            self._tokens.append(x.to(torch.float64))
+        else:
+            if self._tokens is not None:  # more tokens than features: C is the smaller object from now on
+                for kept in self._tokens:
+                    self._fold(kept)
+                self._tokens = None
+            self._fold(x)
         self.count += x.shape[0]
         if self.abs_sum is not None:
-            self.abs_sum += x.abs().sum(0).to(torch.float64)
+            self.abs_sum += x.to(dt).abs().sum(0).to(torch.float64)
         if self.cross is not None:
             if x_orig is None:
                 raise ValueError("cross statistics need the original input of the same tokens")
-            xo = x_orig.reshape(-1, self.dim).to(dt)
-            self.cross += (x.T @ xo).to(torch.float64)
+            xc, xo = x.to(dt), x_orig.reshape(-1, self.dim).to(dt)
+            self.cross += (xc.T @ xo).to(torch.float64)
             self.gram_orig += (xo.T @ xo).to(torch.float64)
+
+    @cached_property
+    def tokens(self) -> torch.Tensor | None:
+        """Xᵀ (N×n, float64) while N ≤ n, else None (only C was kept)."""
+        if self._tokens is None:
+            return None
+        if not self._tokens:
+            raise ValueError("no calibration tokens were observed")
+        return torch.cat(self._tokens)
+
+    @cached_property
+    def gram(self) -> torch.Tensor:
+        """C = X Xᵀ (n×n, float64)."""
+        if self._tokens is not None:
+            x = self.tokens
+            return x.T @ x
+        if self._sum is None:
+            raise ValueError("no calibration tokens were observed")
+        return self._sum
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -57,3 +104,9 @@ class InputStats:
     def whitening(self) -> Whitening:
         # One eigendecomposition per distinct input, shared by q/k/v (and gate/up).
         return whiten(self.gram)
+
+    @cached_property
+    def root(self) -> torch.Tensor:
+        """S with S Sᵀ = X Xᵀ (n×n), shared by the linears of this input whose output side is the larger."""
+        wh = self.whitening
+        return wh.basis * wh.sqrt_eig

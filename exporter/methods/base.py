@@ -14,20 +14,94 @@ from typing import ClassVar
 import torch
 
 from ..calibration.stats import InputStats
-from ..linalg import WhitenedSVD, whitened_svd
+from ..linalg import descending_eigh, descending_eigvalsh, output_gram, symmetric, truncation_loss
 
 
 @dataclass
 class MatrixInput:
-    """One weight to factorize and what was observed about its input."""
+    """One weight to factorize and what was observed about its input. The expensive products are cached
+    here so that the spectrum (for the report and allocations), the loss-optimal directions and the loss of
+    the stored factors share them.
+
+    Everything below is (WX)(WX)ᵀ seen through its smallest Gram: W C Wᵀ (m×m) when m is the smallest side;
+    else DᵀD for a factor D with D Dᵀ = W C Wᵀ — D = WX (m×N) when the tokens were kept (N ≤ n), or
+    D = W S (m×n) with S Sᵀ = C shared by the linears of one input."""
     name: str
     weight: torch.Tensor  # out×in, float64, on the compute device
     stats: InputStats
 
     @cached_property
-    def whitened(self) -> WhitenedSVD:
-        """SVD of W·U_s·√S_s (computed once, shared by the loss report and the methods that use it)."""
-        return whitened_svd(self.weight, self.stats.whitening)
+    def factor(self) -> torch.Tensor | None:
+        """D with D Dᵀ = (WX)(WX)ᵀ, or None when the m×m Gram W C Wᵀ is the smallest object."""
+        m, n = self.weight.shape
+        if self.stats.tokens is not None:
+            return self.weight @ self.stats.tokens.T
+        return None if m <= n else self.weight @ self.stats.root
+
+    @cached_property
+    def weight_gram(self) -> torch.Tensor:
+        """W·C (m×n): the one m·n² product of the Gram path."""
+        return self.weight @ self.stats.gram
+
+    @cached_property
+    def _small_gram(self) -> tuple[torch.Tensor, bool]:
+        """(the smallest Gram of WX, whether it is the output-side one D Dᵀ = W C Wᵀ)."""
+        d = self.factor
+        if d is None:
+            return output_gram(self.weight, self.stats.gram, self.weight_gram), True
+        if d.shape[0] <= d.shape[1]:
+            return symmetric(d @ d.T), True
+        return symmetric(d.T @ d), False
+
+    @cached_property
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return descending_eigh(self._small_gram[0])
+
+    @cached_property
+    def spectrum(self) -> torch.Tensor:
+        """σ(WX), descending, length min(m, n): the truncation-loss spectrum (zeros past rank(WX)).
+        Eigenvalues only, unless the eigenvectors were already computed."""
+        values = self._eigh[0] if "_eigh" in self.__dict__ else descending_eigvalsh(self._small_gram[0])
+        size = min(self.weight.shape)
+        values = torch.cat([values, values.new_zeros(max(size - len(values), 0))])
+        return values[:size].sqrt()
+
+    def top_directions(self, rank: int) -> torch.Tensor:
+        """P_r: the top-`rank` left singular vectors of WX (m×rank, orthonormal). Past the numerical rank of
+        WX every direction costs nothing on the calibration data; those kept are the ones that keep most of
+        W, so W' = P_r P_rᵀ W is never further from W than it has to be."""
+        values, vectors = self._eigh
+        sigma = values[:rank].sqrt()
+        live = int((sigma > sigma[0] * torch.finfo(torch.float64).eps ** 0.5).sum()) if len(sigma) else 0
+        if self._small_gram[1]:
+            p = vectors[:, :live]
+        else:  # lift from the input side: P = D V / σ
+            p = (self.factor @ vectors[:, :live]) / sigma[:live]
+        if live < rank:
+            rest = self.weight - p @ (p.T @ self.weight)
+            p = torch.cat([p, torch.linalg.svd(rest, full_matrices=False)[0][:, : rank - live]], dim=1)
+        return p
+
+    @cached_property
+    def _energy(self) -> float:
+        """‖WX‖²_F = tr(W C Wᵀ), from the same data as loss()."""
+        if self.stats.tokens is not None:
+            return float(self.factor.square().sum())
+        return float((self.weight_gram * self.weight).sum())
+
+    def min_loss(self, rank: int) -> float:
+        """The theoretical minimum √Σ_{i>r} σ_i(WX)², as √(‖WX‖² − Σ_{i≤r} σ_i²) from the same raw statistics as
+        loss(): when few calibration tokens leave C singular, its rounding noise then cancels between the
+        two instead of telling them apart."""
+        kept = float(self.spectrum[:rank].to(torch.float64).square().sum())
+        return max(self._energy - kept, 0.0) ** 0.5
+
+    def loss(self, up: torch.Tensor, down: torch.Tensor) -> float:
+        """‖WX − up·down·X‖_F for the factors as given (pass them as stored)."""
+        if self.stats.tokens is not None:
+            approx = up.to(torch.float64) @ (down.to(torch.float64) @ self.stats.tokens.T)
+            return float(torch.linalg.norm(self.factor - approx))
+        return truncation_loss(self.weight, up, down, self.stats.gram, self.weight_gram)
 
 
 class Method:

@@ -1,13 +1,12 @@
 """SVD-LLM V2 loss-optimized truncation (paper Alg. 2, Thm 3.1).
 
-C = U_s S_s U_sᵀ (eigendecomposition, any PSD C); D = W U_s √S_s = U_ws S_ws V_wsᵀ;
-W' = U_ws Trunc_r(S_ws) V_wsᵀ √S_s⁻¹ U_sᵀ. Its loss ‖WX − W'X‖_F equals the theoretical minimum
-√Σ_{i>r} σ_i(WX)² — no positive-definiteness needed. Directions where X Xᵀ has (numerically) zero
-energy get a pseudo-inverse (0): nothing was observed there, so W' maps them to 0.
+W' = P_r P_rᵀ W with P_r the top-r left singular vectors of WX (exporter/linalg.py explains why this is
+the paper's truncation computed through one min(m, n)-sized eigendecomposition). Its loss ‖WX − W'X‖_F
+equals the theoretical minimum √Σ_{i>r} σ_i(WX)² for any positive semi-definite X Xᵀ, singular included.
+Factors: up = P_r (orthonormal columns), down = P_rᵀ W.
 """
 from __future__ import annotations
 
-from ..linalg import split_factors
 from .base import MatrixInput, Method, register
 
 
@@ -19,7 +18,5 @@ class SVDLLMV2(Method):
         pass
 
     def factorize(self, m: MatrixInput, rank: int):
-        wh, d = m.stats.whitening, m.whitened
-        up, down = split_factors(d.u, d.s, d.vh, rank)
-        down = (down * wh.inv_sqrt_eig) @ wh.basis.T
-        return up, down
+        directions = m.top_directions(rank)
+        return directions, directions.T @ m.weight

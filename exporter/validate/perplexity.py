@@ -26,14 +26,27 @@ def torch_logits(model) -> LogitsFn:
     return run
 
 
-def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str = "perplexity",
-               progress: bool = True) -> float:
+def eval_windows(tokens: torch.Tensor, seqlen: int) -> list[torch.Tensor]:
+    """The non-overlapping windows [1, seqlen] perplexity is computed on (a trailing remainder is dropped)."""
     windows = tokens.numel() // seqlen
     if windows == 0:
         raise ValueError(f"the evaluation data has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return [tokens[w * seqlen:(w + 1) * seqlen].unsqueeze(0) for w in range(windows)]
+
+
+def streamed_logits(model, arch, final_hidden: list[torch.Tensor], device) -> LogitsFn:
+    """Logits of each evaluation window from its last decoder layer's output (the layer-by-layer loop),
+    in window order: `perplexity` asks for the windows in order, once each."""
+    from ..stream.head import head_logits
+    remaining = iter(final_hidden)
+    return lambda ids: head_logits(model, arch, next(remaining), ids, device)
+
+
+def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str = "perplexity",
+               progress: bool = True) -> float:
+    windows = eval_windows(tokens, seqlen)
     nll, count = 0.0, 0
-    for w in tqdm(range(windows), desc=desc, unit="window", disable=not progress):
-        ids = tokens[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
+    for w, ids in enumerate(tqdm(windows, desc=desc, unit="window", disable=not progress)):
         logits = logits_fn(ids)[0, :-1].float()
         loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
         if not torch.isfinite(loss):  # never skipped (SVD-LLM silently dropped NaN batches)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocation import Matrix, Profile
+from .plan import Matrix, Profile
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,324 @@
+"""Everything that can be checked before a weight is loaded, so that a bad argument costs seconds, not the
+run: output path, data files, options that do not apply, opset, device, network, and — from the model's
+config.json alone — its architecture, positions and (for --budget) its dense size."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
+
+import torch
+
+from .config import RunConfig
+from .output_dir import check_out_path
+
+NETWORK_TIMEOUT_S = 3.0
+
+
+class PreflightError(ValueError):
+    pass
+
+
+def preflight(config: RunConfig, overwrite: bool = False) -> None:
+    """Raise one clear error for the first problem found; change nothing on disk."""
+    check_output(config.out, overwrite)
+    check_options(config)
+    for flag, source in (("--calib-data", config.calibration.source),
+                         ("--eval-data", config.evaluation.source if config.evaluation else None)):
+        check_data_source(flag, source)
+    if "onnx" in config.formats:
+        check_opset_supported(config.opset)
+    check_device(config.device)
+    model_config, location = model_config_of(config.model, needs_wikitext=uses_wikitext(config),
+                                             full=config.compression.budget_bytes is not None)
+    check_not_inside_model(Path(config.out), location)
+    check_model_config(config, model_config)
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+def check_output(out: str, overwrite: bool) -> None:
+    path = check_out_path(out)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {path} exists and is not empty (use --overwrite)")
+    ancestor = path.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PreflightError(f"--out {out}: {ancestor} is a file, not a folder")
+    try:  # the real test (permissions, read-only mounts, root): create and remove a file there
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PreflightError(f"--out {out}: cannot write in {ancestor} ({exc.strerror})") from exc
+
+
+def check_not_inside_model(out: Path, model_location: Path | None) -> None:
+    """--overwrite into (or around) the input model would delete it while it is being read."""
+    if model_location is None:
+        return
+    out, model = out.resolve(), model_location.resolve()
+    if out == model or model in out.parents or out in model.parents:
+        raise PreflightError(f"--out {out} overlaps the input model folder {model}: write the result elsewhere")
+
+
+# --- options -------------------------------------------------------------------------------------------
+
+def check_options(config: RunConfig) -> None:
+    """Options that cannot apply to this configuration (visible from the config values alone)."""
+    c = config.compression
+    if c.min_retention is not None and c.allocation_name != "adacr":
+        raise PreflightError(f"--min-retention is adaCR's minimum retention; allocation {c.allocation_name!r} "
+                             "ignores it (use --allocation adacr or drop --min-retention)")
+    if c.method == "adasvd" and c.propagation != "compressed":
+        raise PreflightError("--method adasvd needs --propagate compressed (adaComp pairs the inputs of the "
+                             "original and the compressed layers)")
+    unknown = set(config.formats) - {"safetensors", "onnx"}
+    if unknown:
+        raise PreflightError(f"unknown --format {sorted(unknown)[0]!r}; choose from safetensors, onnx")
+    if "throughput" in config.validations and "onnx" not in config.formats:
+        raise PreflightError("--validate throughput measures the ONNX export: add --format onnx")
+    if config.calibration.allow_overlap and config.calibration.source == "generated":
+        raise PreflightError("--calib-overlap applies to text files and wikitext2; generated samples never overlap")
+
+
+def uses_wikitext(config: RunConfig) -> bool:
+    return "wikitext2" in (config.calibration.source, config.evaluation.source if config.evaluation else None)
+
+
+def check_data_source(flag: str, source: str | None) -> None:
+    from .calibration.data import SOURCES, DataError, check_text_file
+
+    if source is None or source in SOURCES:
+        return
+    try:
+        check_text_file(source)
+    except DataError as exc:
+        raise PreflightError(f"{flag}: {exc}") from exc
+
+
+def check_opset_supported(opset: int) -> None:
+    """The opset the exporter needs (>= 18) and one this ONNX Runtime can run: asked from ORT itself."""
+    from .onnx_export import check_opset
+
+    check_opset(opset)
+    if not _ort_runs_opset(opset):
+        import onnxruntime
+
+        highest = max(v for v in range(18, opset) if _ort_runs_opset(v)) if _ort_runs_opset(18) else None
+        raise PreflightError(f"--opset {opset}: ONNX Runtime {onnxruntime.__version__} does not support it"
+                             + (f" (highest: {highest})" if highest else ""))
+
+
+def _ort_runs_opset(opset: int) -> bool:
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    try:
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 — ORT raises its own Fail/InvalidGraph types
+        return False
+    return True
+
+
+def check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise PreflightError(f"--device {device!r} is not a device (cpu, cuda, cuda:0, ...)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PreflightError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+
+
+# --- the model, from its config ------------------------------------------------------------------------
+
+def hub_reachable(timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub endpoint, a few seconds at most: huggingface_hub would instead retry
+    every request for a minute, printing each retry. Behind a proxy the direct connection proves nothing:
+    then the hub is assumed reachable and huggingface_hub's own errors apply."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def go_offline() -> None:
+    """Make huggingface_hub, transformers and datasets use their local caches only, without retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+        datasets.config.HF_HUB_OFFLINE = True
+        datasets.config.HF_DATASETS_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def model_config_of(spec: str, needs_wikitext: bool = False, full: bool = False):
+    """(config, local folder or None) of --model, reading config.json / the GGUF header only. A hub id is
+    looked up once: with no network it must be in the local cache, else one error line. For a GGUF file
+    the config is the header's architecture and context length unless `full` (transformers' GGUF config
+    parses the whole tokenizer: seconds)."""
+    from transformers import AutoConfig
+
+    from .checks import check_gguf_file
+    from .models import ModelLoadError, resolve
+
+    try:
+        source = resolve(spec)
+    except ModelLoadError as exc:
+        raise PreflightError(str(exc)) from exc
+    local = Path(source.location)
+    if source.gguf_file:
+        header = check_gguf_file(local / source.gguf_file)
+        if needs_wikitext:
+            check_network()
+        if full:
+            return _config(AutoConfig, spec, source.location, gguf_file=source.gguf_file), local
+        return gguf_config(header), local
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise PreflightError(f"--model {spec}: the folder has no config.json, it is not a Hugging Face model")
+        if needs_wikitext:
+            check_network()
+        return _config(AutoConfig, spec, source.location), local
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith("/") or spec.count("/") > 1:
+        raise PreflightError(f"--model {spec}: no such model folder")
+    online = check_network()
+    try:
+        return _config(AutoConfig, spec, source.location, local_files_only=not online), None
+    except PreflightError as exc:
+        if online:
+            raise
+        raise PreflightError(f"--model {spec} ({source.location}) is not in the local Hugging Face cache and "
+                             f"{offline_reason()}: connect, or give a local folder or .gguf file") from exc
+
+
+_DETECTED = {"offline": False}  # True once hub_reachable() failed in this process
+
+
+def offline_reason() -> str:
+    return "the hub cannot be reached (no network)" if _DETECTED["offline"] else "HF_HUB_OFFLINE is set"
+
+
+def check_network() -> bool:
+    """True when the hub may be used. Offline (HF_HUB_OFFLINE, or no connection): caches only, from now on."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        go_offline()
+        return False
+    if not hub_reachable():
+        _DETECTED["offline"] = True
+        go_offline()
+        return False
+    return True
+
+
+def gguf_config(header: dict) -> SimpleNamespace:
+    """The two fields preflight needs, from a GGUF header: model_type and max_position_embeddings."""
+    arch = header.get("general.architecture", "?")
+    return SimpleNamespace(model_type=arch, max_position_embeddings=header.get(f"{arch}.context_length"))
+
+
+def _config(auto_config, spec: str, location: str, **kwargs):
+    try:
+        return auto_config.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PreflightError(f"--model {spec}: cannot read its config ({first})") from exc
+
+
+def check_model_config(config: RunConfig, model_config) -> None:
+    """The architecture from its config alone: a meta-device skeleton must be a causal LM whose decoder
+    layers discovery finds (the input groups need a forward, later). A GGUF header is checked by its load."""
+    if not isinstance(model_config, SimpleNamespace):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from .discovery import DiscoveryError, check_causal_lm, find_decoder_layers
+        try:
+            with init_empty_weights(include_buffers=False):
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+            check_causal_lm(skeleton)
+            find_decoder_layers(skeleton)
+        except (DiscoveryError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PreflightError(f"--model {config.model}: {first}") from exc
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and config.calibration.seqlen > positions:
+        raise PreflightError(f"--calib-seqlen {config.calibration.seqlen} exceeds the model's "
+                             f"{positions} positions (max_position_embeddings)")
+    if config.compression.budget_bytes is not None:
+        check_budget(config, model_config)
+
+
+def check_budget(config: RunConfig, model_config) -> None:
+    """A budget the dense model already meets compresses nothing: refused (measured on a meta skeleton
+    built from the config, no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .budget import ratio_for_budget
+    from .discovery import linears_only
+    from .experts import unfuse_experts
+    from .compress import list_matrices
+    from .models import parse_dtype
+
+    # counted in the export dtype: --dtype, else the checkpoint's (a GGUF is de-quantized to float32)
+    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    dtype = parse_dtype(config.dtype) if config.dtype else (
+        stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    unfuse_experts(skeleton)  # MoE experts count as the per-expert linears they are compressed as
+    ratio_for_budget(skeleton, list_matrices(skeleton, linears_only(skeleton), config.compression.skip),
+                     config.compression.budget_bytes, dtype)
+
+
+# --- flags the user gave that do not apply (the CLI knows which were given) ----------------------------
+
+ONLY_WITH = {  # option -> (applies?, what it needs)
+    "opset": (lambda c: "onnx" in c.formats, "--format onnx"),
+    "skip_parity": (lambda c: "onnx" in c.formats, "--format onnx"),
+    "onnx_graph": (lambda c: "onnx" in c.formats, "--format onnx"),
+    "quantize": (lambda c: "onnx" in c.formats, "--format onnx"),
+    "block_size": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
+    "adacomp_iterations": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
+    "adacomp_strength": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
+    "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
+    "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
+    "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),
+}
+
+
+def check_flags_apply(given: set[str], config: RunConfig) -> None:
+    """An option the user typed that this run would ignore is an error, never silently dropped."""
+    for name in sorted(given & ONLY_WITH.keys()):
+        applies, needs = ONLY_WITH[name]
+        if not applies(config):
+            raise PreflightError(f"--{name.replace('_', '-')} only applies with {needs}")
+    check_options(config)
