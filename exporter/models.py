@@ -144,11 +144,12 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def open_source(spec: str, dtype: str | None = None, device: str | None = None, whole_model: str | None = None):
+def open_source(spec: str, dtype: str | None = None, device: str | None = None, whole_model=None):
     """The model as a layer source. A checkpoint folder (or hub id) is streamed one decoder layer at a time
     unless `whole_model` says why a stage needs it all in memory (FWSVD, the gradient allocations, generated
-    text); that is refused with one line when it does not fit. A GGUF file is always loaded whole
-    (transformers de-quantizes it on load). -> (LayerSource, tokenizer, ModelSource, export dtype)."""
+    text; a callable gets the checkpoint's config and says it or None); that is refused with one line when it
+    does not fit. A GGUF file is always loaded whole (transformers de-quantizes it on load).
+    -> (LayerSource, tokenizer, ModelSource, export dtype)."""
     from transformers import AutoTokenizer
 
     from .checks import check_checkpoint_files
@@ -162,7 +163,11 @@ def open_source(spec: str, dtype: str | None = None, device: str | None = None, 
         return ResidentSource(model, target), tokenizer, source, next(model.parameters()).dtype
     folder = local_folder(source)
     check_checkpoint_files(folder)  # a truncated or corrupt file: one line naming it, before any work
-    whole_model = whole_model or not_streamable(skeleton_of(folder))
+    skeleton = skeleton_of(folder)
+    if callable(whole_model):
+        whole_model = whole_model(skeleton.config)
+    whole_model = whole_model or not_streamable(skeleton)
+    del skeleton
     if whole_model:
         files = TensorFiles(folder)
         held = torch.float32 if target.type == "cpu" else (parse_dtype(dtype) if dtype else files.float_dtype())

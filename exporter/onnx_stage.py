@@ -78,16 +78,20 @@ class OnnxStage:
                               "symmetric": quantization.symmetric, "accuracy_level": quantization.accuracy_level,
                               "lm_head_bits": quantization.head().bits}}
         self.prompt: torch.Tensor | None = None
+        self.streamed, self.progress = False, True
 
-    def export_dense(self, model, tokenizer) -> None:
-        """The dense graph (float: the baseline of the throughput measurement and of the parity checks)."""
+    def export_dense(self, model, tokenizer, source=None) -> None:
+        """The dense graph (float: the baseline of the throughput measurement and of the parity checks).
+        `source`: a streamed layer source: the graph is written one decoder layer at a time."""
         self.tokenizer = tokenizer
         dense = Path(self.work.name) / "dense"
         self.graph, self.report["graph_reason"] = choose_graph(self.graph, model.config, self.quantization is not None)
         self.report["graph"] = self.graph
+        self.streamed = source is not None and source.streamed
         if self.graph == "fused":
-            from .onnx_build import build_onnx
-            self.dense_path = build_onnx(model, tokenizer, dense, self.dtype, opset=self.opset)
+            self.dense_path = self._build(model, source if self.streamed else None, dense, None, "onnx (dense)")
+        elif self.streamed:  # pipeline.whole_model_reason loads the whole model for a plain graph
+            raise RuntimeError("the plain ONNX export traces the whole model; it cannot run on a streamed source")
         else:
             arch = onnx_arch(model)  # an unsupported architecture is refused before the export starts
             self.report["genai"] = {"type": arch.genai_type, "model_type_known": arch.genai_known}
@@ -98,23 +102,44 @@ class OnnxStage:
             self.dense_path = export_onnx(model, tokenizer, dense, self.dtype, self.opset)
         if self.validate:
             self.prompt = prompt_ids(tokenizer)
-            self.report["parity"] = {"dense": parity(model, OrtDecoder.load(self.dense_path), self.prompt, self.dtype)}
+            self.report["parity"] = {"dense": self._parity(model, source, OrtDecoder.load(self.dense_path))}
+
+    def _build(self, model, source, folder: Path, quantization, desc: str) -> Path:
+        """The fused graph: from a resident model, or layer by layer from a streamed source."""
+        from .onnx_build import FusedDecoderWriter, build_onnx
+        if source is None:
+            return build_onnx(model, self.tokenizer, folder, self.dtype, quantization, self.opset)
+        writer = FusedDecoderWriter(model.config, folder, self.dtype, quantization, self.opset)
+        writer.add_outside(model)
+        for index, layer in source.layers(0, desc if self.progress else None):
+            writer.add_layer(index, layer)
+        return writer.finish(self.tokenizer, getattr(model, "generation_config", None))
+
+    def _parity(self, model, source, decoder: OrtDecoder, reference=None, int8_activations: bool = False) -> dict:
+        if self.streamed:
+            from .validate.streamed_parity import streamed_parity
+            return streamed_parity(source, decoder, self.prompt, self.dtype)
+        return parity(reference or model, decoder, self.prompt, self.dtype, int8_activations=int8_activations)
 
     def finish(self, model, folder: Path, perplexities: dict | None, eval_ids=None, window: int = 0,
-               progress: bool = True, keep_dense: bool = False) -> dict:
+               progress: bool = True, keep_dense: bool = False, source=None) -> dict:
         """Write the compressed model.onnx into `folder`; validate; return the report's `onnx` entry.
         Adds `onnx_dense` / `onnx_compressed` to `perplexities` (the report's perplexity block).
-        keep_dense: the dense graph stays for a later measurement (throughput) until cleanup()."""
+        keep_dense: the dense graph stays for a later measurement (throughput) until cleanup().
+        source: the streamed source; the compressed layers are then read back from `folder`'s safetensors."""
         try:
+            written = None
+            if self.streamed:
+                from .source import WrittenSource
+                written = WrittenSource(source, folder)
             if self.graph == "fused":
-                from .onnx_build import build_onnx
-                path = build_onnx(model, self.tokenizer, folder, self.dtype, self.quantization, self.opset)
+                path = self._build(model, written, folder, self.quantization, "onnx (compressed)")
                 count = sum(isinstance(m, LowRankLinear) for m in model.modules())
             else:
                 path, count = export_compressed(self.dense_path, model, folder)
             self.report.update(file=path.name, rewritten_linears=count)
             if self.validate:
-                self._validate(model, path, perplexities, eval_ids, window, progress)
+                self._validate(model, written, path, perplexities, eval_ids, window, progress)
             return self.report
         except BaseException:
             self.cleanup()
@@ -126,22 +151,29 @@ class OnnxStage:
     def cleanup(self) -> None:
         self.work.cleanup()
 
-    def _validate(self, model, path: Path, perplexities, eval_ids, window, progress) -> None:
-        compressed = OrtDecoder.load(path)
-        reference, q = model, self.quantization
-        if q is not None:  # PyTorch with the same rounded weights: only the activations' rounding differs
+    def _validate(self, model, written, path: Path, perplexities, eval_ids, window, progress) -> None:
+        compressed = OrtDecoder.load(path)  # one ORT session at a time: a big model's graph is held once
+        q = self.quantization
+        if q is None:
+            self.report["parity"]["compressed"] = self._parity(model, written, compressed)
+        elif self.streamed:  # its reference would be a rounded copy of the whole model
+            self.report["parity"]["compressed_not_checked"] = (
+                "a quantized graph of a streamed model is not compared with PyTorch (the reference with the same "
+                "rounded weights needs the whole model); its ORT perplexity is reported")
+        else:  # PyTorch with the same rounded weights: only the activations' rounding differs
             from .onnx_build.quantize import round_like_export
-            reference = round_like_export(model, q)
-        self.report["parity"]["compressed"] = parity(reference, compressed, self.prompt, self.dtype,
-                                                     int8_activations=q is not None and q.accuracy_level == 4)
-        del reference
+            self.report["parity"]["compressed"] = self._parity(model, None, compressed, round_like_export(model, q),
+                                                               int8_activations=q.accuracy_level == 4)
         self.report["provider"] = compressed.provider
         failures = [f"{kind} logits/greedy parity (max |diff| {p['max_abs_diff']:.3g}, top-1 {p['top1_agreement']:.3f},"
                     f" greedy equal {p['greedy']['equal']})"
-                    for kind, p in self.report["parity"].items() if not p["passed"]]
+                    for kind, p in self.report["parity"].items() if isinstance(p, dict) and not p["passed"]]
         if eval_ids is not None and perplexities is not None:
-            for kind, decoder in (("dense", OrtDecoder.load(self.dense_path)), ("compressed", compressed)):
+            for kind in ("compressed", "dense"):
+                decoder = compressed if kind == "compressed" else OrtDecoder.load(self.dense_path)
+                compressed = None
                 ppl = perplexity(decoder.logits_fn(), eval_ids, window, f"perplexity (onnx {kind})", progress)
+                del decoder
                 perplexities[f"onnx_{kind}"] = ppl
                 rel = abs(ppl - perplexities[kind]) / perplexities[kind]
                 if kind == "compressed" and self.quantization is not None:

@@ -58,16 +58,20 @@ def peak_memory() -> dict:
     return peak
 
 
-def whole_model_reason(config: RunConfig) -> str | None:
-    """Why this run needs the whole model in memory at once (None: it streams one decoder layer at a time)."""
+def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
+    """Why this run needs the whole model in memory at once (None: it streams one decoder layer at a time).
+    `model_config`: the checkpoint's config, for what depends on the family (the ONNX graph)."""
     if config.compression.method == "fwsvd":
         return "FWSVD's Fisher information is a backward pass of the whole model"
     if "sensitivity" in allocation_needs(config.compression.allocation_name):
         return f"the {config.compression.allocation_name} allocation needs a backward pass of the whole model"
     if config.calibration.source == "generated" or (config.evaluation and config.evaluation.source == "generated"):
         return "'generated' data is written by the whole model, token by token"
-    if "onnx" in config.formats:
-        return "the ONNX export traces the whole model"
+    if "onnx" in config.formats and model_config is not None:
+        from .onnx_stage import choose_graph
+        graph, why = choose_graph(config.onnx_graph, model_config, config.quantize is not None)
+        if graph == "plain":  # the fused graph is written layer by layer; the plain one is traced whole
+            return f"the plain ONNX export traces the whole model ({why})"
     return None
 
 
@@ -112,7 +116,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     timer = Timer()
     with timer("load"):
         source, tokenizer, origin, export_dtype = open_source(config.model, config.dtype, config.device,
-                                                              whole_model=whole_model_reason(config))
+                                                              whole_model=lambda c: whole_model_reason(config, c))
     model = source.model
     dense_total = count_params(model)
     report: dict = {"tool": f"svd-export {__version__}", "model": config.model, "source": origin.describe(),
@@ -129,12 +133,13 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         eval_batches = eval_windows(eval_ids, window)
 
     onnx_stage = None
-    if "onnx" in config.formats:  # the dense graph, exported once; the compressed one is a rewrite of it
+    if "onnx" in config.formats:  # the dense graph first: the baseline of parity and throughput
         from .onnx_stage import OnnxStage, onnx_dtype
         onnx_stage = OnnxStage(out, onnx_dtype(export_dtype), config.opset, config.parity, config.onnx_graph,
                                quantization)
+        onnx_stage.progress = progress
         with timer("onnx_export"):
-            onnx_stage.export_dense(model, tokenizer)
+            onnx_stage.export_dense(model, tokenizer, source)
 
     cal = config.calibration
     with timer("calibration_data"):
@@ -193,7 +198,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         if onnx_stage is not None:
             with timer("onnx"):
                 report["onnx"] = onnx_stage.finish(model, tmp, ppl or None, eval_ids, window, progress,
-                                                   keep_dense="throughput" in config.validations)
+                                                   keep_dense="throughput" in config.validations, source=source)
         if "throughput" in config.validations:  # against the dense graph exported above, then dropped
             from .bench import measure_folder
             with timer("throughput"):

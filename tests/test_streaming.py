@@ -92,6 +92,52 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, text, monkeypatch):
     assert all(real == [] for _, real in seen), seen  # every other layer was back on `meta`
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(tmp_path, text, arch, monkeypatch):
+    """--format onnx on a streamed checkpoint: both fused graphs are written one decoder layer at a time (never
+    two real layers), validated by streamed parity, and the compressed graph is the one a resident run writes."""
+    import numpy as np
+    import onnx
+    from onnx.numpy_helper import to_array
+
+    from exporter.discovery import find_decoder_layers
+    from exporter.source import WrittenSource
+
+    model_dir = tiny_model_dir(arch, tmp_path / "model")
+    seen = []
+
+    def checked(original):
+        def materialize(self, i):
+            layers = self.model.get_submodule(find_decoder_layers(self.model))
+            seen.append([j for j, layer in enumerate(layers) if any(p.device.type != "meta" for p in layer.parameters())])
+            return original(self, i)
+        return materialize
+
+    for cls in (CheckpointSource, WrittenSource):
+        monkeypatch.setattr(cls, "materialize", checked(cls.materialize))
+    cfg = config(model_dir, tmp_path / "out", text)
+    cfg = RunConfig(**{**cfg.__dict__, "formats": ("safetensors", "onnx")})
+    report = run(cfg, progress=False, echo=lambda *_: None)
+    assert report["streamed"] and report["onnx"]["graph"] == "fused"
+    assert all(real == [] for real in seen), seen
+    assert len(seen) == 1 + 2 + 2 + 2 + 2 + 2  # discovery; dense ONNX, its parity; compression; compressed ONNX, parity
+    for kind in ("dense", "compressed"):
+        parity = report["onnx"]["parity"][kind]
+        assert parity["passed"] and parity["mode"].startswith("streamed") and parity["greedy"]["equal"], parity
+        assert report["perplexity"][f"onnx_{kind}"] == pytest.approx(report["perplexity"][kind], rel=1e-4)
+    assert report["onnx"]["rewritten_linears"] == len(report["layers"])
+
+    from exporter.onnx_build import build_onnx
+    from transformers import AutoTokenizer
+    model = load_compressed(tmp_path / "out")
+    resident = build_onnx(model, AutoTokenizer.from_pretrained(model_dir), tmp_path / "resident")
+    streamed, direct = (onnx.load(str(f)) for f in (tmp_path / "out" / "model.onnx", resident))
+    assert [n.op_type for n in streamed.graph.node] == [n.op_type for n in direct.graph.node]
+    weights = {t.name: to_array(t, base_dir=str(resident.parent)) for t in direct.graph.initializer}
+    for t in streamed.graph.initializer:
+        np.testing.assert_array_equal(to_array(t, base_dir=str(tmp_path / "out")), weights[t.name], err_msg=t.name)
+
+
 def test_resume_after_a_kill_gives_the_same_artifacts(tmp_path, text, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
     model_dir = tiny_model_dir("llama", tmp_path / "model")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..architectures import ARCHITECTURES
-
 
 @dataclass(frozen=True)
 class Family:
@@ -26,6 +24,7 @@ class Family:
     mlp: tuple[str, ...]  # gated: (gate, up, down); plain: (fc1, fc2)
     embed: str
     final_norm: str
+    layers: str  # the decoder layers' ModuleList, from the causal-LM model: every linear's name prefix
     positions: str | None = None  # learned position table (OPT)
     position_offset: int = 0  # OPT's table is indexed by position + 2
 
@@ -38,11 +37,12 @@ LLAMA = Family(genai_type="llama", norm="rms", rotary=True, qk_norm=False, attn=
                q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
                norm_attn="input_layernorm", norm_mlp="post_attention_layernorm",
                mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), embed="model.embed_tokens",
-               final_norm="model.norm")
+               final_norm="model.norm", layers="model.layers")
 OPT = Family(genai_type="decoder", norm="layer", rotary=False, qk_norm=False, attn="self_attn",
              q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
              norm_attn="self_attn_layer_norm", norm_mlp="final_layer_norm", mlp=("fc1", "fc2"),
              embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
+             layers="model.decoder.layers",
              positions="model.decoder.embed_positions", position_offset=2)
 
 FAMILIES = {
@@ -92,8 +92,3 @@ def family_of(config) -> Family:
         raise UnsupportedModel(f"the fused ONNX graph does not handle this {model_type} configuration: "
                                f"{'; '.join(problems)}; use --onnx-graph plain")
     return family
-
-
-def layers_path(config) -> str:
-    """Where the decoder layers sit in the causal-LM model: the module-name prefix of every linear."""
-    return ARCHITECTURES[config.model_type].layers

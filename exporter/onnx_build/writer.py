@@ -37,7 +37,7 @@ from ..genai_config import write_genai_config
 from ..onnx_export import copy_sidecars
 from ..quantization import Quantization
 from .attention import AttentionInputs, AttentionShape, attention
-from .family import activation_of, family_of, layers_path
+from .family import activation_of, family_of
 from .graph import GraphBuilder
 from .linear import Precision, linear, to_numpy
 from .mlp import mlp
@@ -182,7 +182,7 @@ class FusedDecoderWriter:
         if index >= self.num_layers:
             raise ValueError(f"layer {index} is beyond the config's {self.num_layers} layers")
         b, p, fam = self.b, self.precision, self.family
-        prefix = f"{layers_path(self.config)}.{index}"
+        prefix = f"{self.family.layers}.{index}"
         norm_attn = write_norm(b, layer.get_submodule(fam.norm_attn), f"{prefix}.{fam.norm_attn}", fam.norm, p)
         if index > 0:
             hidden, residual = skip_normalize(b, self._residual, self._pending, self._pending_bias, norm_attn)
