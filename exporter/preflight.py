@@ -260,9 +260,17 @@ def check_model_config(config: RunConfig, model_config) -> None:
         from transformers import AutoModelForCausalLM
 
         from .discovery import DiscoveryError, check_causal_lm, find_decoder_layers
+        kind = getattr(model_config, "model_type", type(model_config).__name__)
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise PreflightError(f"--model {config.model}: architecture {kind!r} is an encoder-decoder; "
+                                 "only decoder-only causal LMs are supported")
         try:
             with init_empty_weights(include_buffers=False):
                 skeleton = AutoModelForCausalLM.from_config(model_config)
+        except ValueError as exc:  # transformers knows no causal-LM class for this config
+            raise PreflightError(f"--model {config.model}: architecture {kind!r} has no causal LM class in "
+                                 "transformers (AutoModelForCausalLM); only decoder-only causal LMs are supported") from exc
+        try:
             check_causal_lm(skeleton)
             find_decoder_layers(skeleton)
         except (DiscoveryError, ValueError, KeyError) as exc:

@@ -65,7 +65,8 @@ def test_compress(family, compressed):
         module = model.get_submodule(name)
         assert isinstance(module, LowRankLinear) and module.rank == rank
     for record in result.records.values():  # V2 reaches the optimum on every matrix, experts included
-        assert record.loss == pytest.approx(record.loss_min, rel=1e-6, abs=1e-9)
+        # abs: an expert given fewer tokens than its rank has optimum 0; its float32-stored factors leave ~1e-7
+        assert record.loss == pytest.approx(record.loss_min, rel=1e-6, abs=1e-6)
     dense, after = result.linear_params()
     assert after <= 0.6 * dense
 

@@ -80,9 +80,9 @@ def test_cli_writes_the_report(tmp_path, wikitext):
     assert 0 < report["ratio"]["realized_model"] < report["ratio"]["realized_linears"]
     assert report["params"]["compressed_total"] < report["params"]["dense_total"]
     assert report["perplexity"]["dense"] < report["perplexity"]["compressed"] < 1e3
-    assert {"load", "compress", "perplexity_dense"} <= set(report["timings_s"])
+    assert {"load", "compress", "perplexity"} <= set(report["timings_s"])
     assert report["peak_memory"]["host_rss_mb"] > 0
-    layer = report["layers"]["model.layers.0.self_attn.q_proj"]
+    layer = report["layers"]["model.layers.5.self_attn.q_proj"]  # layer 0: input rank = distinct tokens, minimum 0
     assert layer["rank"] > 0 and layer["loss"] == pytest.approx(layer["loss_min"], rel=1e-4)
     assert "perplexity" in result.output and "realised" in result.output
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
