@@ -118,6 +118,15 @@ def checkpoint_state(out: Path) -> dict | None:
     return None
 
 
+def memory_of(pid: int) -> dict[str, int]:
+    """kB from /proc/PID/status: VmHWM (the kernel's peak RSS), RssAnon, RssFile (mapped files, reclaimable)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    except OSError:
+        return {}
+    return {k: int(fields[k].split()[0]) for k in ("VmHWM", "RssAnon", "RssFile") if k in fields}
+
+
 def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | None = None) -> dict:
     """One CLI run in a child process; `kill_at` = (pass, layer): SIGKILL once the checkpoint says that pass
     reached that layer. -> the row stored (report.json's timings, peak RSS, sizes)."""
@@ -125,9 +134,11 @@ def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | 
     cmd = cli_command(model, str(out), extra)
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    killed = None
+    killed, peak = None, {}
     while proc.poll() is None:
         time.sleep(2)
+        for key, kb in memory_of(proc.pid).items():  # sampled: a killed run has no report.json
+            peak[key] = max(peak.get(key, 0), kb / 1024)
         state = checkpoint_state(out) if kill_at else None
         if state and state.get("pass") == kill_at[0] and state.get("next", 0) >= kill_at[1]:
             proc.send_signal(signal.SIGKILL)
@@ -140,6 +151,7 @@ def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | 
            "threads": os.environ.get("OMP_NUM_THREADS")}
     if killed:
         row["killed_at"] = killed
+    row["sampled_mb"] = peak  # every 2 s: VmHWM (peak RSS), and the largest anonymous / file-backed RSS seen
     report_file = out / "report.json"
     if proc.returncode == 0 and report_file.exists():
         report = json.loads(report_file.read_text())

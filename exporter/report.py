@@ -50,6 +50,17 @@ def summary(report: dict) -> str:
     if gain:
         lines.append(f"adaComp      ‖W'X_c − WX_o‖ after / before: median {gain[len(gain) // 2]:.4f}, "
                      f"max {gain[-1]:.4f}")
+    onnx = report.get("onnx")
+    if onnx:
+        lines.append(f"onnx         {onnx['file']}: {onnx['graph']} graph, {onnx['dtype']}, "
+                     f"{onnx['rewritten_linears']} low-rank pairs"
+                     + (f", {onnx['quantize']['bits']}-bit weights" if onnx.get("quantize") else ""))
+        for kind, check in (onnx.get("parity") or {}).items():
+            lines.append(f"onnx parity  {kind}: {'passed' if check['passed'] else 'FAILED'} (max |logit diff| "
+                         f"{check['max_abs_diff']:.3g}, greedy {check['greedy']['new_tokens']} tokens "
+                         f"{'equal' if check['greedy']['equal'] else 'differ'})")
+        for kind, why in (onnx.get("not_checked") or {}).items():
+            lines.append(f"onnx parity  {kind}: {why}")
     lines.append("timings      " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
     lines.append(f"peak memory  {report['peak_memory']['host_rss_mb']:.0f} MB host"
                  + (f", {report['peak_memory']['gpu_mb']:.0f} MB GPU" if report['peak_memory'].get('gpu_mb') else ""))

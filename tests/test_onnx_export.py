@@ -193,6 +193,10 @@ def test_fp16_rewrite_with_small_external_norm_weights(tmp_path):
     model = AutoModelForCausalLM.from_config(config).eval()
     dense = copy.deepcopy(model).half()
     dense_path = export_onnx(dense, char_tokenizer(), tmp_path / "dense", dtype="float16")
+    graph = onnx.load(dense_path)  # every initializer external, the small ones included: the layout that failed
+    (tmp_path / "dense" / "model.onnx_data").unlink(missing_ok=True)
+    onnx.save_model(graph, dense_path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=0)
     external = [t.name for t in onnx.load(dense_path, load_external_data=False).graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL and 256 <= 2 * np.prod(t.dims) <= 1000]
     assert "model.model.decoder.final_layer_norm.weight" in external  # the case that failed

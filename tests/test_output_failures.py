@@ -221,7 +221,7 @@ def test_error_mid_run_leaves_nothing(llama, tmp_path, monkeypatch):
 
 def test_error_after_the_dense_onnx_export_leaves_nothing(llama, tmp_path, monkeypatch):
     """The dense-ONNX work folder exists from the start of the run: an error later must remove it too."""
-    def export_dense(self, model, tokenizer):
+    def export_dense(self, model, tokenizer, source=None):
         (Path(self.work.name) / "model.onnx").write_bytes(b"dense graph")
 
     def broken(*a, **k):

@@ -138,6 +138,17 @@ def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(
         np.testing.assert_array_equal(to_array(t, base_dir=str(tmp_path / "out")), weights[t.name], err_msg=t.name)
 
 
+def test_an_onnx_graph_too_big_for_this_machine_is_written_and_the_report_says_it_was_not_run(tmp_path, text,
+                                                                                               monkeypatch):
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    monkeypatch.setattr("exporter.models.available_bytes", lambda device: 1000)
+    cfg = config(model_dir, tmp_path / "out", text)
+    report = run(RunConfig(**{**cfg.__dict__, "formats": ("onnx",)}), progress=False, echo=lambda *_: None)
+    assert set(report["onnx"]["not_checked"]) == {"dense", "compressed"}
+    assert "not run" in report["onnx"]["not_checked"]["dense"] and report["onnx"]["parity"] == {}
+    assert "onnx_dense" not in report["perplexity"] and (tmp_path / "out" / "model.onnx").exists()
+
+
 def test_resume_after_a_kill_gives_the_same_artifacts(tmp_path, text, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
     model_dir = tiny_model_dir("llama", tmp_path / "model")

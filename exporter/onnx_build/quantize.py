@@ -47,26 +47,58 @@ def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
     return values.reshape(w.n, -1)[:, :w.k].T
 
 
-def round_like_export(model, q: Quantization):
-    """A copy of `model` whose linear weights are exactly what the quantized graph holds (quantized by
-    the same function, dequantized back; lm_head with q.head()): the PyTorch reference of a quantized
-    export. Embeddings, norms and biases stay as they are, as in the graph."""
-    import copy
-
+def round_linear_(module, q: Quantization) -> None:
+    """In place: an nn.Linear's weight becomes what the quantized graph holds for it (quantized by the same
+    function, dequantized back)."""
     import torch
-    import torch.nn as nn
 
     from .linear import to_numpy
+    back = dequantize(quantize_weight(to_numpy(module.weight).T, q, np.float32), q).T
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)).to(module.weight.dtype))
+
+
+def round_layer_(layer, q: Quantization) -> None:
+    """Every nn.Linear inside one decoder layer (both factors of each low-rank pair included), in place."""
+    import torch.nn as nn
+    for module in layer.modules():
+        if isinstance(module, nn.Linear):
+            round_linear_(module, q)
+
+
+def round_like_export(model, q: Quantization):
+    """A copy of `model` whose linear weights are exactly what the quantized graph holds (lm_head with
+    q.head()): the PyTorch reference of a quantized export. Embeddings, norms and biases stay as they are,
+    as in the graph."""
+    import copy
+
+    import torch.nn as nn
     rounded = copy.deepcopy(model)
     head = rounded.get_output_embeddings()
-    with torch.no_grad():
-        for module in rounded.modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            setting = q.head() if module is head else q
-            w_kn = to_numpy(module.weight).T
-            back = dequantize(quantize_weight(w_kn, setting, np.float32), setting).T
-            if module is head and head.weight is rounded.get_input_embeddings().weight:
-                module.weight = nn.Parameter(module.weight.detach().clone())  # untie: the table stays float
-            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    if head.weight is rounded.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the table stays float
+    for module in rounded.modules():
+        if isinstance(module, nn.Linear):
+            round_linear_(module, q.head() if module is head else q)
     return rounded
+
+
+def rounded_head(model, q: Quantization):
+    """Context: the model's lm_head carries the rounded weights of the quantized graph (the embedding table,
+    when tied, stays float); restored on exit. For the streamed reference, whose layers are rounded as they
+    are read (round_layer_)."""
+    from contextlib import contextmanager
+
+    import torch.nn as nn
+
+    @contextmanager
+    def swapped():
+        head = model.get_output_embeddings()
+        original = head.weight
+        head.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
+        round_linear_(head, q.head())
+        try:
+            yield
+        finally:
+            head.weight = original
+    return swapped()

@@ -16,10 +16,13 @@ from .files import CheckpointError, TensorFiles
 class WrittenSource(LayerSource):
     streamed = True
 
-    def __init__(self, source: LayerSource, folder: str | Path):
+    def __init__(self, source: LayerSource, folder: str | Path, transform=None):
+        """transform(layer): applied in place to each layer once it is read (e.g. the rounding of a quantized
+        export, for the PyTorch reference of its parity check)."""
         self.model, self.arch, self.device, self.compute_dtype = (source.model, source.arch, source.device,
                                                                   source.compute_dtype)
         self.files = TensorFiles(folder)
+        self.transform = transform
 
     def materialize(self, i: int) -> nn.Module:
         layer, prefix = decoder_layers(self.model, self.arch)[i], self.layer_prefix(i)
@@ -29,6 +32,8 @@ class WrittenSource(LayerSource):
                     raise CheckpointError(f"{self.files.folder}: the written model has no tensor {prefix + name}")
                 value = self.files.get(prefix + name).to(self.compute_dtype)
                 set_module_tensor_to_device(layer, name, self.device, value=value, clear_cache=False)
+        if self.transform is not None:
+            self.transform(layer)
         return layer
 
     def release(self, i: int) -> None:

@@ -23,14 +23,19 @@ def default_providers() -> list[str]:
 
 
 def create_session(path: str | Path, providers: list[str] | None = None, optimization: str = "all",
-                   threads: int = 0):
+                   threads: int = 0, low_memory: bool = False):
     """threads: intra-op threads (0 = ORT's default). ORT silently falls back to CPU when a provider's
-    libraries fail to load: the provider actually used is logged, and checked by callers that care."""
+    libraries fail to load: the provider actually used is logged, and checked by callers that care.
+    low_memory (validation of big models): no constant folding (it would keep a float32 copy of every float16
+    weight that the CPU casts), no memory arena and no memory pattern (freed buffers go back to the system);
+    the memory-mapped external data is then the only copy of the weights ORT keeps."""
     import onnxruntime as ort
     if optimization not in OPT_LEVELS:
         raise ValueError(f"unknown graph optimization level {optimization!r}; choose from {', '.join(OPT_LEVELS)}")
     options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[optimization])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                               OPT_LEVELS["disable" if low_memory else optimization])
+    options.enable_cpu_mem_arena = options.enable_mem_pattern = not low_memory
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers etc. are noise here
     requested = providers or default_providers()
