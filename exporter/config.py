@@ -68,9 +68,12 @@ class CompressionConfig:
     asvd_alpha: float = 0.5
     budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)
     skip: tuple[str, ...] = ()  # module-name substrings never compressed
-    keep_dense_above: float = 0.95  # a planned rank keeping at least this share of a matrix's parameters: dense
+    # A planned rank keeping at least this share of a matrix's parameters: the matrix stays dense. 1 = off (the
+    # default until a threshold is measured on validation text).
+    keep_dense_above: float = 1.0
     # Block refinement (exporter/refine.py): Adam on each layer's factors towards the dense layer's output.
     refine: str = "none"  # "none" | "block"
+    recipe: str = ""  # "default": these settings are the default recipe's (exporter/recipe.py); "": chosen by hand
     refine_steps: int = 64
     refine_lr: float = 1e-3
     refine_holdout: float = 0.125

@@ -63,7 +63,7 @@ def allocate(name: str, matrices: list[Matrix], profile: Profile | None, ratio: 
                              "parameters dense leaves no budget for the others: raise --keep-dense-above")
         plan = ALLOCATORS[name].fn(rest, profile, rest_ratio, **options)
         near = [m for m in rest if m.name in plan and plan[m.name] * m.params_per_rank >= keep_dense_above * m.dense_params]
-        if not near:
+        if not near or keep_dense_above >= 1.0:  # 1: off, the allocation's plan as it is
             break
         kept_dense += near
     if kept_dense:
