@@ -1,8 +1,10 @@
-"""Architecture knowledge as data: where the decoder layers are and which linears share an input.
+"""Where the decoder layers are and which linears share an input: discovered (exporter/discovery.py),
+with ARCHITECTURES as overrides for what discovery cannot see.
 
-A new architecture is one entry in ARCHITECTURES. Each group lists linears that read the same input
-tensor (q/k/v; gate/up): their X Xᵀ is accumulated once. `kind` names the matrix type used to group
-matrices across layers (SVD-LLM V2's allocation groups by type).
+Each group lists linears that read the same input tensor (q/k/v; gate/up): their X Xᵀ is accumulated
+once. A group is `routed` when its input is the tokens a router sent to one expert: it may see no token
+in a batch, or none at all. The matrix type that per-type allocations group by is the linear's path
+inside the decoder layer, with expert indices dropped (every expert's down_proj is one type).
 """
 from __future__ import annotations
 
@@ -10,61 +12,54 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .experts import unfuse_experts
+
 
 @dataclass(frozen=True)
 class InputGroup:
     linears: tuple[str, ...]  # paths relative to the decoder layer, sharing one input
+    routed: bool = False  # the input is the tokens routed to one expert (maybe none)
 
 
 @dataclass(frozen=True)
 class Architecture:
     layers: str  # path from the causal-LM model to the ModuleList of decoder layers
-    groups: tuple[InputGroup, ...]
+    groups: tuple[InputGroup, ...]  # the groups of every decoder layer (of layer 0 when per_layer is set)
+    per_layer: tuple[tuple[InputGroup, ...], ...] | None = None  # each layer's groups, when layers differ
 
-    def linear_names(self) -> list[str]:
-        return [name for g in self.groups for name in g.linears]
+    def groups_of(self, layer: int) -> tuple[InputGroup, ...]:
+        return self.groups if self.per_layer is None else self.per_layer[layer]
 
+    def linear_names(self, layer: int = 0) -> list[str]:
+        return [name for g in self.groups_of(layer) for name in g.linears]
 
-def _g(*names: str) -> InputGroup:
-    return InputGroup(tuple(names))
-
-
-LLAMA = Architecture(
-    layers="model.layers",
-    groups=(
-        _g("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        _g("self_attn.o_proj"),
-        _g("mlp.gate_proj", "mlp.up_proj"),
-        _g("mlp.down_proj"),
-    ),
-)
-OPT = Architecture(
-    layers="model.decoder.layers",
-    groups=(
-        _g("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        _g("self_attn.out_proj"),
-        _g("fc1"),
-        _g("fc2"),
-    ),
-)
-
-# model_type (config.model_type) -> architecture
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "opt": OPT,
-}
+    def matrix_kind(self, linear_path: str) -> str:
+        return matrix_kind(linear_path)
 
 
-def architecture_of(model: nn.Module) -> Architecture:
+# model_type (config.model_type) -> architecture, for a family whose structure discovery gets wrong.
+# No family needs one today: a new entry comes with a test showing what discovery misses.
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def architecture_of(model: nn.Module, materialize=None) -> Architecture:
+    """The override for this model type if there is one, else what discovery finds (`materialize(i)`: a
+    context manager that makes decoder layer i real for a moment, for a streamed model). Fused MoE experts
+    must have been unfused first (exporter.experts.unfuse_experts)."""
+    from .discovery import check_causal_lm, discover
+    check_causal_lm(model)
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return discover(model, materialize)
+
+
+def prepare(model: nn.Module) -> Architecture:
+    """Everything compress_ and the ONNX export need before they start: fused MoE experts become per-expert
+    linears, in place (an equivalent model, checked), and the architecture is found — or one clear line
+    for a model they cannot handle, before any work."""
+    unfuse_experts(model)
+    return architecture_of(model)
 
 
 def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
@@ -72,5 +67,5 @@ def decoder_layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
 
 
 def matrix_kind(linear_path: str) -> str:
-    """'self_attn.q_proj' -> 'q_proj': the type SVD-LLM V2 groups matrices by."""
-    return linear_path.rsplit(".", 1)[-1]
+    """'self_attn.q_proj' -> 'self_attn.q_proj'; 'mlp.experts.3.down_proj' -> 'mlp.experts.down_proj'."""
+    return ".".join(part for part in linear_path.split(".") if not part.isdigit())

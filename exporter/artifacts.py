@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .checkpoint_keys import to_model_keys
 from .checks import check_finite
 from .checksums import record_checksums, verify_checksums
+from .experts import unfuse_experts
 from .lowrank import build_skeleton
 from .output_dir import atomic_output  # noqa: F401 — moved to output_dir.py; re-exported for pipeline.py
 
@@ -48,9 +50,10 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
         raise ValueError(f"{folder} has no '{CONFIG_KEY}' entry with ranks in config.json: not an svd-export artifact")
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
+    unfuse_experts(model)  # compress_ saved MoE experts one module per expert
     build_skeleton(model, meta["ranks"])
     verify_checksums(folder, meta)
-    state = _state_dict(folder)
+    state = to_model_keys(model, _state_dict(folder))  # save_pretrained writes the hub's key names
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     check_finite(model.named_parameters(), str(folder))

@@ -86,7 +86,8 @@ class Command(click.Command):
               help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD). Default: the "
-                   "default recipe (the best measured; README); a method given runs its paper's recipe.")
+                   "default recipe (exporter/recipe.py: svd-llm-v2 with its allocation v2); a method given runs its "
+                   "paper's recipe.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="Rank allocation; default: the recipe's, or the method's paper (v2 for svd-llm-v2, adacr for "
                    "adasvd, else uniform).")
@@ -95,12 +96,12 @@ class Command(click.Command):
                    "(default: the recipe's; none with --method).")
 @click.option("--refine-steps", type=click.IntRange(min=0), default=None,
               help="--refine block only: Adam steps per layer, one calibration batch each (early stopping on held-out "
-                   "batches).")
+                   "batches; default 64).")
 @click.option("--refine-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="--refine block only: step size, relative to each factor's RMS.")
+              help="--refine block only: step size, relative to each factor's RMS (default 0.001).")
 @click.option("--keep-dense-above", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="A matrix whose planned rank keeps at least this share of its parameters stays dense; its budget "
-                   "goes to the others (1: off).")
+                   "goes to the others (default 1: off).")
 @click.option("--propagate", type=click.Choice(["original", "compressed"]), default=None,
               help="Calibration inputs of the next layer: through original or compressed layers "
                    "(default: compressed for adasvd, original otherwise).")

@@ -17,6 +17,7 @@ import torch.nn as nn
 from . import allocation
 from .allocation import Matrix, Profile, allocate
 from .architectures import Architecture, decoder_layers, matrix_kind
+from .linears import linear_dims, linear_weight
 from .budget import ratio_for_budget
 from .config import CompressionConfig, default_min_retention
 from .lowrank import LowRankLinear, swap_module
@@ -71,18 +72,17 @@ class CompressionResult:
 def list_matrices(model: nn.Module, arch: Architecture, skip: tuple[str, ...] = ()) -> list[Matrix]:
     out = []
     for i, layer in enumerate(decoder_layers(model, arch)):
-        for path in arch.linear_names():
+        for path in arch.linear_names(i):
             name = f"{arch.layers}.{i}.{path}"
             if any(s in name for s in skip):
                 continue
-            lin = layer.get_submodule(path)
-            out.append(Matrix(name, matrix_kind(path), i, lin.out_features, lin.in_features))
+            out.append(Matrix(name, matrix_kind(path), i, *linear_dims(layer.get_submodule(path))))
     return out
 
 
 def _linears(arch: Architecture, index: int, layer: nn.Module, obs):
     """(full name, path in the layer, module, input statistics) of every candidate linear of one layer."""
-    for group, stats in zip(arch.groups, obs.stats):
+    for group, stats in zip(arch.groups_of(index), obs.stats):
         for path in group.linears:
             yield f"{arch.layers}.{index}.{path}", path, layer.get_submodule(path), stats
 
@@ -102,21 +102,24 @@ class Streams:
 def profile_pass(source: LayerSource, calib: Activations, needs: frozenset[str], profile: Profile,
                  start: int = 0, checkpoint: Checkpoint | None = None, progress: bool = True) -> Profile:
     """One pass over the original layers: the input/output similarity of every layer and, when asked,
-    the spectrum σ(WX) of every linear (eigenvalues only; keeps vectors, never X Xᵀ)."""
+    the spectrum σ(WX) of every linear (eigenvalues only; keeps vectors, never X Xᵀ). Linears no
+    calibration token reached (an MoE expert) get no spectrum and are listed in profile.uncalibrated."""
     arch = source.arch
     for i, layer in source.layers(start, "profile" if progress else None):
         began = time.perf_counter()
-        obs = observe(layer, arch, calib, source.device)
+        obs = observe(i, layer, arch, calib, source.device)
         profile.layer_similarity.append(obs.input_similarity)
-        if "spectra" in needs:
-            for name, _, linear, stats in _linears(arch, i, layer, obs):
-                w = linear.weight.detach().to(torch.float64)
+        for name, _, linear, stats in _linears(arch, i, layer, obs):
+            if stats.count == 0:
+                profile.uncalibrated.append(name)
+            elif "spectra" in needs:
+                w = linear_weight(linear).detach().to(torch.float64)
                 profile.spectra[name] = MatrixInput(name, w, stats).spectrum.cpu()
         del obs
         profile.layer_seconds.append(time.perf_counter() - began)
         if checkpoint is not None:
             checkpoint.save({"pass": "profile", "next": i + 1, "similarity": profile.layer_similarity,
-                             "seconds": profile.layer_seconds}, {"profile": calib},
+                             "seconds": profile.layer_seconds, "uncalibrated": profile.uncalibrated}, {"profile": calib},
                             {f"spectrum.{k}": v for k, v in profile.spectra.items()})
     return profile
 
@@ -128,7 +131,11 @@ def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan:
     for name, path, linear, stats in _linears(arch, index, layer, obs):
         if name not in plan:
             continue
-        w = linear.weight.detach().to(torch.float64)
+        if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
+            del plan[name]
+            result.extra.setdefault("uncalibrated_experts", []).append(name)
+            continue
+        w = linear_weight(linear).detach().to(torch.float64)
         mi, rank = MatrixInput(name, w, stats), plan[name]
         try:
             up, down = method.factorize(mi, rank)
@@ -157,7 +164,7 @@ def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, den
     if not entry["kept"]:
         return
     for name, _, module, stats in _linears(arch, index, layer, obs):
-        if name in dense_weights:
+        if name in dense_weights and name in result.records:  # factorized (not an uncalibrated expert)
             mi = MatrixInput(name, dense_weights[name].detach().to(torch.float64), stats)
             result.records[name].loss = mi.loss(module.up.weight.detach(), module.down.weight.detach())
 
@@ -169,19 +176,20 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
     arch, device, seconds = source.arch, source.device, result.layer_seconds.setdefault("compress", [])
     for i, layer in source.layers(start, f"compress ({config.method})" if progress else None):
         began = time.perf_counter()
-        obs = observe(layer, arch, streams.calib, device, compressed=streams.calib_compressed,
+        obs = observe(i, layer, arch, streams.calib, device, compressed=streams.calib_compressed,
                       need_abs_mean="abs_mean" in method.needs, need_cross="cross" in method.needs)
         result.layer_similarity.append(obs.input_similarity)
         if streams.eval_dense is not None:
-            advance(layer, streams.eval_dense, device)
-        dense_weights = {name: lin.weight for name, _, lin, _ in _linears(arch, i, layer, obs) if name in plan}
+            advance(i, layer, streams.eval_dense, device)
+        dense_weights = {name: linear_weight(lin) for name, _, lin, _ in _linears(arch, i, layer, obs)
+                         if name in plan and config.refine == "block"}
         factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
         if config.refine == "block":
             refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)
         del obs, dense_weights
         for stream in (streams.calib_compressed, streams.eval_compressed):
             if stream is not None:
-                advance(layer, stream, device)
+                advance(i, layer, stream, device)
         if writer is not None:
             writer.write_layer(i, layer, source.layer_prefix(i))
         seconds.append(time.perf_counter() - began)
@@ -230,12 +238,16 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
             if state is not None:
                 start = state["next"]
                 profile.layer_similarity, profile.layer_seconds = list(state["similarity"]), list(state["seconds"])
+                profile.uncalibrated = list(state["uncalibrated"])
                 extra = checkpoint.restore(state, {"profile": running})
                 profile.spectra = {k[len("spectrum."):]: v for k, v in extra.items() if k.startswith("spectrum.")}
             profile_pass(source, running, needs, profile, start, checkpoint, progress)
             del running
         elif state is not None and state["pass"] == "compress":
             profile.layer_similarity = list(state["profile"]["similarity"])
+            profile.uncalibrated = list(state["profile"]["uncalibrated"])
+    if profile.uncalibrated:  # experts no calibration token reached: dense, out of the budget's reach
+        matrices = [m for m in matrices if m.name not in set(profile.uncalibrated)]
     ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes,
                                                                              export_dtype)
     min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
@@ -245,10 +257,13 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     else:
         plan = allocate(name, matrices, profile if needs else None, ratio, min_rank=config.min_rank,
                         min_retention=min_retention, keep_dense_above=config.keep_dense_above)
-        profile_state = {"similarity": profile.layer_similarity, "seconds": profile.layer_seconds}
+        profile_state = {"similarity": profile.layer_similarity, "seconds": profile.layer_seconds,
+                         "uncalibrated": profile.uncalibrated}
     if own_profile:
         profile.spectra = {}  # the plan is made: the spectra are not needed any more
     result = CompressionResult(config.method, name, ratio, plan, matrices)
+    if profile.uncalibrated:
+        result.extra["uncalibrated_experts"] = list(profile.uncalibrated)
     if name == "adacr":
         result.extra["adacr"] = {"min_retention": min_retention}
 
@@ -272,6 +287,10 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
                      base_state, progress)
     if profile.layer_similarity:  # the profile pass measured it on the original stream before any swap
         result.layer_similarity = profile.layer_similarity
+    if "uncalibrated_experts" in result.extra:
+        result.extra["uncalibrated_experts"] = sorted(result.extra["uncalibrated_experts"])
+        log.warning("%d expert linear(s) received no calibration token and stay dense, e.g. %s",
+                    len(result.extra["uncalibrated_experts"]), result.extra["uncalibrated_experts"][0])
     missing = set(plan) - set(result.records)
     if missing:
         raise RuntimeError(f"{len(missing)} planned modules were never factorized, e.g. {sorted(missing)[0]}")

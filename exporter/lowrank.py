@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .linears import is_linear, linear_dims, linear_weight
+
 
 class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
@@ -45,13 +47,13 @@ def swap_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def build_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace each named nn.Linear by an (uninitialised) LowRankLinear of the given rank, in place.
-
-    Used to rebuild a saved compressed model before its state dict is loaded.
-    """
+    """Replace each named linear (nn.Linear or Conv1D) by an (uninitialised) LowRankLinear of the given
+    rank, in place. Used to rebuild a saved compressed model before its state dict is loaded."""
     for name, rank in ranks.items():
         old = model.get_submodule(name)
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"{name} is {type(old).__name__}, expected nn.Linear")
-        swap_module(model, name, LowRankLinear(old.in_features, old.out_features, rank, old.bias is not None,
-                                               device=old.weight.device, dtype=old.weight.dtype))
+        if not is_linear(old):
+            raise ValueError(f"{name} is {type(old).__name__}, expected a linear layer")
+        out_features, in_features = linear_dims(old)
+        weight = linear_weight(old)
+        swap_module(model, name, LowRankLinear(in_features, out_features, rank, old.bias is not None,
+                                               device=weight.device, dtype=weight.dtype))

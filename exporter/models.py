@@ -153,6 +153,7 @@ def open_source(spec: str, dtype: str | None = None, device: str | None = None, 
 
     from .checks import check_checkpoint_files
     from .source import CheckpointSource, ResidentSource
+    from .source.checkpoint import not_streamable, skeleton_of
     from .source.files import TensorFiles
 
     source, target = resolve(spec), pick_device(device)
@@ -161,6 +162,7 @@ def open_source(spec: str, dtype: str | None = None, device: str | None = None, 
         return ResidentSource(model, target), tokenizer, source, next(model.parameters()).dtype
     folder = local_folder(source)
     check_checkpoint_files(folder)  # a truncated or corrupt file: one line naming it, before any work
+    whole_model = whole_model or not_streamable(skeleton_of(folder))
     if whole_model:
         files = TensorFiles(folder)
         held = torch.float32 if target.type == "cpu" else (parse_dtype(dtype) if dtype else files.float_dtype())

@@ -26,13 +26,16 @@ from graph_rewrite.module_names import tag_linears
 from graph_rewrite.passes import rewrite_lowrank
 from graph_rewrite.rules.lowrank import LowRankFactors
 
+from .architectures import prepare
 from .genai_config import write_genai_config
+from .linears import is_linear, linear_weight
 from .lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx_data"
 MIN_OPSET = 18
+INLINE_BYTES = 1024
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SIDECAR_FILES = ("config.json", "generation_config.json", "genai_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
@@ -42,25 +45,26 @@ SIDECAR_FILES = ("config.json", "generation_config.json", "genai_config.json", "
 @dataclass(frozen=True)
 class OnnxArch:
     genai_type: str  # onnxruntime-genai's model.type
-    position_ids: bool  # a graph input (OPT's default derives them from the mask; it accepts them too)
+    genai_known: bool  # False: genai has no type of its own serving this graph; the config uses its generic one
+    position_ids: bool = True  # a graph input (OPT's default derives them from the mask; it accepts them too)
 
 
-# model_type -> how its decoder is exported. Anything else is refused before any work.
-ONNX_ARCHS = {
-    "llama": OnnxArch("llama", True),
-    "mistral": OnnxArch("mistral", True),
-    "qwen2": OnnxArch("qwen2", True),
-    "qwen3": OnnxArch("qwen3", True),
-    "opt": OnnxArch("decoder", True),  # genai's generic decoder-only type
-}
+# config.model_type -> onnxruntime-genai's (0.18) own model.type, where that type serves our graph
+# (decoder with past, Optimum's names); each is checked by a greedy generation in tests/test_families.py.
+# genai's "gpt2" type is left out on purpose: it expects other graph inputs. Every other model type gets
+# genai's generic decoder-only type, which runs any such graph (also checked there, family by family).
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+               "gemma2": "gemma2", "gemma3_text": "gemma3_text"}
+GENAI_GENERIC = "decoder"
 
 
-def onnx_arch(config) -> OnnxArch:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ONNX_ARCHS:
-        raise ValueError(f"ONNX export does not handle architecture {model_type!r}; "
-                         f"supported: {', '.join(sorted(ONNX_ARCHS))}")
-    return ONNX_ARCHS[model_type]
+def onnx_arch(model: nn.Module) -> OnnxArch:
+    """How `model` is exported: every architecture the compressor handles (discovery) is; anything else is
+    refused with discovery's one line, before any work. MoE experts are unfused in place (exporter/experts.py),
+    so that each expert's linears are MatMuls of their own in the graph."""
+    prepare(model)
+    model_type = getattr(model.config, "model_type", None)
+    return OnnxArch(GENAI_TYPES.get(model_type, GENAI_GENERIC), model_type in GENAI_TYPES)
 
 
 def check_opset(opset: int) -> int:
@@ -96,7 +100,9 @@ class FlatCacheDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, *rest):
         from transformers import DynamicCache
         position_ids, past = (rest[0], rest[1:]) if self.position_ids else (None, rest)
-        cache = DynamicCache(config=self.model.config)
+        # Full-length layers even where the model slides a window (Gemma 2/3): the sliding-window mask
+        # limits what a layer attends to, and every present.{i} stays past + new, as the inputs promise.
+        cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -149,7 +155,7 @@ def export_onnx(model: nn.Module, tokenizer, folder: str | Path, dtype: str | to
     dtype: "float32" | "float16" (default: the model's). The pipeline loads the model in the export dtype,
     so the weights are in memory once; a different dtype exports from a converted copy (a cast there
     and back would round the caller's weights)."""
-    arch = onnx_arch(model.config)
+    arch = onnx_arch(model)
     check_opset(opset)
     dtype = check_dtype(dtype, model)
     folder = Path(folder)
@@ -181,11 +187,11 @@ def trace(model: nn.Module, arch: OnnxArch, dtype: torch.dtype, opset: int):
 
 
 class LinearWeights:
-    """name -> weight (out×in, numpy) of every nn.Linear, read on demand (a view, never a copy on CPU):
-    what graph_rewrite.module_names matches graph weights against."""
+    """name -> weight (out×in, numpy) of every linear (nn.Linear, Conv1D), read on demand (a view, never a
+    copy on CPU): what graph_rewrite.module_names matches graph weights against."""
 
     def __init__(self, model: nn.Module):
-        self._modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._modules = {n: m for n, m in model.named_modules() if is_linear(m)}
 
     def __contains__(self, name: str) -> bool:
         return name in self._modules
@@ -197,13 +203,15 @@ class LinearWeights:
         return len(self._modules)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._modules[name].weight.detach().cpu().numpy()
+        return linear_weight(self._modules[name]).detach().cpu().numpy()
 
 
 def save_graph(graph: ir.Model, folder: Path) -> Path:
     path = folder / MODEL_FILE
-    # Always external data: one layout for every size, and required past protobuf's 2 GB limit.
-    ir.save(graph, path, external_data=DATA_FILE)
+    # Always external data: one layout for every size, and required past protobuf's 2 GB limit. Tensors up
+    # to 1 KB stay inline: onnx_ir's checker pass keeps such tensors in the proto it checks, and an external
+    # one there is looked up relative to the working directory (a tiny model's 128-float bias failed).
+    ir.save(graph, path, external_data=DATA_FILE, size_threshold_bytes=INLINE_BYTES)
     return path
 
 
@@ -212,6 +220,9 @@ def write_sidecars(model: nn.Module, tokenizer, folder: Path, arch: OnnxArch) ->
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if not arch.genai_known:
+        log.info("onnxruntime-genai has no model type of its own that serves this graph for %r: "
+                 "genai_config.json uses its generic %r type", model.config.model_type, arch.genai_type)
     write_genai_config(model.config, getattr(model, "generation_config", None), tokenizer, folder, arch.genai_type,
                        arch.position_ids, MODEL_FILE)
 

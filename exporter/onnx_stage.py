@@ -47,7 +47,12 @@ class OnnxStage:
         self.prompt: torch.Tensor | None = None
 
     def export_dense(self, model, tokenizer) -> None:
-        onnx_arch(model.config)  # an unsupported architecture is refused before the export starts
+        arch = onnx_arch(model)  # an unsupported architecture is refused before the export starts
+        self.report["genai"] = {"type": arch.genai_type, "model_type_known": arch.genai_known}
+        if not arch.genai_known:
+            self.report["genai"]["note"] = (f"onnxruntime-genai has no model type of its own that serves this graph "
+                                            f"for {model.config.model_type!r}; genai_config.json uses its generic "
+                                            f"{arch.genai_type!r} type")
         self.dense_path = export_onnx(model, tokenizer, Path(self.work.name) / "dense", self.dtype, self.opset)
         if self.validate:
             self.prompt = prompt_ids(tokenizer)

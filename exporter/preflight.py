@@ -257,18 +257,29 @@ def _config(auto_config, spec: str, location: str, **kwargs):
 
 
 def check_model_config(config: RunConfig, model_config) -> None:
-    from .architectures import ARCHITECTURES
+    """The architecture from its config alone: a meta-device skeleton must be a causal LM whose decoder
+    layers discovery finds (the input groups need a forward, later). A GGUF header is checked by its load."""
+    if not isinstance(model_config, SimpleNamespace):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
 
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise PreflightError(f"--model {config.model}: architecture {model_type!r} is not supported; "
-                             f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    if "onnx" in config.formats:
-        from .onnx_export import onnx_arch
+        from .discovery import DiscoveryError, check_causal_lm, find_decoder_layers
+        kind = getattr(model_config, "model_type", type(model_config).__name__)
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise PreflightError(f"--model {config.model}: architecture {kind!r} is an encoder-decoder; "
+                                 "only decoder-only causal LMs are supported")
         try:
-            onnx_arch(model_config)
-        except ValueError as exc:
-            raise PreflightError(str(exc)) from exc
+            with init_empty_weights(include_buffers=False):
+                skeleton = AutoModelForCausalLM.from_config(model_config)
+        except ValueError as exc:  # transformers knows no causal-LM class for this config
+            raise PreflightError(f"--model {config.model}: architecture {kind!r} has no causal LM class in "
+                                 "transformers (AutoModelForCausalLM); only decoder-only causal LMs are supported") from exc
+        try:
+            check_causal_lm(skeleton)
+            find_decoder_layers(skeleton)
+        except (DiscoveryError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PreflightError(f"--model {config.model}: {first}") from exc
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions and config.calibration.seqlen > positions:
         raise PreflightError(f"--calib-seqlen {config.calibration.seqlen} exceeds the model's "
@@ -283,8 +294,9 @@ def check_budget(config: RunConfig, model_config) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .architectures import architecture_of
     from .budget import ratio_for_budget
+    from .discovery import linears_only
+    from .experts import unfuse_experts
     from .compress import list_matrices
     from .models import parse_dtype
 
@@ -294,7 +306,8 @@ def check_budget(config: RunConfig, model_config) -> None:
         stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    ratio_for_budget(skeleton, list_matrices(skeleton, architecture_of(skeleton), config.compression.skip),
+    unfuse_experts(skeleton)  # MoE experts count as the per-expert linears they are compressed as
+    ratio_for_budget(skeleton, list_matrices(skeleton, linears_only(skeleton), config.compression.skip),
                      config.compression.budget_bytes, dtype)
 
 

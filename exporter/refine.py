@@ -45,19 +45,21 @@ def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
     return list(range(count - held)), list(range(count - held, count))
 
 
-def _squared_error(layer, inputs: Activations, targets: Activations, b: int, device) -> tuple[torch.Tensor, int]:
-    """(Σ over the batch's tokens of ‖layer(X_c) − target‖², number of tokens), float32."""
-    out = run_batch(layer, inputs.hidden[b], inputs.kwargs[b], device).float()
+def _squared_error(index: int, layer, inputs: Activations, targets: Activations, b: int,
+                   device) -> tuple[torch.Tensor, int]:
+    """(Σ over the batch's tokens of ‖layer(X_c) − target‖², number of tokens), float32. `index`: the decoder
+    layer's position, which picks the keyword arguments the model gives it (masks, rotary tables)."""
+    out = run_batch(layer, inputs.hidden[b], inputs.kwargs_for(index)[b], device).float()
     target = targets.hidden[b].to(device).float()
     return (out - target).square().sum(), target.shape[0] * target.shape[1]
 
 
 @torch.no_grad()
-def objective(layer, inputs: Activations, targets: Activations, batches: list[int], device) -> float:
+def objective(index: int, layer, inputs: Activations, targets: Activations, batches: list[int], device) -> float:
     """Mean squared error per token over `batches` (sums in float64)."""
     total, tokens = 0.0, 0
     for b in batches:
-        err, n = _squared_error(layer, inputs, targets, b, device)
+        err, n = _squared_error(index, layer, inputs, targets, b, device)
         total, tokens = total + float(err), tokens + n
     return total / max(tokens, 1)  # guard: an empty batch list has no error
 
@@ -89,8 +91,8 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
     flags = {p: p.requires_grad for p in layer.parameters()}
     for p in layer.parameters():
         p.requires_grad_(False)
-    train_before = objective(layer, inputs, targets, train, device)
-    held_before = best_held = objective(layer, inputs, targets, held, device)
+    train_before = objective(index, layer, inputs, targets, train, device)
+    held_before = best_held = objective(index, layer, inputs, targets, held, device)
     best, best_step, since_best, step = closed_form, 0, 0, 0
     order = torch.Generator().manual_seed(index)
     groups = [{"params": [p], "lr": settings.lr * float(p.detach().square().mean().sqrt())} for p in params]
@@ -101,13 +103,13 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
         with torch.enable_grad():
             while step < settings.steps:
                 for b in torch.randperm(len(train), generator=order).tolist():
-                    err, n = _squared_error(layer, inputs, targets, train[b], device)
+                    err, n = _squared_error(index, layer, inputs, targets, train[b], device)
                     optimiser.zero_grad(set_to_none=True)
                     (err / n).backward()
                     optimiser.step()
                     step += 1
                     if step % settings.eval_every == 0 or step == settings.steps:
-                        held_loss = objective(layer, inputs, targets, held, device)
+                        held_loss = objective(index, layer, inputs, targets, held, device)
                         if held_loss < best_held:
                             best, best_held, best_step, since_best = _snapshot(params), held_loss, step, 0
                         else:
@@ -123,8 +125,8 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
     with torch.no_grad():  # the factors as they will be stored
         for p in params:
             p.copy_(p.to(export_dtype))
-    train_after = objective(layer, inputs, targets, train, device)
-    held_after = objective(layer, inputs, targets, held, device)
+    train_after = objective(index, layer, inputs, targets, train, device)
+    held_after = objective(index, layer, inputs, targets, held, device)
     kept = best_step > 0 and train_after <= train_before and held_after <= held_before
     if not kept:  # nothing better than the closed form: restore it exactly
         _load(params, closed_form)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: two workers on two cores, nothing oversubscribed
+    os.environ["OMP_NUM_THREADS"] = "1"  # also for the CLI subprocesses the tests start
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 

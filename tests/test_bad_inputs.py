@@ -22,11 +22,11 @@ def saved(tmp_path_factory):
     """Tiny random models on disk, shared read-only by every case (each corrupting case copies one)."""
     root = tmp_path_factory.mktemp("models")
     models = {arch: save_tiny(root / arch, arch) for arch in ("llama", "opt")}
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(
-        root / "gpt2")
-    models["gpt2"] = root / "gpt2"
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)  # what cannot work at all: an encoder-decoder
+    T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                        d_kv=16)).save_pretrained(root / "t5")
+    models["t5"] = root / "t5"
     return models
 
 
@@ -227,8 +227,8 @@ CASES = [
     Case("model-gguf-missing", lambda c: ["-m", c.inputs / "m.gguf", *FAST], "GGUF file not found"),
     Case("model-plain-file", lambda c: ["-m", c.file("weights.bin", "x"), *FAST], "a file that is not .gguf"),
     Case("model-without-config", no_config, "has no config.json"),
-    Case("model-unsupported-architecture", lambda c: ["-m", c.saved["gpt2"], *FAST],
-         "architecture 'gpt2' is not supported"),
+    Case("model-encoder-decoder", lambda c: ["-m", c.saved["t5"], *FAST],
+         "architecture 't5' is an encoder-decoder; only decoder-only causal LMs are supported"),
     Case("model-hub-id-offline", lambda c: ["-m", "nobody-xyz/not-a-model-123", *FAST],
          "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
     # --- incomplete or corrupt checkpoints

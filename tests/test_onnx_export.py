@@ -108,10 +108,11 @@ def test_genai_greedy_equals_pytorch(arch, tmp_path):
 
 
 def test_unsupported_architecture_dtype_and_opset_are_refused(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
-    with pytest.raises(ValueError, match="does not handle architecture 'gpt2'"):
-        export_onnx(gpt2, char_tokenizer(), tmp_path)
+    from transformers import T5Config, T5ForConditionalGeneration
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=2)).eval()
+    with pytest.raises(ValueError, match="'t5' is an encoder-decoder"):
+        export_onnx(t5, char_tokenizer(), tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before any work
     with pytest.raises(ValueError, match="opset >= 18"):
         export_onnx(tiny_model("llama"), char_tokenizer(), tmp_path, opset=17)
     with pytest.raises(ValueError, match="float32 or float16"):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from conftest import random_batches, tiny_model
+from families import FAMILIES, family_model
 from onnx_helpers import tiny_model_dir
 
 from exporter import CompressionConfig, compress_
@@ -34,7 +35,7 @@ def truncated_layer(arch):
     stream = capture_inputs(model, spec, random_batches(8, 32, batch_size=1), "cpu")
     layer = decoder_layers(model, spec)[0]
     targets = stream.copy()
-    advance(layer, targets, "cpu")
+    advance(0, layer, targets, "cpu")
     for path in spec.linear_names():
         w = layer.get_submodule(path)
         u, s, vh = torch.linalg.svd(w.weight.detach(), full_matrices=False)
@@ -47,9 +48,9 @@ def truncated_layer(arch):
 def test_refinement_never_increases_its_objective_on_the_calibration_batches(arch):
     layer, inputs, targets = truncated_layer(arch)
     train, held = split_batches(len(inputs.hidden), 0.125)
-    before = (objective(layer, inputs, targets, train, "cpu"), objective(layer, inputs, targets, held, "cpu"))
+    before = (objective(0, layer, inputs, targets, train, "cpu"), objective(0, layer, inputs, targets, held, "cpu"))
     entry = refine_layer(0, layer, inputs, targets, BlockRefinement(steps=40, lr=1e-2), "cpu", torch.float32)
-    after = (objective(layer, inputs, targets, train, "cpu"), objective(layer, inputs, targets, held, "cpu"))
+    after = (objective(0, layer, inputs, targets, train, "cpu"), objective(0, layer, inputs, targets, held, "cpu"))
     assert entry["kept"] and after[0] < 0.9 * before[0]  # a real gain, not rounding
     assert after[1] <= before[1]
     assert entry["loss_before"] == pytest.approx(before[0]) and entry["loss_after"] == pytest.approx(after[0])
@@ -86,6 +87,23 @@ def test_runs_on_every_architecture(arch):
     assert all(rec.loss >= rec.loss_min * (1 - 1e-6) for rec in result.records.values())
     ids = random_batches()[0]
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_runs_on_every_discovered_family(family):
+    """Every family the family tests cover (MoE experts, fused projections, Conv1D, sliding-window and
+    per-layer keyword arguments included): the refined layers run and their objective never rises."""
+    model = family_model(family)
+    config = CompressionConfig(method="svd-llm-v2", ratio=0.6, allocation="uniform", refine="block",
+                               refine_steps=40, refine_lr=1e-2)
+    result = compress_(model, random_batches(16, 32, batch_size=1), config, progress=False)
+    entries = result.extra["refine"]
+    assert set(entries) == {"0", "1"}
+    for e in entries.values():
+        assert e["loss_after"] <= e["loss_before"] and e["holdout_after"] <= e["holdout_before"]
+    assert any(e["kept"] for e in entries.values())  # refined factors, whose records were recomputed
+    assert all(rec.loss >= rec.loss_min * (1 - 1e-6) for rec in result.records.values())
+    assert torch.isfinite(model(input_ids=random_batches()[0]).logits).all()
 
 
 def test_refinement_settings_are_checked():
@@ -141,7 +159,7 @@ def test_resume_after_a_refined_layer_gives_the_same_artifacts(tmp_path, monkeyp
     monkeypatch.setattr(CheckpointSource, "materialize",
                         lambda self, i, _m=CheckpointSource.materialize: materialised.append(i) or _m(self, i))
     resumed = run(config(tmp_path / "out"), progress=False, echo=lambda *_: None, resume=True)
-    assert materialised == [1, 2]
+    assert materialised == [0, 1, 2]  # discovery's forward of one layer, then layers 1-2: 0 was not compressed again
     assert resumed["perplexity"] == whole["perplexity"] and resumed["layers"] == whole["layers"]
     strip = lambda d: {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in d.items()}  # noqa: E731
     assert strip(resumed["method_details"]["refine"]) == strip(whole["method_details"]["refine"])
@@ -155,3 +173,13 @@ def test_gradient_flags_are_restored_after_the_optimisation():
     with torch.no_grad():
         refine_layer(0, *truncated_layer("llama"), BlockRefinement(steps=2), "cpu", torch.float32)
         assert not torch.is_grad_enabled()  # the caller's no-grad mode is back after the optimisation
+
+
+def test_refinement_settings_are_part_of_the_resume_key():
+    from exporter.pipeline import run_key, run_settings
+
+    def key(**options):
+        return run_key(run_settings(RunConfig(model="m", out="o", compression=CompressionConfig(ratio=0.4, **options))))
+    keys = {key(), key(refine="block"), key(refine="block", refine_steps=8), key(refine="block", refine_lr=1e-2),
+            key(keep_dense_above=0.95)}
+    assert len(keys) == 5

@@ -88,7 +88,7 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, text, monkeypatch):
     monkeypatch.setattr(CheckpointSource, "materialize", checked)
     run(config(model_dir, tmp_path / "out", text, method="svd", allocation="adacr"), progress=False,
         echo=lambda *_: None)
-    assert [i for i, _ in seen] == [0, 1, 0, 1]  # the profile pass, then the compression pass
+    assert [i for i, _ in seen] == [0, 0, 1, 0, 1]  # discovery's one forward, the profile pass, the compression pass
     assert all(real == [] for _, real in seen), seen  # every other layer was back on `meta`
 
 
@@ -122,7 +122,7 @@ def test_resume_after_a_kill_gives_the_same_artifacts(tmp_path, text, monkeypatc
     monkeypatch.setattr(CheckpointSource, "materialize",
                         lambda self, i, _m=CheckpointSource.materialize: materialised.append(i) or _m(self, i))
     resumed = run(cfg, progress=False, echo=lambda *_: None, resume=True)
-    assert materialised == [2, 3]  # layers 0-1 were neither observed nor compressed again
+    assert materialised == [0, 2, 3]  # discovery's forward, then layers 2-3: 0-1 were not compressed again
     assert resumed["perplexity"] == whole["perplexity"]
     assert resumed["layers"] == whole["layers"]
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -193,11 +193,11 @@ def test_missing_and_unexpected_tensors_are_refused(tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="model.layers.0.extra.weight has no place"):
         CheckpointSource(model_dir)
-    weights["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    source = CheckpointSource(model_dir)
-    with pytest.raises(CheckpointError, match="model.layers.0.mlp.up_proj.weight holds NaN"):
-        source.materialize(0)
+    source = CheckpointSource(model_dir)  # layer 1 is read when its turn comes
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight holds NaN"):
+        source.materialize(1)
 
 
 def test_checkpoint_keys_without_the_base_model_prefix(tmp_path, text):

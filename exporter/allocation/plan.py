@@ -38,6 +38,7 @@ class Profile:
     layer_similarity: list[float] = field(default_factory=list)  # cos(input, output) per decoder layer
     sensitivity: dict[str, float] = field(default_factory=dict)  # name -> loss-gradient weight
     layer_seconds: list[float] = field(default_factory=list)  # wall time of the profiling pass per layer
+    uncalibrated: list[str] = field(default_factory=list)  # linears no calibration token reached (MoE experts)
 
 
 def break_even_rank(m: Matrix) -> float:

@@ -12,6 +12,7 @@ is written.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,8 +20,10 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from ..architectures import architecture_of, decoder_layers
+from ..architectures import architecture_of
 from ..checks import check_checkpoint_files
+from ..discovery import check_causal_lm, find_decoder_layers
+from ..experts import is_fused_experts
 from .base import LayerSource
 from .files import CheckpointError, TensorFiles
 
@@ -36,12 +39,36 @@ def _tied_names(model: nn.Module) -> set[str]:
     return names if getattr(model.config, "tie_word_embeddings", False) else set()
 
 
+def _renamed_keys(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """{key after transformers' plain load-time renamings (e.g. an older `embed_out` → `lm_head`): key}."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return {apply_renamings(k, renamings) if renamings else k: k for k in keys}
+
+
+def not_streamable(model: nn.Module) -> str | None:
+    """Why a model (a skeleton will do) cannot be read one layer at a time, or None."""
+    fused = [name for name, m in model.named_modules() if is_fused_experts(m)]
+    if fused:  # transformers fuses the checkpoint's per-expert tensors (hub names) while it loads
+        return f"its MoE experts ({fused[0]}) are fused at load time by transformers, which is not streamed"
+    return None
+
+
+def skeleton_of(folder: Path, dtype: torch.dtype | None = None, config=None) -> nn.Module:
+    """The model of a checkpoint folder with every parameter on `meta` (no weight read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = config or AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
 class CheckpointSource(LayerSource):
     streamed = True
 
     def __init__(self, folder: str | Path, device="cpu", export_dtype: torch.dtype | None = None,
                  compute_dtype: torch.dtype | None = None, config=None):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.folder = Path(folder)
         check_checkpoint_files(self.folder)  # a truncated or corrupt file is one line naming it, before any work
@@ -51,16 +78,21 @@ class CheckpointSource(LayerSource):
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype or default_compute_dtype(self.device, self.export_dtype)
         self.config = config or AutoConfig.from_pretrained(self.folder)
-        with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers stay real
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.compute_dtype).eval()
-        self.arch = architecture_of(self.model)
+        self.model = skeleton_of(self.folder, self.compute_dtype, self.config)
+        check_causal_lm(self.model)
+        reason = not_streamable(self.model)
+        if reason:
+            raise CheckpointError(reason)
+        self.layers_path = find_decoder_layers(self.model)
         self.keys = self._match_keys()
         self._load_outside_layers()
+        self.arch = architecture_of(self.model, materialize=self._visit)  # one forward of one real layer
 
     def _match_keys(self) -> dict[str, str]:
         """skeleton tensor name -> checkpoint key (with or without the base-model prefix, e.g. OPT's
         `decoder.layers.0…` for `model.decoder.layers.0…`)."""
         available = self.files.keys()
+        renamed = _renamed_keys(self.model, available)
         prefix = getattr(self.model, "base_model_prefix", "") or ""
         tied = _tied_names(self.model)
         keys, missing = {}, []
@@ -68,7 +100,8 @@ class CheckpointSource(LayerSource):
             candidates = [name]
             if prefix:
                 candidates.append(name[len(prefix) + 1:] if name.startswith(prefix + ".") else f"{prefix}.{name}")
-            key = next((c for c in candidates if c in available), None)
+            key = next((c for c in candidates if c in available), None) or \
+                next((renamed[c] for c in candidates if c in renamed), None)
             if key is not None:
                 keys[name] = key
             elif name not in tied:
@@ -91,8 +124,16 @@ class CheckpointSource(LayerSource):
             value = value.to(self.export_dtype).to(self.compute_dtype)
         set_module_tensor_to_device(root, name, self.device, value=value, clear_cache=False)
 
+    @contextmanager
+    def _visit(self, i: int):
+        self.materialize(i)
+        try:
+            yield
+        finally:
+            self.release(i)
+
     def _load_outside_layers(self) -> None:
-        prefix = self.arch.layers + "."
+        prefix = self.layers_path + "."
         with self.files.opened():
             for name in self.keys:
                 if not name.startswith(prefix):
@@ -102,8 +143,14 @@ class CheckpointSource(LayerSource):
             if not name.startswith(prefix):
                 set_module_tensor_to_device(self.model, name, self.device, value=buf, clear_cache=False)
 
+    def _layer(self, i: int) -> nn.Module:
+        return self.model.get_submodule(self.layers_path)[i]
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layers_path}.{i}."
+
     def materialize(self, i: int) -> nn.Module:
-        layer = decoder_layers(self.model, self.arch)[i]
+        layer = self._layer(i)
         prefix = self.layer_prefix(i)
         with self.files.opened():
             for name in self.keys:
@@ -114,6 +161,6 @@ class CheckpointSource(LayerSource):
         return layer
 
     def release(self, i: int) -> None:
-        layer = decoder_layers(self.model, self.arch)[i]
+        layer = self._layer(i)
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta", clear_cache=False)

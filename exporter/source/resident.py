@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..architectures import Architecture, architecture_of, decoder_layers
+from ..architectures import Architecture, decoder_layers, prepare
 from .base import LayerSource
 
 
@@ -20,7 +20,7 @@ def place_outside_layers(model: nn.Module, arch: Architecture, device) -> None:
 class ResidentSource(LayerSource):
     def __init__(self, model: nn.Module, device=None, arch: Architecture | None = None):
         self.model = model.eval()
-        self.arch = arch or architecture_of(model)
+        self.arch = arch or prepare(model)  # MoE experts become per-expert linears (an equivalent model)
         first = next(decoder_layers(model, self.arch)[0].parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.compute_dtype = first.dtype

@@ -1,9 +1,8 @@
 """Activations between decoder layers: the only state the layer loop carries from one layer to the next.
 
 A stream is a list of batches of hidden states (host memory, the compute dtype) plus the keyword arguments
-the model passes to every decoder layer for that batch (attention mask, rotary cos/sin, positions). The
-keyword arguments are the same for every layer, so they are captured once, at layer 0, and batches of
-the same shape share one copy.
+the model passes to each decoder layer for each batch (attention mask, rotary cos/sin, positions), captured
+once before the first layer runs; equal ones are one shared object.
 """
 from __future__ import annotations
 
@@ -13,19 +12,20 @@ import torch
 import torch.nn as nn
 
 from ..architectures import Architecture, decoder_layers
-
-
-class _Captured(Exception):
-    pass
+from ..calibration.layer_inputs import capture_layer_inputs
 
 
 @dataclass
 class Activations:
     hidden: list[torch.Tensor]  # one [batch, seq, hidden] tensor per batch, on the host
-    kwargs: list[dict] = field(default_factory=list)  # per batch; equal ones are the same object
+    layer_kwargs: list[list[dict]] = field(default_factory=list)  # [layer][batch]; equal dicts are one object
+
+    def kwargs_for(self, layer: int) -> list[dict]:
+        """The keyword arguments the model gives decoder layer `layer`, one dict per batch."""
+        return self.layer_kwargs[layer]
 
     def copy(self) -> "Activations":
-        return Activations(list(self.hidden), self.kwargs)
+        return Activations(list(self.hidden), self.layer_kwargs)
 
     @property
     def nbytes(self) -> int:
@@ -55,39 +55,34 @@ def _same(a, b) -> bool:
     return a is b or a == b
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _shared(layer_kwargs: list[list[dict]]) -> list[list[dict]]:
+    """Batches of one shape get equal masks and rotary tables: keep one copy (hundreds of evaluation windows
+    would otherwise each hold their own)."""
+    distinct: list[dict] = []
+    out = []
+    for per_batch in layer_kwargs:
+        row = []
+        for kw in per_batch:
+            same = next((d for d in distinct if d is kw or _same(d, kw)), None)
+            if same is None:
+                distinct.append(kw)
+            row.append(same if same is not None else kw)
+        out.append(row)
+    return out
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, arch: Architecture, batches: list[torch.Tensor], device,
                    storage="cpu") -> Activations:
-    """Run each batch up to decoder layer 0 (embeddings, mask, rotary) and keep what layer 0 receives.
-    Only the modules outside the decoder layers need real weights: the layers may still be on `meta`."""
-    layer0 = decoder_layers(model, arch)[0]
-    captured = Activations([], [])
-    distinct: list[dict] = []
+    """What decoder layer 0 receives for each batch, and the keyword arguments of every layer (Gemma's
+    sliding-window and global layers get different masks: calibration/layer_inputs.py). Only the modules
+    outside the decoder layers need real weights: the layers may still be on `meta`."""
+    captured = capture_layer_inputs(model, decoder_layers(model, arch), batches, device, storage)
+    return Activations(captured.hidden, _shared(captured.layer_kwargs))
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
-        kw = next((d for d in distinct if _same(d, kw)), None) or (distinct.append(kw) or kw)
-        captured.hidden.append(hidden.to(storage))
-        captured.kwargs.append(kw)
-        raise _Captured
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Captured:
-                pass
-            else:
-                raise RuntimeError("the model never called its first decoder layer")
-    finally:
-        handle.remove()
-    return captured
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def run_batch(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> torch.Tensor:
@@ -95,8 +90,8 @@ def run_batch(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device) -> t
 
 
 @torch.no_grad()
-def advance(layer: nn.Module, acts: Activations, device) -> None:
-    """Replace each batch by the layer's output for it (same storage device and dtype)."""
-    for b, kwargs in enumerate(acts.kwargs):
+def advance(index: int, layer: nn.Module, acts: Activations, device) -> None:
+    """Replace each batch by the output of decoder layer `index` for it (same storage device and dtype)."""
+    for b, kwargs in enumerate(acts.kwargs_for(index)):
         h = acts.hidden[b]
         acts.hidden[b] = run_batch(layer, h, kwargs, device).to(h.device, h.dtype)

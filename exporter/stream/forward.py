@@ -13,6 +13,6 @@ from .head import head_logits
 def source_logits(source: LayerSource, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
     """Logits [batch, seq, vocab] (float32, host) of each id tensor [batch, seq] in `sequences`."""
     acts = capture_inputs(source.model, source.arch, sequences, source.device)
-    for _, layer in source.layers():
-        advance(layer, acts, source.device)
+    for i, layer in source.layers():
+        advance(i, layer, acts, source.device)
     return [head_logits(source.model, source.arch, h, ids, source.device) for h, ids in zip(acts.hidden, sequences)]

@@ -15,17 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..architectures import Architecture
+from ..architectures import Architecture, InputGroup
 from ..calibration.stats import InputStats
+from ..linears import linear_dims
 from .activations import Activations, run_batch
 
 
 @contextmanager
-def capture_linear_inputs(layer: nn.Module, arch: Architecture):
-    """Record the input of the first linear of each input group on every forward of `layer`."""
+def capture_linear_inputs(layer: nn.Module, groups: tuple[InputGroup, ...]):
+    """Record the input of the first linear of each input group on every forward of `layer`. A routed
+    group (one MoE expert) is absent when no token reached it: clear `seen` before each forward."""
     seen: dict[int, torch.Tensor] = {}
     handles = []
-    for gi, group in enumerate(arch.groups):
+    for gi, group in enumerate(groups):
         def hook(_m, args, gi=gi):
             seen[gi] = args[0].detach()
         handles.append(layer.get_submodule(group.linears[0]).register_forward_pre_hook(hook))
@@ -38,33 +40,39 @@ def capture_linear_inputs(layer: nn.Module, arch: Architecture):
 
 @dataclass
 class Observation:
-    stats: list[InputStats]  # one per input group (arch.groups order)
+    stats: list[InputStats]  # one per input group (arch.groups_of(layer) order); count 0: never reached
     input_similarity: float  # mean cosine similarity of the layer's input and output (original stream)
 
 
 @torch.no_grad()
-def observe(layer: nn.Module, arch: Architecture, original: Activations, device,
+def observe(index: int, layer: nn.Module, arch: Architecture, original: Activations, device,
             compressed: Activations | None = None, need_abs_mean: bool = False, need_cross: bool = False) -> Observation:
-    """Statistics of `layer`'s linear inputs; advances `original` through the (still dense) layer.
-    With `compressed`, the statistics come from that stream, which the caller advances after the swap."""
+    """Statistics of decoder layer `index`'s linear inputs; advances `original` through the (still dense)
+    layer. With `compressed`, the statistics come from that stream, which the caller advances after the swap."""
+    groups = arch.groups_of(index)
     if need_cross and compressed is None:
         raise ValueError("cross statistics (adaComp) need propagation through the compressed layers")
-    dims = [layer.get_submodule(g.linears[0]).in_features for g in arch.groups]
+    if need_cross and any(g.routed for g in groups):
+        raise ValueError("cross statistics (adaComp) pair each token's two inputs, but MoE experts route the "
+                         "original and the compressed stream differently; use a method without adaComp")
+    dims = [linear_dims(layer.get_submodule(g.linears[0]))[1] for g in groups]
     stats = [InputStats(d, device, abs_mean=need_abs_mean, cross=need_cross) for d in dims]
     cos_sum, cos_count = 0.0, 0
-    with capture_linear_inputs(layer, arch) as seen:
-        for b, kwargs in enumerate(original.kwargs):
+    with capture_linear_inputs(layer, groups) as seen:
+        for b, kwargs in enumerate(original.kwargs_for(index)):
             x = original.hidden[b]
+            seen.clear()
             out = run_batch(layer, x, kwargs, device)
             cos_sum += float(F.cosine_similarity(x.to(device).float(), out.float(), dim=-1).sum())
             cos_count += x.shape[0] * x.shape[1]
             original.hidden[b] = out.to(x.device, x.dtype)
             if compressed is not None:
                 seen_orig = dict(seen)
+                seen.clear()
                 run_batch(layer, compressed.hidden[b], kwargs, device)
-                for gi, s in enumerate(stats):
-                    s.add(seen[gi], seen_orig[gi] if need_cross else None)
+                for gi, x_seen in seen.items():
+                    stats[gi].add(x_seen, seen_orig[gi] if need_cross else None)
             else:
-                for gi, s in enumerate(stats):
-                    s.add(seen[gi])
+                for gi, x_seen in seen.items():
+                    stats[gi].add(x_seen)
     return Observation(stats, cos_sum / max(cos_count, 1))  # guard: an empty stream has no similarity
