@@ -1,22 +1,28 @@
-"""Perplexity of SmolLM2-135M under every method × allocation × ratio, one setting for all rows.
+"""Perplexity of SmolLM2-135M under compression recipes × ratios × calibration seeds, on the held-out protocol
+(exporter/calibration/holdout.py): calibration windows from the first 75% of wiki.valid.tokens; `--split
+validation` evaluates on the rest of wiki.valid.tokens (every choice of a hyperparameter is made there),
+`--split test` on wiki.test.raw (reported only).
 
-    python benchmarks/quality_smollm2.py --rows svd:uniform,svd-llm:uniform,svd-llm-v2:v2,svd-llm-v2:uniform \
-        --ratios 0.2,0.4,0.6
+    python benchmarks/quality_smollm2.py --split validation --eval-tokens 8192 --ratios 0.4 --seeds 0 \
+        --rows svd-llm-v2:uniform,svd-llm-v2:uniform:refine=block:refine_steps=64
 
-Rows accumulate in docs/results/quality-smollm2.json (keyed by method, allocation, ratio and the setting),
-so a later run adds rows without redoing old ones; docs/results/quality-smollm2.md and .png are rewritten
-from every stored row of the current setting. Wall time is the compression alone; peak memory is the
-process's resident set (sampled) during that row, model and evaluation data included. Several processes
-may fill the store at once (on a 2-core machine: OMP_NUM_THREADS=1 each, disjoint --rows or --ratios).
+A row is `method:allocation[:option=value...]`, the options being CompressionConfig fields; `default` is the
+default recipe of the ratio (exporter/recipe.py). Rows accumulate in docs/results/quality-smollm2.json
+(keyed by setting, row, ratio and seed), so a later run adds rows without redoing old ones;
+docs/results/<--doc>.md (and .png) is rewritten from every stored row of the current setting. Wall time is
+the compression alone (a profile pass shared by the rows of one seed is charged to each); peak memory is the
+process's resident set (sampled) during that row, model and evaluation data included.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import fcntl
 import json
 import os
 import shlex
+import statistics
 import sys
 import threading
 import time
@@ -28,13 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter import CompressionConfig, compress, compress_  # noqa: E402
-from exporter.calibration.data import calibration_batches, evaluation_tokens  # noqa: E402
+from exporter import CompressionConfig, compress_  # noqa: E402
+from exporter.calibration.data import read_text, tokenize  # noqa: E402
+from exporter.calibration.holdout import CALIBRATION_SHARE, calibration_windows, validation_tokens  # noqa: E402
+from exporter.compress import measure_profile  # noqa: E402
 from exporter.models import load  # noqa: E402
+from exporter.recipe import default_compression  # noqa: E402
 from exporter.validate.perplexity import perplexity, torch_logits  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "docs" / "results"
+STORE = RESULTS / "quality-smollm2.json"
 
 
 class PeakRSS:
@@ -57,55 +67,86 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-class ComputedOnce:
-    """Every row starts from the same dense model and calibration batches, so the profile pass (spectra,
-    layer similarities) and the gradient sensitivity are the same for every row: compute each once per
-    process (per distinct arguments) and charge its first-call time to every row that uses it, so the wall
-    times stay those of a standalone run."""
-
-    def __init__(self, fn):
-        self.fn, self.cache, self.charged = fn, {}, 0.0
-
-    def __call__(self, *args, **kwargs):
-        key = tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, float, str))))
-        if key in self.cache:
-            value, seconds = self.cache[key]
-            self.charged += seconds  # the row's own clock did not run this
-        else:
-            start = time.perf_counter()
-            value = self.fn(*args, **kwargs)
-            self.cache[key] = (value, time.perf_counter() - start)
-        return copy.deepcopy(value)
+def parse_row(spec: str, ratio: float) -> CompressionConfig:
+    """`method:allocation[:key=value...]` (or `default[:key=value...]`) -> the CompressionConfig it names."""
+    head, *options = spec.split(":")
+    if head == "default":
+        fields = default_compression(ratio)
+    else:
+        fields = {"method": head, "allocation": options.pop(0)}
+    for option in options:
+        name, _, value = option.partition("=")
+        try:
+            fields[name] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[name] = value
+    return CompressionConfig(**{**fields, "ratio": ratio})
 
 
 def key(row: dict) -> tuple:
-    return row["setting"], row["method"], row["allocation"], row["ratio"]
-
-
-def store_row(store: Path, row: dict, setting: str) -> None:
-    """Add (or replace) one row in the JSON store and rewrite the docs. The store is re-read under a lock,
-    so several benchmark processes (one thread each on this 2-core machine) can fill it side by side."""
-    with open(store.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(store.read_text()) if store.exists() else []
-        rows = [r for r in rows if key(r) != key(row)] + [row]
-        partial = store.with_suffix(".json.partial")
-        partial.write_text(json.dumps(rows, indent=1))
-        os.replace(partial, store)  # readers outside the lock never see half a file
-        write_docs(rows, setting)
+    return row["setting"], row["row"], row["ratio"], row.get("seed", 0)
 
 
 def setting_key(a) -> str:
-    return f"calib {a.calib_samples}x{a.calib_seqlen} ({Path(a.calib_data).name}, seed {a.seed}), " \
-           f"eval {a.eval_tokens} tokens ({Path(a.eval_data).name}), window {a.window}"
+    evaluated = (f"the validation part of {Path(a.calib_data).name}" if a.split == "validation"
+                 else Path(a.test_data).name)
+    return (f"calib {a.calib_samples}x{a.calib_seqlen} from the first {CALIBRATION_SHARE:.0%} of "
+            f"{Path(a.calib_data).name}, eval {a.eval_tokens} tokens of {evaluated}, window {a.window}")
 
 
-def write_docs(rows: list[dict], setting: str) -> None:
+def store_row(row: dict, setting: str, doc: str) -> None:
+    """Add (or replace) one row in the JSON store and rewrite the doc. The store is re-read under a lock,
+    so several benchmark processes can fill it side by side."""
+    with open(STORE.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(STORE.read_text()) if STORE.exists() else []
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        partial = STORE.with_suffix(".json.partial")
+        partial.write_text(json.dumps(rows, indent=1))
+        os.replace(partial, STORE)  # readers outside the lock never see half a file
+        write_doc(rows, setting, doc)
+
+
+def spread(values: list[float]) -> str:
+    """mean, and ± half the range when there are several seeds."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+
+def pivot(rows: list[dict]) -> list[str]:
+    """Perplexity per row (recipe) and ratio, mean over the seeds ± half their range; the best mean in bold."""
+    ratios = sorted({r["ratio"] for r in rows})
+    labels = sorted({r["row"] for r in rows})
+    cell = {}
+    for label in labels:
+        for q in ratios:
+            values = [r["ppl"] for r in rows if r["row"] == label and r["ratio"] == q]
+            if values:
+                cell[label, q] = (statistics.fmean(values), spread(values), len(values))
+    best = {q: min(v[0] for (_, rr), v in cell.items() if rr == q) for q in ratios}
+    lines = ["| recipe | " + " | ".join(f"{q:.1f}" for q in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for label in labels:
+        cells = []
+        for q in ratios:
+            if (label, q) not in cell:
+                cells.append("")
+                continue
+            mean, text, n = cell[label, q]
+            text += f" ({n} seeds)" if n > 1 else ""
+            cells.append(f"**{text}**" if mean == best[q] else text)
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_doc(rows: list[dict], setting: str, doc: str) -> None:
     rows = [r for r in rows if r["setting"] == setting]
     commands = list(dict.fromkeys(r["command"] for r in rows))
-    dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
+    dense = next((r["ppl"] for r in rows if r["row"] == "dense"), None)
+    compressed = [r for r in rows if r["row"] != "dense"]
     lines = [
-        "# Perplexity of SmolLM2-135M (wikitext-2) by method, allocation and ratio",
+        f"# SmolLM2-135M perplexity by recipe and ratio ({'validation' if 'validation' in setting else 'test'})",
         "",
         f"Setting: {setting}. CPU, float32. Made by these commands (each adds its rows to",
         "`quality-smollm2.json`; the table shows every stored row of this setting):",
@@ -114,132 +155,114 @@ def write_docs(rows: list[dict], setting: str) -> None:
         "",
         f"Dense model: perplexity **{dense:.2f}**." if dense else "",
         "",
-        "What the rows show, and where the gains match, beat or fall short of the papers': [../quality.md](../quality.md).",
+        "A recipe is `method:allocation[:option=value...]` (CompressionConfig fields). Cells: mean over the",
+        "calibration seeds ± half their range. What the rows show: [../quality.md](../quality.md).",
         "",
-        "Wall time is the compression alone on a 2-core CPU with `threads` PyTorch threads (2: the row ran",
-        "alone; 1: run with OMP_NUM_THREADS=1 while other benchmark processes shared the machine, up to four",
-        "at once); `load` is the 1-minute load average when the row finished (above 2 the wall time is inflated).",
-        "A profile or gradient pass shared by several rows of one process is charged to each of them.",
+        *pivot(compressed),
         "",
-        *pivot(rows),
+        "Every row. `compress s` is the compression alone on a 2-core CPU shared with other jobs (`threads` PyTorch",
+        "threads, `load` the 1-minute load average when the row finished: above 2 the times are inflated);",
+        "`refine s/layer` the mean time of `--refine block` per decoder layer; peak RSS includes the model, the",
+        "evaluation data and the activation streams.",
         "",
-        "Every row:",
-        "",
-        "| method | allocation | ratio | realised (linears) | realised (model) | perplexity | compress wall s | threads | peak RSS MB | load |",
+        "| recipe | ratio | seed | realised (linears) | perplexity | compress s | refine s/layer | threads | peak RSS MB | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted((r for r in rows if r["method"] != "dense"), key=lambda r: (r["ratio"], r["method"], r["allocation"])):
-        lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.1f} | {r['realized_linears']:.3f} | "
-                     f"{r['realized_model']:.3f} | {r['ppl']:.2f} | {r['wall_s']:.1f} | {r.get('threads', 2)} | {r['peak_rss_mb']:.0f} | "
-                     f"{r.get('load_avg', float('nan')):.1f} |")
-    (RESULTS / "quality-smollm2.md").write_text("\n".join(lines) + "\n\n![perplexity vs ratio](quality-smollm2.png)\n")
-    plot(rows, dense, setting)
+    for r in sorted(compressed, key=lambda r: (r["ratio"], r["row"], r["seed"])):
+        refine = f"{r['refine_s_per_layer']:.1f}" if r.get("refine_s_per_layer") else "-"
+        lines.append(f"| `{r['row']}` | {r['ratio']:.1f} | {r['seed']} | {r['realized_linears']:.3f} | {r['ppl']:.2f} | "
+                     f"{r['wall_s']:.0f} | {refine} | {r['threads']} | {r['peak_rss_mb']:.0f} | {r['load_avg']:.1f} |")
+    (RESULTS / f"{doc}.md").write_text("\n".join(lines) + f"\n\n![perplexity vs ratio]({doc}.png)\n")
+    plot(compressed, dense, setting, RESULTS / f"{doc}.png")
 
 
-def pivot(rows: list[dict]) -> list[str]:
-    """Perplexity per method × allocation (rows) and ratio (columns); the best of each column in bold."""
-    rows = [r for r in rows if r["method"] != "dense"]
-    ratios = sorted({r["ratio"] for r in rows})
-    series = sorted({(r["method"], r["allocation"]) for r in rows})
-    ppl = {(r["method"], r["allocation"], r["ratio"]): r["ppl"] for r in rows}
-    best = {q: min(v for (_, _, rr), v in ppl.items() if rr == q) for q in ratios}
-    lines = ["| method | allocation | " + " | ".join(f"{q:.1f}" for q in ratios) + " |",
-             "|---|---|" + "---|" * len(ratios)]
-    for m, al in series:
-        cells = []
-        for q in ratios:
-            v = ppl.get((m, al, q))
-            cells.append("" if v is None else f"**{v:.2f}**" if v == best[q] else f"{v:.2f}")
-        lines.append(f"| {m} | {al} | " + " | ".join(cells) + " |")
-    return lines
-
-
-ALLOCATION_COLORS = {"uniform": "tab:gray", "v2": "tab:red", "adacr": "tab:blue", "global-relative": "tab:olive",
-                     "global-fisher": "tab:orange", "global-fisher-per-type": "tab:green"}
-METHOD_STYLES = {"adasvd": ("-", "o"), "svd-llm-v2": ("--", "s"), "svd-llm": (":", "^"), "svd": (":", "x"),
-                 "asvd": (":", "v"), "fwsvd": (":", "D")}
-
-
-def plot(rows, dense, setting):
-    """Colour = allocation, line and marker = method, so 14 series stay tellable apart."""
+def plot(rows, dense, setting, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    series = sorted({(r["method"], r["allocation"]) for r in rows if r["method"] != "dense"})
-    for method, alloc in series:
-        pts = sorted((r["ratio"], r["ppl"]) for r in rows if (r["method"], r["allocation"]) == (method, alloc))
-        line, marker = METHOD_STYLES.get(method, ("-.", "."))
-        ax.plot(*zip(*pts), ls=line, marker=marker, color=ALLOCATION_COLORS.get(alloc), label=f"{method} ({alloc})")
+    for label in sorted({r["row"] for r in rows}):
+        ratios = sorted({r["ratio"] for r in rows if r["row"] == label})
+        means = [statistics.fmean(r["ppl"] for r in rows if r["row"] == label and r["ratio"] == q) for q in ratios]
+        lows = [min(r["ppl"] for r in rows if r["row"] == label and r["ratio"] == q) for q in ratios]
+        highs = [max(r["ppl"] for r in rows if r["row"] == label and r["ratio"] == q) for q in ratios]
+        line = ax.plot(ratios, means, marker="o", ls="-" if "refine=block" in label or label.startswith("default")
+                       else "--", label=label)[0]
+        ax.fill_between(ratios, lows, highs, color=line.get_color(), alpha=0.15)
     if dense:
         ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
     ax.set_yscale("log")
     ax.set_xlabel("compression ratio (fraction of linear-layer parameters removed)")
     ax.set_ylabel("wikitext-2 perplexity (log)")
-    ax.set_title("SmolLM2-135M", fontsize=11)
+    ax.set_title("SmolLM2-135M (band: range over calibration seeds)", fontsize=11)
     ax.text(0.01, 0.01, setting, transform=ax.transAxes, fontsize=7, color="gray")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(RESULTS / "quality-smollm2.png", dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="svd:uniform,svd-llm:uniform,svd-llm-v2:v2,svd-llm-v2:uniform",
-                   help="comma-separated method:allocation pairs")
-    p.add_argument("--ratios", default="0.2,0.4,0.6")
+    p.add_argument("--rows", default="default", help="comma-separated recipes (see the module docstring)")
+    p.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
+    p.add_argument("--seeds", default="0", help="comma-separated calibration seeds")
+    p.add_argument("--split", choices=("validation", "test"), required=True)
     p.add_argument("--calib-data", default=str(DATA / "wiki.valid.tokens"))
+    p.add_argument("--test-data", default=str(DATA / "wiki.test.raw"))
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--eval-data", default=str(DATA / "wiki.test.raw"))
+    p.add_argument("--calib-batch-size", type=int, default=2)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--doc", default=None, help="name of the doc written (default: quality-smollm2[-validation])")
     p.add_argument("--redo", action="store_true", help="recompute rows already stored")
     a = p.parse_args()
+    doc = a.doc or ("quality-smollm2" if a.split == "test" else "quality-smollm2-validation")
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = f"{threads}python benchmarks/quality_smollm2.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    store = RESULTS / "quality-smollm2.json"
     setting = setting_key(a)
+    ratios = [float(r) for r in a.ratios.split(",")]
+    specs = a.rows.split(",")
 
     def stored() -> set[tuple]:  # re-read each time: other processes may be adding rows
-        return {key(r) for r in json.loads(store.read_text())} if store.exists() else set()
+        return {key(r) for r in json.loads(STORE.read_text())} if STORE.exists() else set()
 
-    shared = [ComputedOnce(compress.profile_model), ComputedOnce(compress.output_gradient_sensitivity)]
-    compress.profile_model, compress.output_gradient_sensitivity = shared
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
-    tokens = evaluation_tokens(model, tokenizer, a.eval_data, a.eval_tokens)
-    batches = calibration_batches(model, tokenizer, a.calib_data, a.calib_samples, a.calib_seqlen, a.seed)
-    if (setting, "dense", "-", 0.0) not in stored():
-        store_row(store, dict(setting=setting, method="dense", allocation="-", ratio=0.0, realized_linears=0.0,
-                              realized_model=0.0, ppl=perplexity(torch_logits(model), tokens, a.window, "dense"),
-                              wall_s=0.0, peak_rss_mb=0.0, command=command), setting)
-    dense_total = sum(p.numel() for p in model.parameters())
+    calib_text = tokenize(tokenizer, read_text(a.calib_data, "train"))
+    tokens = (validation_tokens(calib_text, a.eval_tokens) if a.split == "validation"
+              else tokenize(tokenizer, read_text(a.test_data, "test"))[:a.eval_tokens])
+    base = dict(setting=setting, command=command, threads=torch.get_num_threads())
+    if (setting, "dense", 0.0, 0) not in stored():
+        store_row({**base, "row": "dense", "ratio": 0.0, "seed": 0, "ppl": perplexity(torch_logits(model), tokens,
+                   a.window, "dense")}, setting, doc)
 
-    for ratio in [float(r) for r in a.ratios.split(",")]:
-        for spec in a.rows.split(","):
-            method, alloc = spec.split(":")
-            if (setting, method, alloc, ratio) in stored() and not a.redo:
-                continue
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        batches = calibration_windows(calib_text, a.calib_samples, a.calib_seqlen, seed, a.calib_batch_size)
+        todo = [(q, s) for q in ratios for s in specs if (setting, s, q, seed) not in stored() or a.redo]
+        if not todo:
+            continue
+        allocations = sorted({parse_row(s, q).allocation_name for q, s in todo})
+        start = time.perf_counter()
+        profile = measure_profile(model, batches, allocations, progress=False)
+        profile_s = time.perf_counter() - start
+        for ratio, spec in todo:
+            config = parse_row(spec, ratio)
             work = copy.deepcopy(model)
-            for once in shared:
-                once.charged = 0.0
             with PeakRSS() as mem:
                 start = time.perf_counter()
-                result = compress_(work, batches, CompressionConfig(method=method, ratio=ratio, allocation=alloc))
-                wall = time.perf_counter() - start + sum(once.charged for once in shared)
+                result = compress_(work, batches, config, profile=copy.deepcopy(profile))
+                wall = time.perf_counter() - start + profile_s
             lin_dense, lin_after = result.linear_params()
-            after_total = sum(p.numel() for p in work.parameters())
-            ppl = perplexity(torch_logits(work), tokens, a.window, f"{method}/{alloc}@{ratio}")
-            store_row(store, dict(setting=setting, method=method, allocation=alloc, ratio=ratio,
-                                  realized_linears=1 - lin_after / lin_dense,
-                                  realized_model=1 - after_total / dense_total, ppl=ppl, wall_s=wall,
-                                  peak_rss_mb=mem.peak / 2**20, command=command, load_avg=os.getloadavg()[0],
-                                  threads=torch.get_num_threads()), setting)
-            print(f"{method:12s} {alloc:10s} {ratio:.1f}  ppl {ppl:10.2f}  {wall:6.1f}s", flush=True)
+            ppl = perplexity(torch_logits(work), tokens, a.window, f"{spec}@{ratio}")
+            refine_s = result.layer_seconds.get("refine")
+            store_row({**base, "row": spec, "ratio": ratio, "seed": seed, "config": dataclasses.asdict(config),
+                       "realized_linears": 1 - lin_after / lin_dense, "ppl": ppl, "wall_s": wall,
+                       "refine_s_per_layer": statistics.fmean(refine_s) if refine_s else None,
+                       "refine": result.extra.get("refine"), "peak_rss_mb": mem.peak / 2**20,
+                       "load_avg": os.getloadavg()[0]}, setting, doc)
+            print(f"{spec} @{ratio} seed {seed}: ppl {ppl:.2f} ({wall:.0f}s)", flush=True)
             del work
 
 

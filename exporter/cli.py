@@ -11,7 +11,8 @@ import traceback
 
 import click
 
-from .config import ALLOCATIONS, METHODS, ONNX_GRAPHS, CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+from .config import (ALLOCATIONS, METHODS, ONNX_GRAPHS, REFINES, CalibrationConfig, CompressionConfig, EvalConfig,
+                     RunConfig)
 from .quantization import CHOICES as QUANTIZE_CHOICES
 from .quantization import DEFAULT_BLOCK_SIZE
 
@@ -55,6 +56,14 @@ def one_line(exc: BaseException, out: str) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
+def compression_config(method: str | None, ratio: float, **given) -> CompressionConfig:
+    """No --method: the default recipe of the ratio (exporter/recipe.py); a --method: that method's paper recipe.
+    Options the user gave (not None) override either."""
+    from .recipe import default_compression
+    fields = {**default_compression(ratio), "recipe": "default"} if method is None else {"method": method}
+    return CompressionConfig(**{**fields, "ratio": ratio, **{k: v for k, v in given.items() if v is not None}})
+
+
 class OneLineUsageError(click.UsageError):
     def show(self, file=None) -> None:
         click.echo(f"svd-export: error: {self.format_message()} (svd-export --help lists the options)", err=True)
@@ -78,10 +87,24 @@ class Command(click.Command):
               help="Fraction of the compressed linears' parameters to remove, in (0, 1) (default 0.2).")
 @click.option("--budget", default=None,
               help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
-@click.option("--method", type=click.Choice(METHODS), default="svd-llm-v2", show_default=True,
-              help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD).")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD). Default: the "
+                   "default recipe (exporter/recipe.py: svd-llm-v2 with its allocation v2); a method given runs its "
+                   "paper's recipe.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
-              help="Rank allocation; default: the method's paper (v2 for svd-llm-v2, adacr for adasvd, else uniform).")
+              help="Rank allocation; default: the recipe's, or the method's paper (v2 for svd-llm-v2, adacr for "
+                   "adasvd, else uniform).")
+@click.option("--refine", type=click.Choice(REFINES), default=None,
+              help="block: after each layer's closed form, Adam on its factors towards the dense layer's output "
+                   "(default: the recipe's; none with --method).")
+@click.option("--refine-steps", type=click.IntRange(min=0), default=None,
+              help="--refine block only: Adam steps per layer, one calibration batch each (early stopping on held-out "
+                   "batches; default 64).")
+@click.option("--refine-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="--refine block only: step size, relative to each factor's RMS (default 0.001).")
+@click.option("--keep-dense-above", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="A matrix whose planned rank keeps at least this share of its parameters stays dense; its budget "
+                   "goes to the others (default 1: off).")
 @click.option("--propagate", type=click.Choice(["original", "compressed"]), default=None,
               help="Calibration inputs of the next layer: through original or compressed layers "
                    "(default: compressed for adasvd, original otherwise).")
@@ -121,11 +144,13 @@ class Command(click.Command):
 @click.option("--device", default=None, help="cuda / cpu (default: cuda when available).")
 @click.option("--min-rank", type=click.IntRange(min=1), default=1, show_default=True,
               help="Smallest rank any compressed matrix gets.")
-@click.option("--adacomp-iterations", type=click.IntRange(min=0), default=1, show_default=True,
-              help="adasvd only: alternating least-squares updates of the factors (adaComp).")
-@click.option("--adacomp-strength", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True,
+@click.option("--adacomp-iterations", type=click.IntRange(min=0), default=None,
+              help="adasvd only: adaComp's up steps, with a damped exact down step between two (default 1).")
+@click.option("--adacomp-strength", type=click.FloatRange(0.0, 1.0), default=None,
               help="adasvd only: adaComp's target W(b X_orig + (1-b) X_compressed): 1 = full compensation "
-                   "(the paper's), 0 = none.")
+                   "(the paper's), 0 = none (default: the recipe's).")
+@click.option("--adacomp-damping", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="adasvd only: damping of adaComp's down step, relative to the mean eigenvalue of X Xᵀ.")
 @click.option("--min-retention", type=float, default=None,
               help="adacr only: AdaSVD's mrr. Default: 0.4, capped at 0.75 x (1 - ratio).")
 @click.option("--opset", type=int, default=None,
@@ -147,10 +172,11 @@ class Command(click.Command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (ours and the libraries').")
 @click.option("--debug", is_flag=True, help="On error, print the traceback too.")
 @click.pass_context
-def main(ctx, model, ratio, budget, method, allocation, propagate, formats, validations, out, overwrite,
-         resume, calib_data, calib_samples, calib_seqlen, calib_batch_size, calib_overlap, seed, eval_data, eval_tokens,
-         eval_seqlen, dtype, device, min_rank, adacomp_iterations, adacomp_strength, min_retention, opset,
-         onnx_graph, quantize, block_size, rank_multiple, skip_parity, quiet, debug):
+def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, keep_dense_above, propagate,
+         formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
+         calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
+         adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, block_size, rank_multiple,
+         skip_parity, quiet, debug):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if debug:
@@ -173,13 +199,12 @@ def main(ctx, model, ratio, budget, method, allocation, propagate, formats, vali
             model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=None if dtype == "auto" else dtype,
             device=device,
             validations=tuple(dict.fromkeys(validations)),
-            compression=CompressionConfig(method=method, ratio=0.2 if ratio is None else ratio,
-                                          budget_bytes=None if budget is None else parse_size(budget),
-                                          allocation=allocation, propagate=propagate,
-                                          min_rank=min_rank, rank_multiple=rank_multiple,
-                                          adacomp_iterations=adacomp_iterations,
-                                          adacomp_strength=adacomp_strength,
-                                          min_retention=min_retention),
+            compression=compression_config(
+                method, 0.2 if ratio is None else ratio, budget_bytes=None if budget is None else parse_size(budget),
+                allocation=allocation, propagate=propagate, refine=refine, refine_steps=refine_steps,
+                refine_lr=refine_lr, keep_dense_above=keep_dense_above, min_rank=min_rank, rank_multiple=rank_multiple,
+                adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
+                adacomp_damping=adacomp_damping, min_retention=min_retention),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
                                           seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),

@@ -23,6 +23,7 @@ from .config import CompressionConfig, default_min_retention
 from .lowrank import LowRankLinear, swap_module
 from .methods import MatrixInput, get_method
 from .rank_rounding import round_ranks
+from .refine import refine_layer
 from .source import LayerSource, ResidentSource
 from .stream.activations import Activations, advance, capture_inputs
 from .stream.checkpoint import Checkpoint
@@ -153,6 +154,22 @@ def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan:
         del mi
 
 
+def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, dense_weights: dict, streams: Streams,
+                      config: CompressionConfig, device, export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """--refine block on one factorized layer, then the records' losses of the factors as they now are."""
+    began = time.perf_counter()
+    entry = refine_layer(index, layer, streams.calib_compressed, streams.calib, config.refinement, device,
+                         export_dtype)
+    result.extra.setdefault("refine", {})[str(index)] = entry
+    result.layer_seconds.setdefault("refine", []).append(time.perf_counter() - began)
+    if not entry["kept"]:
+        return
+    for name, _, module, stats in _linears(arch, index, layer, obs):
+        if name in dense_weights and name in result.records:  # factorized (not an uncalibrated expert)
+            mi = MatrixInput(name, dense_weights[name].detach().to(torch.float64), stats)
+            result.records[name].loss = mi.loss(module.up.weight.detach(), module.down.weight.detach())
+
+
 def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int], method, config: CompressionConfig,
                      result: CompressionResult, export_dtype: torch.dtype, start: int = 0, writer=None,
                      checkpoint: Checkpoint | None = None, state: dict | None = None, progress: bool = True) -> None:
@@ -165,8 +182,12 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
         result.layer_similarity.append(obs.input_similarity)
         if streams.eval_dense is not None:
             advance(i, layer, streams.eval_dense, device)
+        dense_weights = {name: linear_weight(lin) for name, _, lin, _ in _linears(arch, i, layer, obs)
+                         if name in plan and config.refine == "block"}
         factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
-        del obs
+        if config.refine == "block":
+            refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)
+        del obs, dense_weights
         for stream in (streams.calib_compressed, streams.eval_compressed):
             if stream is not None:
                 advance(i, layer, stream, device)
@@ -199,7 +220,7 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     arch, device, model = source.arch, source.device, source.model
     export_dtype = export_dtype or source.compute_dtype
     method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
-                        strength=config.adacomp_strength)
+                        strength=config.adacomp_strength, damping=config.adacomp_damping)
     matrices = list_matrices(model, arch, config.skip)
     name = config.allocation_name
     needs = allocation.needs(name)
@@ -236,7 +257,7 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
         profile_state = state["profile"]
     else:
         plan = allocate(name, matrices, profile if needs else None, ratio, min_rank=config.min_rank,
-                        min_retention=min_retention)
+                        min_retention=min_retention, keep_dense_above=config.keep_dense_above)
         plan = round_ranks(matrices, plan, config.rank_multiple)  # --rank-multiple; the plan itself for 1
         profile_state = {"similarity": profile.layer_similarity, "seconds": profile.layer_seconds,
                          "uncalibrated": profile.uncalibrated}

@@ -13,6 +13,7 @@ from .quantization import DEFAULT_BLOCK_SIZE, Quantization
 ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
+REFINES = ("none", "block")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
@@ -35,6 +36,26 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class BlockRefinement:
+    """Settings of --refine block (exporter/refine.py)."""
+    steps: int = 0  # Adam steps (one calibration batch each); 0 = the closed form, unchanged
+    lr: float = 1e-3  # per step, relative to the RMS of each factor
+    holdout: float = 0.125  # fraction of the calibration batches kept for early stopping
+    eval_every: int = 8  # steps between two held-out evaluations
+    patience: int = 3  # evaluations without a new best before stopping
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"--refine-steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"--refine-lr must be > 0, got {self.lr}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"--refine-holdout must be in (0, 1), got {self.holdout}")
+        if self.eval_every < 1 or self.patience < 1:
+            raise ValueError("refinement: eval_every and patience must be >= 1")
+
+
+@dataclass(frozen=True)
 class CompressionConfig:
     method: str = "svd-llm-v2"
     ratio: float = 0.2  # fraction of the compressed linears' parameters removed
@@ -46,10 +67,20 @@ class CompressionConfig:
     rank_multiple: int = 1  # every rank a multiple of this (exporter/rank_rounding.py), the budget still met
     adacomp_iterations: int = 1
     adacomp_strength: float = 0.25  # β: adaComp's target is W(β X_o + (1 − β) X_c); 1 = the paper's (docs/adasvd.md)
+    adacomp_damping: float = 0.1  # λ of adaComp's down step, relative to the mean eigenvalue of X_c X_cᵀ
     min_retention: float | None = None  # AdaSVD's mrr; None: default_min_retention(ratio)
     asvd_alpha: float = 0.5
     budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)
     skip: tuple[str, ...] = ()  # module-name substrings never compressed
+    # A planned rank keeping at least this share of a matrix's parameters: the matrix stays dense. 1 = off (the
+    # default until a threshold is measured on validation text).
+    keep_dense_above: float = 1.0
+    # Block refinement (exporter/refine.py): Adam on each layer's factors towards the dense layer's output.
+    refine: str = "none"  # "none" | "block"
+    recipe: str = ""  # "default": these settings are the default recipe's (exporter/recipe.py); "": chosen by hand
+    refine_steps: int = 64
+    refine_lr: float = 1e-3
+    refine_holdout: float = 0.125
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,8 +99,22 @@ class CompressionConfig:
             raise ValueError(f"--adacomp-strength must be in [0, 1], got {self.adacomp_strength}")
         if self.rank_multiple < 1:
             raise ValueError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+        if not 0.0 < self.keep_dense_above <= 1.0:
+            raise ValueError(f"--keep-dense-above must be in (0, 1], got {self.keep_dense_above}")
+        if not self.adacomp_damping > 0:
+            raise ValueError(f"--adacomp-damping must be > 0, got {self.adacomp_damping}")
         if self.min_retention is not None and not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
+        if self.refine not in REFINES:
+            raise ValueError(f"unknown --refine {self.refine!r}; choose one of {', '.join(REFINES)}")
+        if self.refine == "block" and self.propagate == "original":
+            raise ValueError("--refine block fits each layer to inputs propagated through the compressed layers: "
+                             "it cannot run with --propagate original")
+        self.refinement  # bad refinement settings are one clear error here
+
+    @property
+    def refinement(self) -> "BlockRefinement":
+        return BlockRefinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout)
 
     @property
     def allocation_name(self) -> str:
@@ -77,7 +122,7 @@ class CompressionConfig:
 
     @property
     def propagation(self) -> str:
-        return self.propagate or ("compressed" if self.method == "adasvd" else "original")
+        return self.propagate or ("compressed" if self.method == "adasvd" or self.refine == "block" else "original")
 
 
 @dataclass(frozen=True)

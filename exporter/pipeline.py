@@ -27,6 +27,7 @@ from .config import RunConfig
 from .models import open_source
 from .output_dir import atomic_output, resume_folder
 from .preflight import preflight
+from .recipe import recipe_name
 from .report import count_params, ratio_block, summary, write_json
 from .report_md import write_report_md
 from .shards import ShardWriter
@@ -171,6 +172,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
 
         linears_dense, linears_after = result.linear_params()
         report.update(
+            recipe=recipe_name(config.compression),
             method=result.method, allocation=result.allocation, propagate=config.compression.propagation,
             ratio=ratio_block(result.ratio, linears_dense, linears_after, dense_total, count_params(model)),
             **({"budget": {"bytes": config.compression.budget_bytes, "weight_bytes": weight_bytes(model, export_dtype)}}

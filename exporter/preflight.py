@@ -77,6 +77,10 @@ def check_options(config: RunConfig) -> None:
     if c.method == "adasvd" and c.propagation != "compressed":
         raise PreflightError("--method adasvd needs --propagate compressed (adaComp pairs the inputs of the "
                              "original and the compressed layers)")
+    batches = -(-config.calibration.samples // config.calibration.batch_size)
+    if c.refine == "block" and batches < 2:
+        raise PreflightError(f"--refine block holds out calibration batches for early stopping and needs at least 2; "
+                             f"got {batches} (raise --calib-samples or lower --calib-batch-size)")
     unknown = set(config.formats) - {"safetensors", "onnx"}
     if unknown:
         raise PreflightError(f"unknown --format {sorted(unknown)[0]!r}; choose from safetensors, onnx")
@@ -317,6 +321,9 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "block_size": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
     "adacomp_iterations": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_strength": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
+    "adacomp_damping": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
+    "refine_steps": (lambda c: c.compression.refine == "block", "--refine block"),
+    "refine_lr": (lambda c: c.compression.refine == "block", "--refine block"),
     "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),

@@ -29,7 +29,7 @@ def summary(report: dict) -> str:
     r, p = report["ratio"], report["params"]
     lines = [
         f"model        {report['model']}",
-        f"method       {report['method']} (allocation {report['allocation']}, propagate {report['propagate']})",
+        f"recipe       {report.get('recipe', report['method'])} (propagate {report['propagate']})",
         f"ratio        requested {r['requested']:.3f} · realised {r['realized_linears']:.3f} of the compressed linears, "
         f"{r['realized_model']:.3f} of the whole model",
         f"params       {p['dense_total']:,} -> {p['compressed_total']:,}",
@@ -50,6 +50,12 @@ def summary(report: dict) -> str:
     if gain:
         lines.append(f"adaComp      ‖W'X_c − WX_o‖ after / before: median {gain[len(gain) // 2]:.4f}, "
                      f"max {gain[-1]:.4f}")
+    refine = (report.get("method_details") or {}).get("refine") or {}
+    gain = sorted(v["loss_after"] / v["loss_before"] for v in refine.values() if v.get("loss_before"))
+    if gain:
+        per_layer = sum(v["seconds"] for v in refine.values()) / len(refine)
+        lines.append(f"refine       layer output error after / before: median {gain[len(gain) // 2]:.4f}; "
+                     f"{sum(v['kept'] for v in refine.values())}/{len(refine)} layers improved, {per_layer:.1f}s/layer")
     onnx = report.get("onnx")
     if onnx:
         lines.append(f"onnx         {onnx['file']}: {onnx['graph']} graph, {onnx['dtype']}, "

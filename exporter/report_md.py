@@ -21,7 +21,8 @@ def _ratio_section(report: dict) -> list[str]:
     r, p = report["ratio"], report["params"]
     return ["## Compression", "", *_table(
         ["", "value"],
-        [["method / allocation", f"{report['method']} / {report['allocation']} (propagate {report['propagate']})"],
+        [["recipe", report.get("recipe", f"{report['method']} + {report['allocation']}")],
+         ["method / allocation", f"{report['method']} / {report['allocation']} (propagate {report['propagate']})"],
          ["ratio requested", f"{r['requested']:.3f}"],
          ["ratio realised (compressed linears)", f"{r['realized_linears']:.4f}"],
          ["ratio realised (whole model)", f"{r['realized_model']:.4f}"],

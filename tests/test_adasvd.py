@@ -257,3 +257,46 @@ def test_summary_shows_the_adacomp_gain():
               "method_details": {"adacomp": {"a": {"loss_before": 4.0, "loss_after": 3.0},
                                              "b": {"loss_before": 2.0, "loss_after": 1.0}}}}
     assert "after / before: median 0.7500, max 0.7500" in summary(report)
+
+
+# ---- adaComp past one iteration: the damped exact down step ----
+
+def test_more_iterations_lower_the_objective_towards_the_optimum(case):
+    """iterations k = up, then (down, up) k − 1 times: every further iteration lowers f (the option is not a
+    no-op past 1), and f never goes below what any rank-r matrix can do."""
+    w, x_o, x_c, stats, rank = case
+    up, down = whitened_init(w, stats, rank)
+    losses = []
+    for k in (1, 2, 4):
+        taken = []
+        u, d = adacomp(w, up, down, stats, iterations=k, taken=taken)
+        assert taken.count("up") == k and taken.count("down") == k - 1
+        losses.append(direct_loss(w, u @ d, x_c, x_o))
+    assert losses[1] < losses[0] * (1 - 1e-3) and losses[2] < losses[1]
+    assert losses[2] >= reduced_rank_optimum(w, x_c, x_o, rank) * (1 - 1e-9)
+
+
+def test_down_step_is_the_damped_least_squares_solution(case):
+    """Against the gradient of the damped objective, solved as one (n·r)-sized linear system."""
+    from exporter.methods.adasvd import down_step
+    w, x_o, x_c, stats, rank = case
+    up, down = whitened_init(w, stats, rank)
+    damping = 0.3
+    got = down_step(w, up, down, stats, stats.cross, damping)
+    gram, n = stats.gram, x_c.shape[1]
+    lam = damping * float(torch.trace(gram)) / n
+    # ∇_D [‖up D X_c − W X_o‖² + λ‖up (D − down)‖²] = 2 upᵀ (up D (C + λI) − W Crossᵀ − λ up down) = 0,
+    # vectorised column by column: (C + λI) ⊗ upᵀup · vec(D) = vec(upᵀ W Crossᵀ + λ upᵀ up down)
+    a = torch.kron(gram + lam * torch.eye(n, dtype=torch.float64), up.T @ up)
+    b = (up.T @ w @ stats.cross.T + lam * up.T @ up @ down).T.reshape(-1)
+    want = torch.linalg.solve(a, b).reshape(x_c.shape[1], rank).T
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    before = adacomp_loss(w, up @ down, stats)
+    assert adacomp_loss(w, up @ got, stats) <= before
+
+
+def test_adacomp_damping_must_be_positive():
+    with pytest.raises(ValueError, match="damping"):
+        get_method("adasvd", damping=0.0)
+    with pytest.raises(ValueError, match="damping"):
+        CompressionConfig(method="adasvd", adacomp_damping=-1.0)

@@ -86,3 +86,29 @@ def test_exact_mean_ratios_clamps_and_keeps_the_mean():
     out = exact_mean_ratios([1.5, 0.1, 0.1, 0.1], target=0.4, upper=0.9)
     assert max(out) <= 0.9 and min(out) >= 0
     assert sum(out) / 4 == pytest.approx(0.4)
+
+
+# ---- near-dense plans stay dense (--keep-dense-above) ----
+
+def test_a_matrix_planned_near_dense_stays_dense_and_its_budget_goes_elsewhere():
+    matrices = llama_like(layers=4)
+    sims = [-0.9, 0.95, 0.96, 0.97]  # layer 0 changes its input most: adaCR keeps it at retention 1
+    profile = Profile(layer_similarity=sims)
+    ratio = 0.3
+    plain = allocate("adacr", matrices, profile, ratio, min_retention=0.2, keep_dense_above=1.0)
+    near = [m for m in matrices if m.name in plain and plain[m.name] * m.params_per_rank >= 0.95 * m.dense_params]
+    assert near and all(m.layer == 0 for m in near)  # the case the option is for
+    plan = allocate("adacr", matrices, profile, ratio, min_retention=0.2, keep_dense_above=0.95)
+    assert all(m.name not in plan for m in near)  # kept dense: exact, no truncation error
+    assert all(plan[m.name] * m.params_per_rank < 0.95 * m.dense_params for m in matrices if m.name in plan)
+    assert plan_params(matrices, plan) <= (1 - ratio) * sum(m.dense_params for m in matrices)
+    later = [m for m in matrices if m.layer > 0]
+    assert sum(plan[m.name] for m in later) < sum(plain[m.name] for m in later)  # paid by the other layers
+
+
+def test_keep_dense_above_that_leaves_no_budget_is_an_error():
+    matrices = llama_like(layers=2)
+    with pytest.raises(ValueError, match="keep-dense-above"):
+        allocate("uniform", matrices, None, 0.03, keep_dense_above=0.9)
+    with pytest.raises(ValueError, match="keep-dense-above"):
+        allocate("uniform", matrices, None, 0.4, keep_dense_above=0.0)

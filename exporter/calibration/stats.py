@@ -105,6 +105,14 @@ class InputStats:
         # One eigendecomposition per distinct input, shared by q/k/v (and gate/up).
         return whiten(self.gram)
 
+    def damped_cholesky(self, lam: float) -> torch.Tensor:
+        """Cholesky factor of C + λI (adaComp's down step), kept for the next linear of this input."""
+        cached = getattr(self, "_cholesky", None)
+        if cached is None or cached[0] != lam:
+            eye = torch.eye(self.dim, dtype=torch.float64, device=self.gram.device)
+            self._cholesky = (lam, torch.linalg.cholesky((self.gram + self.gram.T) / 2 + lam * eye))
+        return self._cholesky[1]
+
     @cached_property
     def root(self) -> torch.Tensor:
         """S with S Sᵀ = X Xᵀ (n×n), shared by the linears of this input whose output side is the larger."""
