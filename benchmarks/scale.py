@@ -127,10 +127,11 @@ def memory_of(pid: int) -> dict[str, int]:
     return {k: int(fields[k].split()[0]) for k in ("VmHWM", "RssAnon", "RssFile") if k in fields}
 
 
-def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | None = None) -> dict:
+def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | None = None,
+            out: Path | None = None) -> dict:
     """One CLI run in a child process; `kill_at` = (pass, layer): SIGKILL once the checkpoint says that pass
     reached that layer. -> the row stored (report.json's timings, peak RSS, sizes)."""
-    out = Path(f"/tmp/scale-out-{name}")
+    out = out or Path(f"/tmp/scale-out-{name}")
     cmd = cli_command(model, str(out), extra)
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -244,8 +245,8 @@ def main():
         run_cli(a.name, a.model, [x for x in a.extra if x != "--"])
     elif a.cmd == "resume":
         extra = [x for x in a.extra if x != "--"] + ["--resume"]
-        for k, layer in enumerate(int(x) for x in a.kill_after.split(",")):
-            run_cli(f"{a.name}-kill{k + 1}", a.model, extra, kill_at=(a.pass_, layer))
+        for k, layer in enumerate(int(x) for x in a.kill_after.split(",")):  # one output name: each run resumes
+            run_cli(f"{a.name}-kill{k + 1}", a.model, extra, kill_at=(a.pass_, layer), out=Path(f"/tmp/scale-out-{a.name}"))
     elif a.cmd == "eigh":
         store({"name": "eigh-float64", "command": "python benchmarks/scale.py eigh --sizes " + a.sizes,
                "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1m": os.getloadavg()[0],

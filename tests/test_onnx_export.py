@@ -230,3 +230,10 @@ def test_cli_quantize_needs_the_fused_graph(tiny_run, tmp_path):
     result = cli(*tiny_run, tmp_path / "out", "--quantize", "int4", "--onnx-graph", "plain")
     assert result.exit_code == 1 and "--quantize" in result.output and "--onnx-graph fused" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_parity_tolerance_grows_with_the_logits_but_not_below_their_measured_size():
+    from exporter.validate.parity import LOGIT_SIZE, scaled_tolerance
+    assert scaled_tolerance(0.05, 3.0) == 0.05 and scaled_tolerance(0.05, LOGIT_SIZE) == 0.05
+    assert scaled_tolerance(0.05, 10 * LOGIT_SIZE) == pytest.approx(0.5)
+    assert scaled_tolerance(0.05, 10 * LOGIT_SIZE) < 0.1 * 10 * LOGIT_SIZE  # a wiring error (logit-sized) still fails

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 from exporter.artifacts import load_compressed
 from exporter.cli import main
-from exporter.onnx_export import export_onnx
 from exporter.validate.parity import genai_greedy, prompt_ids, torch_greedy
 
 pytestmark = pytest.mark.slow
@@ -56,8 +55,10 @@ def test_genai_serves_the_compressed_folder_like_pytorch(run, smollm2):
 
 
 def test_genai_serves_the_dense_export_like_pytorch(smollm2, tmp_path):
+    """The default (fused) graph of the dense model; the plain dynamo graph is served in tests/test_families.py."""
+    from exporter.onnx_build import build_onnx
     model, tokenizer = smollm2
-    export_onnx(model, tokenizer, tmp_path)
+    build_onnx(model, tokenizer, tmp_path)
     greedy_check(tmp_path, model, tokenizer)
 
 
