@@ -86,3 +86,20 @@ def smollm2():
     from exporter.models import load
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
     return model, tokenizer
+
+
+class Killed(BaseException):
+    """A simulated kill: BaseException, so that nothing on the way catches it as an error."""
+
+
+def die_after_layer(monkeypatch, index: int, exc: type[BaseException] = Killed) -> None:
+    """The run dies right after the shard writer wrote decoder layer `index` (its checkpoint is on disk)."""
+    from exporter.shards import ShardWriter
+    original = ShardWriter.write_layer
+
+    def write_layer(self, i, layer, prefix):
+        original(self, i, layer, prefix)
+        if i == index:
+            raise exc
+
+    monkeypatch.setattr(ShardWriter, "write_layer", write_layer)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_batches, tiny_model
+from conftest import Killed, die_after_layer, random_batches, tiny_model
 from families import FAMILIES, family_model
 from onnx_helpers import tiny_model_dir
 
@@ -13,7 +13,6 @@ from exporter.config import BlockRefinement, CalibrationConfig, EvalConfig, RunC
 from exporter.lowrank import LowRankLinear, swap_module
 from exporter.pipeline import run
 from exporter.refine import factors, objective, refine_layer, split_batches
-from exporter.shards import ShardWriter
 from exporter.source import CheckpointSource
 from exporter.stream.activations import advance, capture_inputs
 
@@ -139,22 +138,12 @@ def test_resume_after_a_refined_layer_gives_the_same_artifacts(tmp_path, monkeyp
     whole = run(config(tmp_path / "whole"), progress=False, echo=lambda *_: None)
     assert any(e["kept"] for e in whole["method_details"]["refine"].values())
 
-    class Killed(BaseException):
-        pass
-
-    original = ShardWriter.write_layer
-
-    def dies_after_layer_1(self, index, layer, prefix):
-        original(self, index, layer, prefix)
-        if index == 1:
-            raise Killed
-
-    monkeypatch.setattr(ShardWriter, "write_layer", dies_after_layer_1)
+    die_after_layer(monkeypatch, 1)
     with pytest.raises(Killed):
         run(config(tmp_path / "out"), progress=False, echo=lambda *_: None, resume=True)
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert json.loads((partial[0] / ".checkpoint" / "state.json").read_text())["next"] == 1
-    monkeypatch.setattr(ShardWriter, "write_layer", original)
+    monkeypatch.undo()  # the writer lives again
     materialised = []
     monkeypatch.setattr(CheckpointSource, "materialize",
                         lambda self, i, _m=CheckpointSource.materialize: materialised.append(i) or _m(self, i))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import random_batches, tiny_model
+from conftest import Killed, die_after_layer, random_batches, tiny_model
 from onnx_helpers import tiny_model_dir
 from safetensors.torch import load_file, save_file
 
@@ -13,7 +13,6 @@ from exporter import CompressionConfig, compress_, load_compressed
 from exporter.calibration.data import calibration_batches, evaluation_tokens
 from exporter.config import CalibrationConfig, EvalConfig, RunConfig
 from exporter.pipeline import run
-from exporter.shards import ShardWriter
 from exporter.source import CheckpointSource
 from exporter.source.files import CheckpointError
 from exporter.stream.checkpoint import ResumeError
@@ -158,23 +157,13 @@ def test_resume_after_a_kill_gives_the_same_artifacts(tmp_path, text, monkeypatc
     whole = run(config(model_dir, tmp_path / "whole", text, method="adasvd", allocation="adacr"), progress=False,
                 echo=lambda *_: None)
 
-    class Killed(BaseException):
-        pass
-
-    original = ShardWriter.write_layer
-
-    def dies_at_layer_2(self, index, layer, prefix):
-        original(self, index, layer, prefix)
-        if index == 2:
-            raise Killed
-
-    monkeypatch.setattr(ShardWriter, "write_layer", dies_at_layer_2)
+    die_after_layer(monkeypatch, 2)
     cfg = config(model_dir, tmp_path / "out", text, method="adasvd", allocation="adacr")
     with pytest.raises(Killed):
         run(cfg, progress=False, echo=lambda *_: None, resume=True)
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert len(partial) == 1 and json.loads((partial[0] / ".checkpoint" / "state.json").read_text())["next"] == 2
-    monkeypatch.setattr(ShardWriter, "write_layer", original)
+    monkeypatch.undo()  # the writer lives again
     materialised = []
     monkeypatch.setattr(CheckpointSource, "materialize",
                         lambda self, i, _m=CheckpointSource.materialize: materialised.append(i) or _m(self, i))
@@ -190,14 +179,7 @@ def test_resume_after_a_kill_gives_the_same_artifacts(tmp_path, text, monkeypatc
 def test_resume_with_other_settings_is_refused(tmp_path, text, monkeypatch):
     model_dir = tiny_model_dir("llama", tmp_path / "model")
 
-    original = ShardWriter.write_layer
-
-    def dies_at_layer_1(self, index, layer, prefix):
-        original(self, index, layer, prefix)
-        if index == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardWriter, "write_layer", dies_at_layer_1)
+    die_after_layer(monkeypatch, 1, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         run(config(model_dir, tmp_path / "out", text), progress=False, echo=lambda *_: None, resume=True)
     monkeypatch.undo()
