@@ -195,17 +195,27 @@ def render() -> None:
              "the shapes only). Every row: the exact command, exit code, wall time, the run's own peak RSS "
              "(report.json), seconds per decoder layer of each pass, and the 1-minute load average at the end "
              "(other jobs shared the 2 cores when it is above 2).", "",
-             "| run | exit | wall s | peak RSS GB | profile s/layer | compress s/layer | output GB | load |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Peak RSS: the run's report.json; for a killed run (exit -9), the largest VmHWM sampled every 2 s from "
+             "/proc (anonymous RSS beside it: memory-mapped checkpoint pages count in RSS but are reclaimable).", "",
+             "| run | exit | wall s | peak RSS GiB | peak anon GiB | profile s/layer | compress s/layer | output GiB | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "eigh" in r:
             continue
         seconds = r.get("layer_seconds") or (r.get("killed_at") or {}).get("layer_seconds") or {}
         out = sum((r.get("output_mb") or {}).values()) / 1024
-        rss = f"{r['peak_rss_mb'] / 1024:.2f}" if "peak_rss_mb" in r else "killed"
-        lines.append(f"| {r['name']} | {r['exit']} | {r['wall_s']:.0f} | {rss} | {_mean(seconds.get('profile'))} | "
+        sampled = r.get("sampled_mb") or {}
+        peak = r.get("peak_rss_mb") or sampled.get("VmHWM")
+        rss = f"{peak / 1024:.2f}" if peak else "–"
+        anon = f"{sampled['RssAnon'] / 1024:.2f}" if "RssAnon" in sampled else "–"
+        lines.append(f"| {r['name']} | {r['exit']} | {r['wall_s']:.0f} | {rss} | {anon} | {_mean(seconds.get('profile'))} | "
                      f"{_mean(seconds.get('compress'))} | {out:.2f} | {r['load_avg_1m']:.1f} |")
-    lines += ["", "## Commands", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
+    lines += ["", "## Commands", "", "Checkpoints: `python benchmarks/scale.py make --shape opt-6.7b --layers 32 --out "
+              "/tmp/opt-6.7b` (13.32 GB float16), `--layers 2 --out /tmp/opt67-2`, and `--shape opt-1.3b --layers 2|4|8`. "
+              "The two `-kill` rows are `python benchmarks/scale.py resume --name opt-6.7b-32-layers --model "
+              "/tmp/opt-6.7b --pass profile --kill-after 2,4 -- …` (each run SIGKILLed once its checkpoint reaches "
+              "layer 2, then 4; the second resumes the first).", ""]
+    lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
     for r in rows:
         if "eigh" in r:
             lines += ["", f"## float64 eigendecomposition (`{r['command']}`, OMP_NUM_THREADS={r['threads']}, "
