@@ -148,6 +148,8 @@ class RunConfig:
     onnx_graph: str = "auto"
     quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/quantization.py)
     block_size: int = DEFAULT_BLOCK_SIZE  # quantization block along K
+    parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
+    validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 
     def __post_init__(self):
         if self.onnx_graph not in ONNX_GRAPHS:
@@ -155,8 +157,6 @@ class RunConfig:
         Quantization.parse(self.quantize, self.block_size)  # checks the name and the block size
         if self.quantize is not None and self.onnx_graph == "plain":
             raise ValueError("--quantize writes MatMulNBits while the fused graph is built: it needs --onnx-graph fused")
-    parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
-    validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
