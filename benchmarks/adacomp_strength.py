@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter import CompressionConfig, compress_  # noqa: E402
 from exporter.calibration.data import calibration_batches, evaluation_tokens  # noqa: E402
 from exporter.models import load  # noqa: E402
@@ -41,8 +40,7 @@ def main():
     p.add_argument("--allocation", default="uniform")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "adacomp-strength.md"))
     a = p.parse_args()
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/adacomp_strength.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    command = command_line()
 
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
     tokens = evaluation_tokens(model, tokenizer, str(DATA / "wiki.test.raw"), a.eval_tokens)

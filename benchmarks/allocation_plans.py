@@ -8,8 +8,6 @@ docs/results/allocation-plans.md.
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -18,12 +16,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.allocation import NEEDS_SENSITIVITY, allocate, plan_params  # noqa: E402
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from exporter.allocation import allocate, plan_params  # noqa: E402
 from exporter.architectures import architecture_of  # noqa: E402
 from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.calibration.sensitivity import output_gradient_sensitivity  # noqa: E402
-from exporter.calibration.sequential import capture_layer0_inputs  # noqa: E402
-from exporter.compress import list_matrices, profile_model  # noqa: E402
+from exporter.compress import list_matrices, measure_profile  # noqa: E402
 from exporter.models import load  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -43,18 +40,15 @@ def main():
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "allocation-plans.md"))
     a = p.parse_args()
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/allocation_plans.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    command = command_line()
 
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
     arch = architecture_of(model)
     batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), a.calib_samples,
                                   a.calib_seqlen, seed=0)
     matrices = list_matrices(model, arch)
-    profile = profile_model(model, arch, capture_layer0_inputs(model, arch, batches, "cpu"), "cpu")
     allocations = a.allocations.split(",")
-    if any(name in NEEDS_SENSITIVITY for name in allocations):
-        profile.sensitivity = output_gradient_sensitivity(model, batches, matrices, "cpu")
+    profile = measure_profile(model, batches, allocations, "cpu")  # what these allocations need, measured once
 
     kinds = list(dict.fromkeys(m.kind for m in matrices))
     layers = sorted({m.layer for m in matrices})

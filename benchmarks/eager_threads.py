@@ -9,7 +9,6 @@ Writes docs/results/eager-threads.md.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,12 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter.models import load  # noqa: E402
 from exporter.validate.throughput import ThroughputSettings, eager_throughput  # noqa: E402
 
 
 def main():
-    command = "python benchmarks/eager_threads.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    command = command_line()
     model, _, _ = load("smollm2-135m", "float32", "cpu")
     lines = ["| round | threads | prefill tok/s | decode tok/s | load before | load after |", "|---|---|---|---|---|---|"]
     for round_ in range(2):

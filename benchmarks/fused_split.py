@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,10 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.architectures import architecture_of  # noqa: E402
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.calibration.sequential import capture_layer0_inputs, run_layers  # noqa: E402
-from exporter.linalg import whitened_svd  # noqa: E402
+from exporter.methods import MatrixInput  # noqa: E402
+from exporter.source import ResidentSource  # noqa: E402
+from exporter.stream.activations import capture_inputs  # noqa: E402
+from exporter.stream.observe import observe  # noqa: E402
 from exporter.models import load  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -76,25 +76,25 @@ def main():
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "fused-split.md"))
     a = p.parse_args()
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/fused_split.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    command = command_line()
     ratios = [float(r) for r in a.ratios.split(",")]
 
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
-    arch = architecture_of(model)
     batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), a.calib_samples,
                                   a.calib_seqlen, seed=0)
     # (fused type, ratio) -> [Σ loss² fused, split uniform, split best, per-layer min(fused, split best),
     #                         layers where split best < fused]
     totals = {(kind, r): [0.0, 0.0, 0.0, 0.0, 0] for kind in FUSED for r in ratios}
 
-    def visit(obs):
-        stats = {path: s for group, s in zip(arch.groups_of(obs.index), obs.stats) for path in group.linears}
+    source = ResidentSource(model, "cpu")
+    stream = capture_inputs(model, source.arch, batches, "cpu")
+    for index, layer in source.layers():  # σ(WX) of each matrix on the inputs the dense layers propagate
+        obs = observe(index, layer, source.arch, stream, "cpu")
+        stats = {path: s for group, s in zip(source.arch.groups_of(index), obs.stats) for path in group.linears}
         for kind, paths in FUSED.items():
-            whitening = stats[paths[0]].whitening
-            weights = [obs.layer.get_submodule(path).weight.detach().to(torch.float64) for path in paths]
-            fused = whitened_svd(torch.cat(weights), whitening).s
-            parts = [(whitened_svd(w, whitening).s, w.shape[0]) for w in weights]
+            weights = [layer.get_submodule(path).weight.detach().to(torch.float64) for path in paths]
+            fused = MatrixInput(kind, torch.cat(weights), stats[paths[0]]).spectrum
+            parts = [(MatrixInput(path, w, stats[path]).spectrum, w.shape[0]) for path, w in zip(paths, weights)]
             rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
             for r in ratios:
                 budget = (1 - r) * rows * cols
@@ -106,9 +106,7 @@ def main():
                 t[2] += sb
                 t[3] += min(f, sb)
                 t[4] += sb < f
-
-    run_layers(model, arch, capture_layer0_inputs(model, arch, batches, "cpu"), visit, "cpu")
-    layers = len(model.get_submodule(arch.layers))
+    layers = source.num_layers
     lines = ["# Fused projection: one matrix or split along its outputs", "",
              f"`{command}`", "",
              f"SmolLM2-135M, calibration {a.calib_samples} × {a.calib_seqlen} tokens of wiki.valid.tokens. "
@@ -118,10 +116,13 @@ def main():
              "| matrix | ratio | fused | split, uniform ratio | split, best ranks | split best / fused "
              "| layers where split best wins | better of the two per layer / fused |",
              "|---|---|---|---|---|---|---|---|"]
+    def relative(loss: float, fused: float) -> str:  # fused 0: the budget keeps all of WX (few tokens), no ratio
+        return f"{math.sqrt(loss / fused):.3f}" if fused > 0 else "–"
+
     for (kind, r), (f, su, sb, either, wins) in totals.items():
         lines.append(f"| {'+'.join(p.rsplit('.', 1)[-1] for p in FUSED[kind])} | {r} | {math.sqrt(f):.2f} | "
-                     f"{math.sqrt(su):.2f} | {math.sqrt(sb):.2f} | {math.sqrt(sb / f):.3f} | {wins}/{layers} "
-                     f"| {math.sqrt(either / f):.3f} |")
+                     f"{math.sqrt(su):.2f} | {math.sqrt(sb):.2f} | {relative(sb, f)} | {wins}/{layers} "
+                     f"| {relative(either, f)} |")
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,7 +21,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import shlex
 import statistics
 import sys
 import threading
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter import CompressionConfig, compress_  # noqa: E402
 from exporter.calibration.data import read_text, tokenize  # noqa: E402
 from exporter.calibration.holdout import CALIBRATION_SHARE, calibration_windows, validation_tokens  # noqa: E402
@@ -220,8 +220,7 @@ def main():
     p.add_argument("--redo", action="store_true", help="recompute rows already stored")
     a = p.parse_args()
     doc = a.doc or ("quality-smollm2" if a.split == "test" else "quality-smollm2-validation")
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/quality_smollm2.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    command = command_line()
     setting = setting_key(a)
     ratios = [float(r) for r in a.ratios.split(",")]
     specs = a.rows.split(",")

@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import platform
-import shlex
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter import CompressionConfig, compress_  # noqa: E402
 from exporter.calibration.data import calibration_batches, evaluation_tokens  # noqa: E402
 from exporter.models import load  # noqa: E402
@@ -249,8 +249,7 @@ def main():
     ratios = [float(r) for r in args.ratios.split(",")]
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{env}python benchmarks/throughput_cpu.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    command = command_line()
 
     model, tokenizer, _ = load("smollm2-135m", "float32", "cpu")
     eval_ids = evaluation_tokens(model, tokenizer, str(DATA / "wiki.test.raw"), args.eval_tokens, args.window)
