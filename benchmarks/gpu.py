@@ -4,7 +4,7 @@ on the weights' values, only on the shapes.
   compress    svd-llm-v2 at ratio 0.4 with 256×2048 calibration tokens: wall time and peak GPU memory
   throughput  ONNX Runtime CUDA tokens/s, dense vs compressed at ratios 0.2/0.4/0.6 (float16), with the
               PyTorch eager (generate) rows and the weight-bytes bound on the decode speedup
-  render      docs/results/gpu.md and docs/results/gpu_tokens_per_s.png from the measurements
+  render      docs/results/gpu.md and docs/results/gpu_speedup.png from the measurements
 
 Each part appends its measurements (with the command, device, versions and date) to a JSON file and
 prints them, so a part fits in one device command and the document only holds printed numbers. See
@@ -31,6 +31,7 @@ from exporter.architectures import architecture_of  # noqa: E402
 from exporter.compress import compress_, list_matrices  # noqa: E402
 from exporter.config import CompressionConfig  # noqa: E402
 from exporter.lowrank import build_skeleton  # noqa: E402
+from exporter.rank_rounding import round_ranks  # noqa: E402
 from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
 from exporter.validate.bound import bound_block  # noqa: E402
 from exporter.validate.providers import resolve_provider  # noqa: E402
@@ -61,11 +62,12 @@ def random_model(name: str, layers: int | None, dtype=torch.float16, device="cud
     return model.eval()
 
 
-def low_rank_copy_(model, ratio: float) -> dict:
-    """Swap every linear for a LowRankLinear of the uniform rank for `ratio` (random factors: the speed
-    of a pair of matmuls depends on its shapes only). -> report.json-style layers {name: rank, shape}."""
+def low_rank_copy_(model, ratio: float, rank_multiple: int = 1) -> dict:
+    """Swap every linear for a LowRankLinear of the uniform rank for `ratio`, rounded as --rank-multiple does
+    (random factors: the speed of a pair of matmuls depends on its shapes only).
+    -> report.json-style layers {name: rank, shape}."""
     matrices = list_matrices(model, architecture_of(model))
-    plan = uniform(matrices, None, ratio)
+    plan = round_ranks(matrices, uniform(matrices, None, ratio), rank_multiple)
     build_skeleton(model, plan)
     with torch.no_grad():
         for name in plan:
@@ -102,7 +104,9 @@ def part_compress(name: str, args) -> dict:
     return {"part": "compress", "model": name, "layers": model.config.num_hidden_layers, "method": "svd-llm-v2",
             "ratio": 0.4, "calibration": f"{args.calib_samples}x{args.calib_seqlen}",
             "wall_s": wall, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            "realized_linears": 1 - after / dense}
+            "realized_linears": 1 - after / dense,
+            # seconds per decoder layer and pass (profile = the v2 allocation's loss pass, compress = factorize)
+            "layer_seconds": {k: [round(x, 2) for x in v] for k, v in result.layer_seconds.items()}}
 
 
 class IdsOnlyTokenizer:
@@ -118,26 +122,28 @@ class IdsOnlyTokenizer:
 def dense_graph(name: str, args, model) -> Path:
     """The dense model.onnx, exported once per (model, layers, dtype) into --work and reused by later calls
     while the machine stays warm (a 7B export takes minutes; each ratio is a rewrite of this graph)."""
-    folder = args.work / f"{name}-{model.config.num_hidden_layers}-{args.dtype}" / "dense"
+    c = model.config  # the width is in the key too: a smoke run with a shrunk shape must not reuse a 7B graph
+    folder = args.work / f"{name}-{c.num_hidden_layers}x{c.hidden_size}-{args.dtype}" / "dense"
     if not (folder / "model.onnx").is_file():
         export_onnx(model, IdsOnlyTokenizer(model.config), folder, args.dtype)
     return folder / "model.onnx"
 
 
-def part_throughput(name: str, args) -> list[dict]:
+def part_throughput(name: str, args):
     """Ratio 0 is the dense model; every other ratio is the pipeline's compressed graph: the dense graph
-    rewritten with LowRankLinear factors (export_compressed)."""
+    rewritten with LowRankLinear factors (export_compressed). Yields one row per ratio, so a call that runs
+    out of time keeps the ratios it finished."""
     provider = resolve_provider(args.provider)
     settings = ThroughputSettings(batch=args.batch, prefill=args.prefill, decode=args.decode,
                                   warmup=args.warmup, repeats=args.repeats)
-    rows = []
     for ratio in args.ratios:
         model = random_model(name, args.layers, DTYPES[args.dtype], args.device)
         dense_path = dense_graph(name, args, model)
         row = {"part": "throughput", "model": name, "layers": model.config.num_hidden_layers, "ratio": ratio,
-               "provider": provider, "dtype": args.dtype, "settings": asdict(settings)}
+               "rank_multiple": args.rank_multiple, "provider": provider, "dtype": args.dtype,
+               "settings": asdict(settings)}
         if ratio > 0:
-            layers = low_rank_copy_(model, ratio)
+            layers = low_rank_copy_(model, ratio, args.rank_multiple)
             row.update(bound_block(random_model(name, args.layers, DTYPES[args.dtype], "meta"), layers))
         row["eager"] = eager_throughput(model, settings)
         print(json.dumps({"model": name, "ratio": ratio, "eager": row["eager"]}), flush=True)
@@ -148,8 +154,7 @@ def part_throughput(name: str, args) -> list[dict]:
                 torch.cuda.empty_cache()
             row["ort"] = ort_throughput(path, provider, settings)
         print(json.dumps({"model": name, "ratio": ratio, "ort": row["ort"]}), flush=True)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def record(rows: list[dict], path: Path) -> None:
@@ -165,6 +170,17 @@ def _fmt(value, spec=",.1f"):
     return "–" if value is None else format(value, spec)
 
 
+def _group(row: dict) -> tuple:
+    """Rows comparable with each other: one call's model, depth, rank rounding and protocol. Rows written
+    before --rank-multiple existed used the uniform ranks unrounded, i.e. multiple 1."""
+    s = row["settings"]
+    return (row["model"], row["layers"], row.get("rank_multiple", 1), row["dtype"], row["provider"],
+            s["batch"], s["prefill"], s["decode"], s["repeats"], row["device"])
+
+
+RATES = [("ort", "prefill"), ("ort", "decode"), ("eager", "prefill"), ("eager", "decode")]
+
+
 def render(results: list[dict], folder: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -175,43 +191,62 @@ def render(results: list[dict], folder: Path) -> None:
              "that printed it. Weights are random: time and memory depend on the shapes only.", ""]
     compress = [r for r in results if r["part"] == "compress"]
     if compress:
-        lines += ["## Compression (svd-llm-v2, ratio 0.4)", "",
-                  "| model | layers | calibration | wall time s | peak GPU MB | realised ratio | device | date | command |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_mb'], ',.0f')} | "
-                  f"{r['realized_linears']:.4f} | {r['device']} | {r['date']} | `{r['command']}` |" for r in compress]
-        lines.append("")
+        lines += ["## Compression (svd-llm-v2, ratio 0.4, v2 allocation: a profile pass and a compression pass)", "",
+                  "| model | layers | calibration | wall time s | profile s/layer | compress s/layer | "
+                  "32 layers at that rate, min | peak GPU MB | realised ratio | device | date | command |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in compress:
+            sec = r.get("layer_seconds", {})
+            per_layer = [sum(v) / len(v) for v in (sec.get("profile"), sec.get("compress")) if v]
+            extrapolated = 32 * sum(per_layer) / 60 if len(per_layer) == 2 else None
+            lines.append(f"| {r['model']} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | "
+                         f"{_fmt(per_layer[0] if per_layer else None)} | {_fmt(per_layer[1] if len(per_layer) == 2 else None)} | "
+                         f"{_fmt(extrapolated)} | {_fmt(r['peak_gpu_mb'], ',.0f')} | {r['realized_linears']:.4f} | "
+                         f"{r['device']} | {r['date']} | `{r['command']}` |")
+        lines += ["", "The 32-layer column multiplies the measured seconds per layer by 32 (an extrapolation, not a "
+                  "run); the calibration capture and the model load are not in it.", ""]
     speed = [r for r in results if r["part"] == "throughput"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in dict.fromkeys(r["model"] for r in speed):
-        rows = sorted((r for r in speed if r["model"] == model), key=lambda r: r["ratio"])
+    groups = {}
+    for r in speed:
+        groups.setdefault(_group(r), []).append(r)
+    bars = []  # (label, speedups per RATES, bound)
+    for key, rows in groups.items():
+        model, layers, multiple, dtype, provider, batch, prefill, decode, repeats, device = key
+        rows.sort(key=lambda r: r["ratio"])
         dense = next((r for r in rows if r["ratio"] == 0.0), None)
-        s = rows[0]["settings"]
-        lines += [f"## Throughput: {model} ({rows[0]['layers']} layers, {rows[0]['dtype']}, {rows[0]['provider']}, batch {s['batch']}, "
-                  f"prefill {s['prefill']}, decode {s['decode']}, median of {s['repeats']})", "",
-                  "| ratio | ORT prefill tok/s | ORT decode tok/s | ORT end-to-end tok/s | ORT peak GPU MB | "
-                  "decode speedup | bound | eager decode tok/s | eager peak GPU MB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## Throughput: {model}, {layers} layers, ranks a multiple of {multiple} ({dtype}, {provider}, "
+                  f"batch {batch}, prefill {prefill}, decode {decode}, median of {repeats}, {device})", "",
+                  "| ratio | ORT prefill tok/s | ORT decode tok/s | ORT peak GPU MB | eager prefill tok/s | "
+                  "eager decode tok/s | eager peak GPU MB | ORT prefill × | ORT decode × | eager prefill × | "
+                  "eager decode × | decode bound × | ORT / eager decode |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            speedup = r["ort"]["decode_tokens_s"] / dense["ort"]["decode_tokens_s"] if dense else None
+            # speedup = compressed / dense of the same call; none without a dense row in the group
+            ups = [r[e][f"{k}_tokens_s"] / dense[e][f"{k}_tokens_s"] if dense else None for e, k in RATES]
             lines.append(f"| {r['ratio']:.1f} | {_fmt(r['ort']['prefill_tokens_s'])} | {_fmt(r['ort']['decode_tokens_s'])} | "
-                         f"{_fmt(r['ort']['end_to_end_tokens_s'])} | {_fmt(r['ort']['peak_gpu_mb'], ',.0f')} | "
-                         f"{_fmt(speedup, '.3f')} | {_fmt(r.get('bound_decode_speedup'), '.3f')} | "
-                         f"{_fmt(r['eager']['decode_tokens_s'])} | {_fmt(r['eager']['peak_gpu_mb'], ',.0f')} |")
-        lines += ["", f"Device {rows[0]['device']}, torch {rows[0]['torch']}, onnxruntime {rows[0]['onnxruntime']}, "
-                  f"{rows[0]['date']}; command `{rows[0]['command']}`.", ""]
-        ratios = [r["ratio"] for r in rows]
-        ax.plot(ratios, [r["ort"]["decode_tokens_s"] for r in rows], "o-", label=f"{model} ORT decode")
-        ax.plot(ratios, [r["eager"]["decode_tokens_s"] for r in rows], "s--", label=f"{model} eager decode")
-    if speed:
-        ax.set_xlabel("compression ratio (0 = dense)")
-        ax.set_ylabel("tokens/s")
-        ax.legend()
+                         f"{_fmt(r['ort']['peak_gpu_mb'], ',.0f')} | {_fmt(r['eager']['prefill_tokens_s'])} | "
+                         f"{_fmt(r['eager']['decode_tokens_s'])} | {_fmt(r['eager']['peak_gpu_mb'], ',.0f')} | "
+                         + " | ".join(_fmt(u, ".2f") for u in ups) + f" | {_fmt(r.get('bound_decode_speedup'), '.2f')} | "
+                         f"{r['ort']['decode_tokens_s'] / r['eager']['decode_tokens_s']:.2f} |")
+            if dense and r["ratio"] > 0:
+                bars.append((f"{layers} layers, ratio {r['ratio']:.1f}, rank ×{multiple}", ups, r.get("bound_decode_speedup")))
+        lines += ["", f"torch {rows[0]['torch']}, onnxruntime {rows[0]['onnxruntime']}, {rows[0]['date']}; "
+                  f"command `{rows[0]['command']}`.", ""]
+    if bars:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        width = 0.8 / len(bars)
+        for i, (label, ups, _) in enumerate(bars):
+            ax.bar([j + i * width for j in range(len(RATES))], ups, width, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(RATES))],
+                      [f"{e.upper() if e == 'ort' else e} {k}" for e, k in RATES])
+        ax.set_ylabel("compressed / dense tokens/s")
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(folder / "gpu_tokens_per_s.png", dpi=110)
-        lines += ["![decode tokens/s vs ratio](gpu_tokens_per_s.png)", ""]
-    plt.close(fig)
+        fig.savefig(folder / "gpu_speedup.png", dpi=110)
+        plt.close(fig)
+        lines += ["![compressed / dense tokens/s](gpu_speedup.png)", ""]
     (folder / "gpu.md").write_text("\n".join(lines))
-    print(f"wrote {folder / 'gpu.md'}")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -220,6 +255,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), action="append", help="repeatable; default: both")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's 32)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="0 = dense")
+    parser.add_argument("--rank-multiple", type=int, default=1,
+                        help="throughput: every rank a multiple of this (tensor cores want multiples of 8 or more)")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--calib-batch-size", type=int, default=8)
@@ -241,7 +278,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     for name in args.model or sorted(SHAPES):
         rows = [part_compress(name, args)] if args.part == "compress" else part_throughput(name, args)
-        record(rows, args.results)
+        for row in rows:
+            record([row], args.results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""benchmarks/gpu.py's document: it only formats the measured rows (speedup = compressed / dense decode
-tokens/s from the same rows), and says which device and command printed them."""
+"""benchmarks/gpu.py's document: it only formats the measured rows (speedup = compressed / dense tokens/s
+of the same group: model, depth, rank rounding, protocol, device), and says which device and command printed
+them."""
 from __future__ import annotations
 
 import importlib.util
@@ -34,10 +35,16 @@ def test_render_formats_measured_rows_only(tmp_path):
         {"part": "compress", "model": "opt-6.7b", "layers": 32, "method": "svd-llm-v2", "ratio": 0.4,
          "calibration": "256x2048", "wall_s": 321.5, "peak_gpu_mb": 30000.0, "realized_linears": 0.4012, **env},
     ]
+    rows.append({**rows[1], "rank_multiple": 64, "ort": speed(150.0)})  # a group without a dense row
+    rows[2]["layer_seconds"] = {"profile": [10.0, 12.0], "compress": [9.0]}
     gpu.render(rows, tmp_path)
     text = (tmp_path / "gpu.md").read_text()
-    assert "| 0.4 | 1,000.0 | 125.0 | 62.5 | 2,048 | 1.250 | 1.500 | 60.0 | 2,048 |" in text
-    assert "| 0.0 | 1,000.0 | 100.0 | 50.0 | 2,048 | 1.000 | – |" in text
-    assert "| opt-6.7b | 32 | 256x2048 | 321.5 | 30,000 | 0.4012 | NVIDIA H100 80GB HBM3 |" in text
+    # ORT prefill, decode, eager prefill, decode speedups and the bound
+    assert "| 0.4 | 1,000.0 | 125.0 | 2,048 | 1,000.0 | 60.0 | 2,048 | 1.00 | 1.25 | 1.00 | 1.20 | 1.50 | 2.08 |" in text
+    assert "| 0.0 | 1,000.0 | 100.0 | 2,048 | 1,000.0 | 50.0 | 2,048 | 1.00 | 1.00 | 1.00 | 1.00 | – | 2.00 |" in text
+    assert "ranks a multiple of 1 " in text and "ranks a multiple of 64 " in text
+    assert "| 0.4 | 1,000.0 | 150.0 | 2,048 | 1,000.0 | 60.0 | 2,048 | – | – | – | – | 1.50 | 2.50 |" in text
+    # (10 + 12) / 2 + 9 = 20 s per layer, × 32 layers = 10.7 min
+    assert "| opt-6.7b | 32 | 256x2048 | 321.5 | 11.0 | 9.0 | 10.7 | 30,000 | 0.4012 | NVIDIA H100 80GB HBM3 |" in text
     assert "python benchmarks/gpu.py throughput --model llama-2-7b" in text
-    assert (tmp_path / "gpu_tokens_per_s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "gpu_speedup.png").read_bytes()[:4] == b"\x89PNG"
