@@ -31,6 +31,12 @@ from .stream.observe import observe
 
 log = logging.getLogger(__name__)
 
+# The profile pass's spectra only feed the allocations, which read tail sums of σ(WX)²: float32 products and
+# eigenvalues keep those within 1e-4 wherever the tail holds 1e-3 of ‖WX‖² (tests/test_truncation_math.py)
+# and take less time on a CPU (docs/scale.md, "Measured here"). The factorization, its loss and its minimum
+# stay float64.
+PROFILE_DTYPE = torch.float32
+
 
 @dataclass
 class MatrixRecord:
@@ -114,8 +120,8 @@ def profile_pass(source: LayerSource, calib: Activations, needs: frozenset[str],
             if stats.count == 0:
                 profile.uncalibrated.append(name)
             elif "spectra" in needs:
-                w = linear_weight(linear).detach().to(torch.float64)
-                profile.spectra[name] = MatrixInput(name, w, stats).spectrum.cpu()
+                w = linear_weight(linear).detach().to(PROFILE_DTYPE)
+                profile.spectra[name] = MatrixInput(name, w, stats).spectrum.to(torch.float64).cpu()
         del obs
         profile.layer_seconds.append(time.perf_counter() - began)
         if checkpoint is not None:

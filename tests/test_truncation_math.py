@@ -165,3 +165,29 @@ def test_past_the_rank_of_x_the_kept_directions_stay_closest_to_w():
     assert mi.loss(up, down) == pytest.approx(0.0, abs=1e-8)
     gram_up, gram_down = get_method("svd-llm-v2").factorize(MatrixInput("w", w, stats_of(x)), 31)
     assert torch.linalg.norm(w - up @ down) <= torch.linalg.norm(w - gram_up @ gram_down) + 1e-12
+
+
+@pytest.mark.parametrize("path", ["tokens", "output-gram", "root"])
+def test_float32_profile_spectrum_keeps_the_tail_sums(path):
+    """The allocation's profile pass computes σ(WX) in float32 (compress.PROFILE_DTYPE). What an allocation
+    reads from it, the tail sums L_r = √Σ_{i>r} σ_i², stays within 1e-4 of float64 wherever the tail holds
+    at least 1e-3 of ‖WX‖², and within 1e-3 down to 1e-6 of it (an eigenvalue's float32 error is ~1e-7 of the
+    largest one), on each of the three ways the spectrum is computed. V2 reads 1/log L: a 1e-3 change in L moves
+    it by less than 1e-3/log L."""
+    x = activations("full")
+    w = weight() if path != "root" else torch.randn(IN + 16, IN, generator=torch.Generator().manual_seed(2),
+                                                       dtype=torch.float64)  # m > n: D = W S
+    stats = stats_of(x[:, :40], tokens=True) if path == "tokens" else stats_of(torch.cat([x, x], dim=1))
+    exact = MatrixInput("w", w, stats).spectrum
+    single = MatrixInput("w", w.to(torch.float32), stats).spectrum
+    assert single.dtype == torch.float32 and single.shape == exact.shape
+    energy = float(exact.square().sum())
+    checked = 0
+    for r in range(len(exact)):
+        tail = min_truncation_loss(exact, r)
+        if tail ** 2 >= 1e-3 * energy:
+            assert min_truncation_loss(single, r) == pytest.approx(tail, rel=1e-4), r
+            checked += 1
+        elif tail ** 2 >= 1e-6 * energy:
+            assert min_truncation_loss(single, r) == pytest.approx(tail, rel=1e-3), r
+    assert checked >= 20

@@ -25,33 +25,44 @@ class MatrixInput:
 
     Everything below is (WX)(WX)ᵀ seen through its smallest Gram: W C Wᵀ (m×m) when m is the smallest side;
     else DᵀD for a factor D with D Dᵀ = W C Wᵀ — D = WX (m×N) when the tokens were kept (N ≤ n), or
-    D = W S (m×n) with S Sᵀ = C shared by the linears of one input."""
+    D = W S (m×n) with S Sᵀ = C shared by the linears of one input.
+
+    The weight's dtype is the dtype of every product here: float64 to factorize; float32 where only the
+    spectrum is wanted (the allocation's profile pass: exporter/compress.py, PROFILE_DTYPE). The statistics
+    stay float64 sums and are cast to it."""
     name: str
-    weight: torch.Tensor  # out×in, float64, on the compute device
+    weight: torch.Tensor  # out×in, float64 (or float32 for a spectrum), on the compute device
     stats: InputStats
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.weight.dtype)  # the same tensor, no copy, in float64
+
+    @cached_property
+    def _gram(self) -> torch.Tensor:
+        return self._cast(self.stats.gram)
 
     @cached_property
     def factor(self) -> torch.Tensor | None:
         """D with D Dᵀ = (WX)(WX)ᵀ, or None when the m×m Gram W C Wᵀ is the smallest object."""
         m, n = self.weight.shape
         if self.stats.tokens is not None:
-            return self.weight @ self.stats.tokens.T
-        return None if m <= n else self.weight @ self.stats.root
+            return self.weight @ self._cast(self.stats.tokens).T
+        return None if m <= n else self.weight @ self._cast(self.stats.root)
 
     @cached_property
     def weight_gram(self) -> torch.Tensor:
         """W·C (m×n): the one m·n² product of the Gram path."""
-        return self.weight @ self.stats.gram
+        return self.weight @ self._gram
 
     @cached_property
     def _small_gram(self) -> tuple[torch.Tensor, bool]:
         """(the smallest Gram of WX, whether it is the output-side one D Dᵀ = W C Wᵀ)."""
         d = self.factor
         if d is None:
-            return output_gram(self.weight, self.stats.gram, self.weight_gram), True
+            return output_gram(self.weight, self._gram, self.weight_gram), True
         if d.shape[0] <= d.shape[1]:
-            return symmetric(d @ d.T), True
-        return symmetric(d.T @ d), False
+            return symmetric(d @ d.T, d.dtype), True
+        return symmetric(d.T @ d, d.dtype), False
 
     @cached_property
     def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
