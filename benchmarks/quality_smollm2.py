@@ -83,6 +83,15 @@ def parse_row(spec: str, ratio: float) -> CompressionConfig:
     return CompressionConfig(**{**fields, "ratio": ratio})
 
 
+def label(spec: str, ratio: float) -> str:
+    """The row's stored name: `default` resolved to the method and allocation it ran, since the default recipe
+    changes as rows are measured (it was svd-llm-v2:v2 before 2026-11-26)."""
+    if not spec.startswith("default"):
+        return spec
+    config = parse_row(spec, ratio)
+    return f"{config.method}:{config.allocation_name}" + spec[len("default"):]
+
+
 def key(row: dict) -> tuple:
     return row["setting"], row["row"], row["ratio"], row.get("seed", 0)
 
@@ -155,7 +164,8 @@ def write_doc(rows: list[dict], setting: str, doc: str) -> None:
         "",
         f"Dense model: perplexity **{dense:.2f}**." if dense else "",
         "",
-        "A recipe is `method:allocation[:option=value...]` (CompressionConfig fields). Cells: mean over the",
+        "A recipe is `method:allocation[:option=value...]` (CompressionConfig fields); `default` in a command is",
+        "stored as the method and allocation it ran (the default recipe then). Cells: mean over the",
         "calibration seeds ± half their range. What the rows show: [../quality.md](../quality.md).",
         "",
         *pivot(compressed),
@@ -239,7 +249,7 @@ def main():
 
     for seed in [int(s) for s in a.seeds.split(",")]:
         batches = calibration_windows(calib_text, a.calib_samples, a.calib_seqlen, seed, a.calib_batch_size)
-        todo = [(q, s) for q in ratios for s in specs if (setting, s, q, seed) not in stored() or a.redo]
+        todo = [(q, s) for q in ratios for s in specs if (setting, label(s, q), q, seed) not in stored() or a.redo]
         if not todo:
             continue
         allocations = sorted({parse_row(s, q).allocation_name for q, s in todo})
@@ -256,7 +266,7 @@ def main():
             lin_dense, lin_after = result.linear_params()
             ppl = perplexity(torch_logits(work), tokens, a.window, f"{spec}@{ratio}")
             refine_s = result.layer_seconds.get("refine")
-            store_row({**base, "row": spec, "ratio": ratio, "seed": seed, "config": dataclasses.asdict(config),
+            store_row({**base, "row": label(spec, ratio), "ratio": ratio, "seed": seed, "config": dataclasses.asdict(config),
                        "realized_linears": 1 - lin_after / lin_dense, "ppl": ppl, "wall_s": wall,
                        "refine_s_per_layer": statistics.fmean(refine_s) if refine_s else None,
                        "refine": result.extra.get("refine"), "peak_rss_mb": mem.peak / 2**20,

@@ -21,14 +21,15 @@ The paper's own down step (up⁺ W, eq. 13, data-free) undoes the whitening and 
 SmolLM2 matrices, so iterations past 1 repeated the same up step; the undamped exact down step (a
 regression on all `in` input channels) was far worse than SVD-LLM (perplexity 97858 vs 1316 at 60%),
 fitting the weakly excited directions of X_c to noise. The damping λ = `damping`·tr(C_c)/n keeps those
-directions where they were (the default `damping` 0.1 is not yet chosen on validation text).
+directions where they were (the default `damping` 0.1 is not chosen on validation text: the down step runs
+from the second iteration only, and the default is one).
 
 Strength β: the target is W X_t with X_t = β X_o + (1 − β) X_c (Cross replaced by the blended moment).
 β = 1 is the paper's; β = 0 keeps the whitened truncation. From the whitened truncation (the optimum for
 β = 0) the first up step lands a fraction β of the way to the full least-squares update, so it is a damped
 step, and the paper's f still falls. On SmolLM2 the full step (β = 1) lowers f the most and gives the
-worst perplexity, worse than SVD-LLM. The default β = 0.25 was chosen at ratio 0.6 on wiki.test, the text
-the quality table reports (docs/adasvd.md): in-sample until it is re-chosen on validation text.
+worst perplexity, worse than SVD-LLM. The default β = 0.25 was chosen at ratio 0.6 on wiki.test and leads
+0.1, 0.5 and 1.0 on validation text at 0.4 too (docs/adasvd.md).
 """
 from __future__ import annotations
 
