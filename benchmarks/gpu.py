@@ -209,7 +209,7 @@ def render(results: list[dict], folder: Path) -> None:
     groups = {}
     for r in speed:
         groups.setdefault(_group(r), []).append(r)
-    bars = []  # (label, speedups per RATES, bound)
+    bars = []  # (label, speedups per RATES)
     for key, rows in groups.items():
         model, layers, multiple, dtype, provider, batch, prefill, decode, repeats, device = key
         rows.sort(key=lambda r: r["ratio"])
@@ -228,13 +228,13 @@ def render(results: list[dict], folder: Path) -> None:
                          + " | ".join(_fmt(u, ".2f") for u in ups) + f" | {_fmt(r.get('bound_decode_speedup'), '.2f')} | "
                          f"{r['ort']['decode_tokens_s'] / r['eager']['decode_tokens_s']:.2f} |")
             if dense and r["ratio"] > 0:
-                bars.append((f"{layers} layers, ratio {r['ratio']:.1f}, rank ×{multiple}", ups, r.get("bound_decode_speedup")))
+                bars.append((f"{layers} layers, ratio {r['ratio']:.1f}, rank ×{multiple}", ups))
         lines += ["", f"torch {rows[0]['torch']}, onnxruntime {rows[0]['onnxruntime']}, {rows[0]['date']}; "
                   f"command `{rows[0]['command']}`.", ""]
     if bars:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         width = 0.8 / len(bars)
-        for i, (label, ups, _) in enumerate(bars):
+        for i, (label, ups) in enumerate(bars):
             ax.bar([j + i * width for j in range(len(RATES))], ups, width, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(RATES))],
