@@ -1,7 +1,8 @@
 """GPU benchmark on 7B-shaped random-weight models (OPT-6.7B, Llama-2-7B): time and memory do not depend
 on the weights' values, only on the shapes.
 
-  compress    svd-llm-v2 at ratio 0.4 with 256×2048 calibration tokens: wall time and peak GPU memory
+  compress    --method (svd-llm-v2 by default; adasvd is the default recipe) at ratio 0.4 with 256×2048
+              calibration tokens, the method's own allocation: wall time, seconds per layer, peak GPU memory
   throughput  ONNX Runtime CUDA tokens/s, dense vs compressed at ratios 0.2/0.4/0.6 (float16), with the
               PyTorch eager (generate) rows and the weight-bytes bound on the decode speedup
   render      docs/results/gpu.md and docs/results/gpu_speedup.png from the measurements
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter.allocation import uniform  # noqa: E402
 from exporter.architectures import architecture_of  # noqa: E402
 from exporter.compress import compress_, list_matrices  # noqa: E402
@@ -83,7 +84,7 @@ def environment() -> dict:
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+            "command": command_line()}
 
 
 def part_compress(name: str, args) -> dict:
@@ -96,12 +97,14 @@ def part_compress(name: str, args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = compress_(model, batches, CompressionConfig(method="svd-llm-v2", ratio=0.4), device=args.device)
+    config = CompressionConfig(method=args.method, ratio=0.4)
+    result = compress_(model, batches, config, device=args.device)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     dense, after = result.linear_params()
-    return {"part": "compress", "model": name, "layers": model.config.num_hidden_layers, "method": "svd-llm-v2",
+    return {"part": "compress", "model": name, "layers": model.config.num_hidden_layers, "method": args.method,
+            "allocation": config.allocation_name,
             "ratio": 0.4, "calibration": f"{args.calib_samples}x{args.calib_seqlen}",
             "wall_s": wall, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "realized_linears": 1 - after / dense,
@@ -191,15 +194,16 @@ def render(results: list[dict], folder: Path) -> None:
              "that printed it. Weights are random: time and memory depend on the shapes only.", ""]
     compress = [r for r in results if r["part"] == "compress"]
     if compress:
-        lines += ["## Compression (svd-llm-v2, ratio 0.4, v2 allocation: a profile pass and a compression pass)", "",
-                  "| model | layers | calibration | wall time s | profile s/layer | compress s/layer | "
+        lines += ["## Compression (ratio 0.4, each method with its own allocation: a profile pass and a compression pass)",
+                  "", "| model | method | layers | calibration | wall time s | profile s/layer | compress s/layer | "
                   "32 layers at that rate, min | peak GPU MB | realised ratio | device | date | command |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in compress:
             sec = r.get("layer_seconds", {})
             per_layer = [sum(v) / len(v) for v in (sec.get("profile"), sec.get("compress")) if v]
             extrapolated = 32 * sum(per_layer) / 60 if len(per_layer) == 2 else None
-            lines.append(f"| {r['model']} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | "
+            method = f"{r['method']} + {r.get('allocation', 'v2')}"  # rows before --method: svd-llm-v2 + v2
+            lines.append(f"| {r['model']} | {method} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | "
                          f"{_fmt(per_layer[0] if per_layer else None)} | {_fmt(per_layer[1] if len(per_layer) == 2 else None)} | "
                          f"{_fmt(extrapolated)} | {_fmt(r['peak_gpu_mb'], ',.0f')} | {r['realized_linears']:.4f} | "
                          f"{r['device']} | {r['date']} | `{r['command']}` |")
@@ -257,6 +261,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="0 = dense")
     parser.add_argument("--rank-multiple", type=int, default=1,
                         help="throughput: every rank a multiple of this (tensor cores want multiples of 8 or more)")
+    parser.add_argument("--method", default="svd-llm-v2", choices=["svd-llm-v2", "adasvd"],
+                        help="compress: the factorization (with its paper's allocation)")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--calib-batch-size", type=int, default=8)
