@@ -1,8 +1,9 @@
 """GPU benchmark on 7B-shaped random-weight models (OPT-6.7B, Llama-2-7B): time and memory do not depend
 on the weights' values, only on the shapes.
 
-  compress    --method (svd-llm-v2 by default; adasvd is the default recipe) at ratio 0.4 with 256×2048
-              calibration tokens, the method's own allocation: wall time, seconds per layer, peak GPU memory
+  compress    --method (svd-llm-v2 by default; adasvd; default = the default recipe, adasvd then --refine block)
+              at ratio 0.4 with 256×2048 calibration tokens, the method's own allocation: wall time, seconds
+              per layer and pass, peak GPU memory
   throughput  ONNX Runtime CUDA tokens/s, dense vs compressed at ratios 0.2/0.4/0.6 (float16), with the
               PyTorch eager (generate) rows and the weight-bytes bound on the decode speedup
   render      docs/results/gpu.md and docs/results/gpu_speedup.png from the measurements
@@ -29,10 +30,12 @@ sys.path.insert(0, str(ROOT))
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
 from exporter.allocation import uniform  # noqa: E402
 from exporter.architectures import architecture_of  # noqa: E402
+from exporter.cli import compression_config  # noqa: E402
 from exporter.compress import compress_, list_matrices  # noqa: E402
 from exporter.config import CompressionConfig  # noqa: E402
 from exporter.lowrank import build_skeleton  # noqa: E402
 from exporter.rank_rounding import round_ranks  # noqa: E402
+from exporter.recipe import recipe_name  # noqa: E402
 from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
 from exporter.validate.bound import bound_block  # noqa: E402
 from exporter.validate.providers import resolve_provider  # noqa: E402
@@ -97,14 +100,18 @@ def part_compress(name: str, args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    config = CompressionConfig(method=args.method, ratio=0.4)
+    config = (compression_config(None, 0.4, len(batches)) if args.method == "default"
+              else CompressionConfig(method=args.method, ratio=0.4))
     result = compress_(model, batches, config, device=args.device)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     dense, after = result.linear_params()
+    refined = result.extra.get("refine", {}).values()
     return {"part": "compress", "model": name, "layers": model.config.num_hidden_layers, "method": args.method,
-            "allocation": config.allocation_name,
+            "allocation": config.allocation_name, "recipe": recipe_name(config),
+            # random weights: refinement may stop early, so the steps it ran go with its seconds
+            "refine_steps_run": [e["steps_run"] for e in refined],
             "ratio": 0.4, "calibration": f"{args.calib_samples}x{args.calib_seqlen}",
             "wall_s": wall, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "realized_linears": 1 - after / dense,
@@ -202,7 +209,12 @@ def render(results: list[dict], folder: Path) -> None:
             sec = r.get("layer_seconds", {})
             per_layer = [sum(v) / len(v) for v in (sec.get("profile"), sec.get("compress")) if v]
             extrapolated = 32 * sum(per_layer) / 60 if len(per_layer) == 2 else None
-            method = f"{r['method']} + {r.get('allocation', 'v2')}"  # rows before --method: svd-llm-v2 + v2
+            # rows before "recipe": method + allocation (before --method: svd-llm-v2 + v2)
+            method = r.get("recipe") or f"{r['method']} + {r.get('allocation', 'v2')}"
+            if r.get("refine_steps_run"):
+                refine = sec["refine"]
+                method += (f" (refine {sum(refine) / len(refine):.1f} s/layer, "
+                           f"{sum(r['refine_steps_run']) / len(refine):.0f} steps run)")
             lines.append(f"| {r['model']} | {method} | {r['layers']} | {r['calibration']} | {r['wall_s']:.1f} | "
                          f"{_fmt(per_layer[0] if per_layer else None)} | {_fmt(per_layer[1] if len(per_layer) == 2 else None)} | "
                          f"{_fmt(extrapolated)} | {_fmt(r['peak_gpu_mb'], ',.0f')} | {r['realized_linears']:.4f} | "
@@ -261,8 +273,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6], help="0 = dense")
     parser.add_argument("--rank-multiple", type=int, default=1,
                         help="throughput: every rank a multiple of this (tensor cores want multiples of 8 or more)")
-    parser.add_argument("--method", default="svd-llm-v2", choices=["svd-llm-v2", "adasvd"],
-                        help="compress: the factorization (with its paper's allocation)")
+    parser.add_argument("--method", default="svd-llm-v2", choices=["svd-llm-v2", "adasvd", "default"],
+                        help="compress: the factorization (with its paper's allocation), or the default recipe")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--calib-batch-size", type=int, default=8)

@@ -67,11 +67,12 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def parse_row(spec: str, ratio: float) -> CompressionConfig:
-    """`method:allocation[:key=value...]` (or `default[:key=value...]`) -> the CompressionConfig it names."""
+def parse_row(spec: str, ratio: float, batches: int) -> CompressionConfig:
+    """`method:allocation[:key=value...]` (or `default[:key=value...]`, the default recipe for `batches`
+    calibration batches) -> the CompressionConfig it names."""
     head, *options = spec.split(":")
     if head == "default":
-        fields = default_compression(ratio)
+        fields = default_compression(ratio, batches)
     else:
         fields = {"method": head, "allocation": options.pop(0)}
     for option in options:
@@ -83,13 +84,16 @@ def parse_row(spec: str, ratio: float) -> CompressionConfig:
     return CompressionConfig(**{**fields, "ratio": ratio})
 
 
-def label(spec: str, ratio: float) -> str:
-    """The row's stored name: `default` resolved to the method and allocation it ran, since the default recipe
-    changes as rows are measured (it was svd-llm-v2:v2 before 2026-11-26)."""
+def label(spec: str, ratio: float, batches: int) -> str:
+    """The row's stored name: `default` resolved to the settings it ran (method, allocation, then its other
+    fields), since the default recipe changes as rows are measured (it was svd-llm-v2:v2 before 2026-11-26)."""
     if not spec.startswith("default"):
         return spec
-    config = parse_row(spec, ratio)
-    return f"{config.method}:{config.allocation_name}" + spec[len("default"):]
+    config = parse_row(spec, ratio, batches)
+    options = {k: v for k, v in default_compression(ratio, batches).items()
+               if k not in ("method", "allocation", "recipe")}
+    return (f"{config.method}:{config.allocation_name}" + "".join(f":{k}={v}" for k, v in options.items())
+            + spec[len("default"):])
 
 
 def key(row: dict) -> tuple:
@@ -165,8 +169,8 @@ def write_doc(rows: list[dict], setting: str, doc: str) -> None:
         f"Dense model: perplexity **{dense:.2f}**." if dense else "",
         "",
         "A recipe is `method:allocation[:option=value...]` (CompressionConfig fields); `default` in a command is",
-        "stored as the method and allocation it ran (the default recipe then). Cells: mean over the",
-        "calibration seeds ± half their range. What the rows show: [../quality.md](../quality.md).",
+        "stored as the settings it ran (the default recipe then). Cells: mean over the calibration seeds ±",
+        "half their range. What the rows show: [../quality.md](../quality.md).",
         "",
         *pivot(compressed),
         "",
@@ -249,15 +253,17 @@ def main():
 
     for seed in [int(s) for s in a.seeds.split(",")]:
         batches = calibration_windows(calib_text, a.calib_samples, a.calib_seqlen, seed, a.calib_batch_size)
-        todo = [(q, s) for q in ratios for s in specs if (setting, label(s, q), q, seed) not in stored() or a.redo]
+        count = len(batches)
+        todo = [(q, s) for q in ratios for s in specs
+                if (setting, label(s, q, count), q, seed) not in stored() or a.redo]
         if not todo:
             continue
-        allocations = sorted({parse_row(s, q).allocation_name for q, s in todo})
+        allocations = sorted({parse_row(s, q, count).allocation_name for q, s in todo})
         start = time.perf_counter()
         profile = measure_profile(model, batches, allocations, progress=False)
         profile_s = time.perf_counter() - start
         for ratio, spec in todo:
-            config = parse_row(spec, ratio)
+            config = parse_row(spec, ratio, count)
             work = copy.deepcopy(model)
             with PeakRSS() as mem:
                 start = time.perf_counter()
@@ -266,10 +272,11 @@ def main():
             lin_dense, lin_after = result.linear_params()
             ppl = perplexity(torch_logits(work), tokens, a.window, f"{spec}@{ratio}")
             refine_s = result.layer_seconds.get("refine")
-            store_row({**base, "row": label(spec, ratio), "ratio": ratio, "seed": seed, "config": dataclasses.asdict(config),
+            store_row({**base, "row": label(spec, ratio, count), "ratio": ratio, "seed": seed, "config": dataclasses.asdict(config),
                        "realized_linears": 1 - lin_after / lin_dense, "ppl": ppl, "wall_s": wall,
                        "refine_s_per_layer": statistics.fmean(refine_s) if refine_s else None,
-                       "refine": result.extra.get("refine"), "peak_rss_mb": mem.peak / 2**20,
+                       "refine": result.extra.get("refine"), "refine_e2e": result.extra.get("refine_e2e"),
+                       "peak_rss_mb": mem.peak / 2**20,
                        "load_avg": os.getloadavg()[0]}, setting, doc)
             print(f"{spec} @{ratio} seed {seed}: ppl {ppl:.2f} ({wall:.0f}s)", flush=True)
             del work

@@ -193,12 +193,14 @@ def render() -> None:
     lines = ["# Real sizes on a 2-core, 24 GB machine without a GPU", "",
              "Made by `benchmarks/scale.py` (random-weight checkpoints of real shapes; time and memory depend on "
              "the shapes only). Every row: the exact command, exit code, wall time, the run's own peak RSS "
-             "(report.json), seconds per decoder layer of each pass, and the 1-minute load average at the end "
+             "(report.json), seconds per decoder layer of each pass, the PyTorch threads (OMP_NUM_THREADS; all: both cores) and the 1-minute load average at the end "
              "(other jobs shared the 2 cores when it is above 2).", "",
              "Peak RSS: the run's report.json; for a killed run (exit -9), the largest VmHWM sampled every 2 s from "
              "/proc (anonymous RSS beside it: memory-mapped checkpoint pages count in RSS but are reclaimable).", "",
-             "| run | exit | wall s | peak RSS GiB | peak anon GiB | profile s/layer | compress s/layer | output GiB | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "`compress s/layer` includes `refine s/layer` (`--refine block`, its part of it).", "",
+             "| run | exit | wall s | peak RSS GiB | peak anon GiB | profile s/layer | compress s/layer | refine s/layer | "
+             "output GiB | threads | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "eigh" in r:
             continue
@@ -209,7 +211,8 @@ def render() -> None:
         rss = f"{peak / 1024:.2f}" if peak else "–"
         anon = f"{sampled['RssAnon'] / 1024:.2f}" if "RssAnon" in sampled else "–"
         lines.append(f"| {r['name']} | {r['exit']} | {r['wall_s']:.0f} | {rss} | {anon} | {_mean(seconds.get('profile'))} | "
-                     f"{_mean(seconds.get('compress'))} | {out:.2f} | {r['load_avg_1m']:.1f} |")
+                     f"{_mean(seconds.get('compress'))} | {_mean(seconds.get('refine'))} | {out:.2f} | "
+                     f"{r.get('threads') or 'all'} | {r['load_avg_1m']:.1f} |")
     lines += ["", "## Commands", "", "Checkpoints: `python benchmarks/scale.py make --shape opt-6.7b --layers 32 --out "
               "/tmp/opt-6.7b` (13.32 GB float16), `--layers 2 --out /tmp/opt67-2`, and `--shape opt-1.3b --layers 2|4|8`. "
               "The two `-kill` rows are `python benchmarks/scale.py resume --name opt-6.7b-32-layers --model "

@@ -56,11 +56,11 @@ def one_line(exc: BaseException, out: str) -> str:
     return text if len(text) < 400 else text[:397] + "..."
 
 
-def compression_config(method: str | None, ratio: float, **given) -> CompressionConfig:
-    """No --method: the default recipe of the ratio (exporter/recipe.py); a --method: that method's paper recipe.
-    Options the user gave (not None) override either."""
+def compression_config(method: str | None, ratio: float, calibration_batches: int, **given) -> CompressionConfig:
+    """No --method: the default recipe of the ratio and calibration size (exporter/recipe.py); a --method: that
+    method's paper recipe. Options the user gave (not None) override either."""
     from .recipe import default_compression
-    fields = {**default_compression(ratio), "recipe": "default"} if method is None else {"method": method}
+    fields = default_compression(ratio, calibration_batches) if method is None else {"method": method}
     return CompressionConfig(**{**fields, "ratio": ratio, **{k: v for k, v in given.items() if v is not None}})
 
 
@@ -89,22 +89,23 @@ class Command(click.Command):
               help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD). Default: the "
-                   "default recipe (exporter/recipe.py: adasvd with its allocation adacr); a method given runs its "
-                   "paper's recipe.")
+                   "default recipe (exporter/recipe.py: adasvd with its allocation adacr, then --refine block); a method "
+                   "given runs its paper's recipe.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="Rank allocation; default: the recipe's, or the method's paper (v2 for svd-llm-v2, adacr for "
                    "adasvd, else uniform).")
 @click.option("--refine", type=click.Choice(REFINES), default=None,
-              help="block: after each layer's closed form, Adam on its factors towards the dense layer's output "
-                   "(default: the recipe's; none with --method).")
+              help="block: after each layer's closed form, Adam on its factors towards the dense layer's output; e2e: "
+                   "after the last layer, Adam on all factors towards the dense model's logits (KL; needs the whole "
+                   "model in memory); block+e2e: both (default: block in the default recipe, none with --method).")
 @click.option("--refine-steps", type=click.IntRange(min=0), default=None,
-              help="--refine block only: Adam steps per layer, one calibration batch each (early stopping on held-out "
-                   "batches; default 64).")
+              help="--refine only: Adam steps (per layer for block, in all for e2e), one calibration batch each "
+                   "(early stopping on held-out batches; default 64).")
 @click.option("--refine-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="--refine block only: step size, relative to each factor's RMS (default 0.001).")
+              help="--refine only: step size, relative to each factor's RMS (default 0.001).")
 @click.option("--keep-dense-above", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="A matrix whose planned rank keeps at least this share of its parameters stays dense; its budget "
-                   "goes to the others (default 1: off).")
+                   "goes to the others (default: 0.9 in the default recipe, 1 = off with --method).")
 @click.option("--propagate", type=click.Choice(["original", "compressed"]), default=None,
               help="Calibration inputs of the next layer: through original or compressed layers "
                    "(default: compressed for adasvd, original otherwise).")
@@ -200,7 +201,8 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
             device=device,
             validations=tuple(dict.fromkeys(validations)),
             compression=compression_config(
-                method, 0.2 if ratio is None else ratio, budget_bytes=None if budget is None else parse_size(budget),
+                method, 0.2 if ratio is None else ratio, -(-calib_samples // calib_batch_size),
+                budget_bytes=None if budget is None else parse_size(budget),
                 allocation=allocation, propagate=propagate, refine=refine, refine_steps=refine_steps,
                 refine_lr=refine_lr, keep_dense_above=keep_dense_above, min_rank=min_rank, rank_multiple=rank_multiple,
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,

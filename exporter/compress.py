@@ -20,10 +20,11 @@ from .architectures import Architecture, decoder_layers, matrix_kind
 from .linears import linear_dims, linear_weight
 from .budget import ratio_for_budget
 from .config import CompressionConfig, default_min_retention
-from .lowrank import LowRankLinear, swap_module
+from .lowrank import LowRankLinear, build_skeleton, swap_module
 from .methods import MatrixInput, get_method
 from .rank_rounding import round_ranks
 from .refine import refine_layer
+from .refine_e2e import refine_model
 from .source import LayerSource, ResidentSource
 from .stream.activations import Activations, advance, capture_inputs
 from .stream.checkpoint import Checkpoint
@@ -189,9 +190,9 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
         if streams.eval_dense is not None:
             advance(i, layer, streams.eval_dense, device)
         dense_weights = {name: linear_weight(lin) for name, _, lin, _ in _linears(arch, i, layer, obs)
-                         if name in plan and config.refine == "block"}
+                         if name in plan and config.refine_block}
         factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
-        if config.refine == "block":
+        if config.refine_block:
             refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)
         del obs, dense_weights
         for stream in (streams.calib_compressed, streams.eval_compressed):
@@ -205,6 +206,39 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
                              "records": {k: asdict(v) for k, v in result.records.items()},
                              "compress_similarity": result.layer_similarity, "extra": result.extra,
                              "layer_seconds": result.layer_seconds}, streams.named())
+
+
+def restore_written_layers(source: LayerSource, plan: dict[str, int], writer, start: int) -> None:
+    """--resume: the layers a killed run compressed (0 … start−1) get their low-rank structure back, so that
+    what follows the loop (parameter counts, the ONNX graph) sees the compressed model and not a fresh load's
+    dense layers; a model held in memory also gets their written weights back."""
+    for i in range(start):
+        layer, prefix = decoder_layers(source.model, source.arch)[i], source.layer_prefix(i)
+        build_skeleton(layer, {name[len(prefix):]: rank for name, rank in plan.items() if name.startswith(prefix)})
+        if not source.streamed:  # a streamed layer is read back from the output when needed (WrittenSource)
+            written = writer.read_layer(i)
+            layer.load_state_dict({k[len(prefix):]: v for k, v in written.items()}, strict=True)
+
+
+def refine_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.Tensor],
+                      eval_batches: list[torch.Tensor] | None, config: CompressionConfig, export_dtype: torch.dtype,
+                      result: CompressionResult, writer=None) -> None:
+    """--refine e2e after the layer loop (exporter/refine_e2e.py). The loop has written each layer and carried
+    the evaluation windows through it: when refinement changed the factors, both are done again."""
+    if source.streamed:  # pipeline.whole_model_reason loads such a run whole, or refuses it
+        raise RuntimeError("--refine e2e backpropagates through the whole model: it needs the model in memory")
+    entry = refine_model(source.model, source.arch, batches, streams.calib.hidden, config.refinement, source.device,
+                         export_dtype)
+    result.extra["refine_e2e"] = entry
+    if not entry["kept"]:
+        return
+    if writer is not None:
+        for i, layer in enumerate(decoder_layers(source.model, source.arch)):
+            writer.write_layer(i, layer, source.layer_prefix(i))
+    if streams.eval_compressed is not None:
+        streams.eval_compressed = capture_inputs(source.model, source.arch, eval_batches, source.device)
+        for i, layer in source.layers():
+            advance(i, layer, streams.eval_compressed, source.device)
 
 
 def _restore_result(result: CompressionResult, state: dict) -> None:
@@ -288,11 +322,14 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
         _restore_result(result, state)
         if writer is not None:
             writer.resume(start)
+            restore_written_layers(source, plan, writer, start)
     base_state = {"plan": plan, "profile": profile_state}
     if profile_state.get("seconds"):
         result.layer_seconds["profile"] = profile_state["seconds"]
     compression_pass(source, streams, plan, method, config, result, export_dtype, start, writer, checkpoint,
                      base_state, progress)
+    if config.refine_e2e:
+        refine_end_to_end(source, streams, batches, eval_batches, config, export_dtype, result, writer)
     if profile.layer_similarity:  # the profile pass measured it on the original stream before any swap
         result.layer_similarity = profile.layer_similarity
     if "uncalibrated_experts" in result.extra:

@@ -13,7 +13,7 @@ from .quantization import DEFAULT_BLOCK_SIZE, Quantization
 ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
-REFINES = ("none", "block")
+REFINES = ("none", "block", "e2e", "block+e2e")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
@@ -72,11 +72,12 @@ class CompressionConfig:
     asvd_alpha: float = 0.5
     budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)
     skip: tuple[str, ...] = ()  # module-name substrings never compressed
-    # A planned rank keeping at least this share of a matrix's parameters: the matrix stays dense. 1 = off (the
-    # default until a threshold is measured on validation text).
+    # A planned rank keeping at least this share of a matrix's parameters: the matrix stays dense. 1 = off; the
+    # default recipe uses 0.9 (exporter/recipe.py).
     keep_dense_above: float = 1.0
     # Block refinement (exporter/refine.py): Adam on each layer's factors towards the dense layer's output.
-    refine: str = "none"  # "none" | "block"
+    # Then end-to-end refinement (exporter/refine_e2e.py): Adam on all factors towards the dense model's logits.
+    refine: str = "none"  # "none" | "block" | "e2e" | "block+e2e"
     recipe: str = ""  # "default": these settings are the default recipe's (exporter/recipe.py); "": chosen by hand
     refine_steps: int = 64
     refine_lr: float = 1e-3
@@ -107,7 +108,7 @@ class CompressionConfig:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
         if self.refine not in REFINES:
             raise ValueError(f"unknown --refine {self.refine!r}; choose one of {', '.join(REFINES)}")
-        if self.refine == "block" and self.propagate == "original":
+        if self.refine_block and self.propagate == "original":
             raise ValueError("--refine block fits each layer to inputs propagated through the compressed layers: "
                              "it cannot run with --propagate original")
         self.refinement  # bad refinement settings are one clear error here
@@ -117,12 +118,20 @@ class CompressionConfig:
         return BlockRefinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout)
 
     @property
+    def refine_block(self) -> bool:
+        return "block" in self.refine.split("+")
+
+    @property
+    def refine_e2e(self) -> bool:
+        return "e2e" in self.refine.split("+")
+
+    @property
     def allocation_name(self) -> str:
         return self.allocation or DEFAULT_ALLOCATION.get(self.method, "uniform")
 
     @property
     def propagation(self) -> str:
-        return self.propagate or ("compressed" if self.method == "adasvd" or self.refine == "block" else "original")
+        return self.propagate or ("compressed" if self.method == "adasvd" or self.refine_block else "original")
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,8 @@ def check_options(config: RunConfig) -> None:
         raise PreflightError("--method adasvd needs --propagate compressed (adaComp pairs the inputs of the "
                              "original and the compressed layers)")
     batches = -(-config.calibration.samples // config.calibration.batch_size)
-    if c.refine == "block" and batches < 2:
-        raise PreflightError(f"--refine block holds out calibration batches for early stopping and needs at least 2; "
+    if c.refine != "none" and batches < 2:
+        raise PreflightError(f"--refine {c.refine} holds out calibration batches for early stopping and needs at least 2; "
                              f"got {batches} (raise --calib-samples or lower --calib-batch-size)")
     unknown = set(config.formats) - {"safetensors", "onnx"}
     if unknown:
@@ -322,8 +322,8 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "adacomp_iterations": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_strength": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_damping": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
-    "refine_steps": (lambda c: c.compression.refine == "block", "--refine block"),
-    "refine_lr": (lambda c: c.compression.refine == "block", "--refine block"),
+    "refine_steps": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
+    "refine_lr": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),

@@ -16,7 +16,8 @@ run repeats the same steps). Adam, step size relative to each tensor's RMS (so `
 step and does not depend on how the closed form split the scale between up and down). The state with the
 lowest held-out loss is kept, and only if it also does not raise the loss on the training batches;
 otherwise the closed-form factors are restored exactly. So the objective on the calibration batches never
-increases, and a budget of zero steps changes nothing.
+increases, and a budget of zero steps changes nothing. `optimise` is that loop for any error function;
+end-to-end refinement (refine_e2e.py) runs it on the whole model.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def factors(layer: nn.Module) -> list[nn.Parameter]:
 def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
     """(training batch indices, held-out batch indices): the last ⌈holdout·count⌉ batches are held out."""
     if count < 2:
-        raise ValueError(f"--refine block holds out calibration batches for early stopping and needs at least 2; "
+        raise ValueError(f"--refine holds out calibration batches for early stopping and needs at least 2; "
                          f"got {count} (raise --calib-samples or lower --calib-batch-size)")
     held = min(count - 1, max(1, math.ceil(holdout * count)))
     return list(range(count - held)), list(range(count - held, count))
@@ -55,13 +56,19 @@ def _squared_error(index: int, layer, inputs: Activations, targets: Activations,
 
 
 @torch.no_grad()
-def objective(index: int, layer, inputs: Activations, targets: Activations, batches: list[int], device) -> float:
-    """Mean squared error per token over `batches` (sums in float64)."""
-    total, tokens = 0.0, 0
+def mean_error(error, batches: list[int]) -> float:
+    """Σ error over `batches` / Σ their counts, for `error(b)` = (summed error of batch b, its count); the sums
+    in float64."""
+    total, count = 0.0, 0
     for b in batches:
-        err, n = _squared_error(index, layer, inputs, targets, b, device)
-        total, tokens = total + float(err), tokens + n
-    return total / max(tokens, 1)  # guard: an empty batch list has no error
+        err, n = error(b)
+        total, count = total + float(err), count + n
+    return total / max(count, 1)  # guard: an empty batch list has no error
+
+
+def objective(index: int, layer, inputs: Activations, targets: Activations, batches: list[int], device) -> float:
+    """Block refinement's objective: mean squared error per token of the layer's output over `batches`."""
+    return mean_error(lambda b: _squared_error(index, layer, inputs, targets, b, device), batches)
 
 
 def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -78,23 +85,36 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
                  device, export_dtype: torch.dtype) -> dict:
     """Refine the factors of `layer` in place (see the module docstring). `inputs`: the compressed stream at the
     layer's input; `targets`: the dense layer's outputs on the original stream. -> the report entry."""
-    began = time.perf_counter()
-    params = factors(layer)
     train, held = split_batches(len(inputs.hidden), settings.holdout)
+    return optimise(layer, lambda b: _squared_error(index, layer, inputs, targets, b, device), train, held, settings,
+                    seed=index, export_dtype=export_dtype)
+
+
+def optimise(module: nn.Module, error, train: list[int], held: list[int], settings: BlockRefinement, seed: int,
+             export_dtype: torch.dtype) -> dict:
+    """Adam on the LowRankLinear factors inside `module`, in float32, minimising the mean of `error(b)` =
+    (summed error of batch b, its count) over the `train` batches, early stopping on the `held` ones; the
+    factors end as the best held-out state rounded to `export_dtype`, or exactly as they were when that is not
+    better on both sets. Shared by block (one decoder layer) and end-to-end (the whole model) refinement.
+    -> the report entry: losses before/after, steps run, whether the new factors were kept, seconds."""
+    began = time.perf_counter()
+    params = factors(module)
     entry = {"steps": settings.steps, "lr": settings.lr}
     if settings.steps == 0 or not params:
         return {**entry, "steps_run": 0, "kept": False, "seconds": time.perf_counter() - began}
     dtype = params[0].dtype
-    layer.float()  # the optimisation runs in float32 whatever the compute dtype
-    params = factors(layer)
+    # float32 whatever the compute dtype; nn.Module's own cast: transformers refuses .float() on a model it
+    # loaded from a quantized file (a de-quantized GGUF), whose weights are plain tensors by now
+    nn.Module.float(module)
+    params = factors(module)
     closed_form = _snapshot(params)
-    flags = {p: p.requires_grad for p in layer.parameters()}
-    for p in layer.parameters():
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for p in module.parameters():
         p.requires_grad_(False)
-    train_before = objective(index, layer, inputs, targets, train, device)
-    held_before = best_held = objective(index, layer, inputs, targets, held, device)
+    train_before = mean_error(error, train)
+    held_before = best_held = mean_error(error, held)
     best, best_step, since_best, step = closed_form, 0, 0, 0
-    order = torch.Generator().manual_seed(index)
+    order = torch.Generator().manual_seed(seed)
     groups = [{"params": [p], "lr": settings.lr * float(p.detach().square().mean().sqrt())} for p in params]
     optimiser = torch.optim.Adam(groups)
     for p in params:
@@ -103,13 +123,13 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
         with torch.enable_grad():
             while step < settings.steps:
                 for b in torch.randperm(len(train), generator=order).tolist():
-                    err, n = _squared_error(index, layer, inputs, targets, train[b], device)
+                    err, n = error(train[b])
                     optimiser.zero_grad(set_to_none=True)
                     (err / n).backward()
                     optimiser.step()
                     step += 1
                     if step % settings.eval_every == 0 or step == settings.steps:
-                        held_loss = objective(index, layer, inputs, targets, held, device)
+                        held_loss = mean_error(error, held)
                         if held_loss < best_held:
                             best, best_held, best_step, since_best = _snapshot(params), held_loss, step, 0
                         else:
@@ -125,13 +145,13 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
     with torch.no_grad():  # the factors as they will be stored
         for p in params:
             p.copy_(p.to(export_dtype))
-    train_after = objective(index, layer, inputs, targets, train, device)
-    held_after = objective(index, layer, inputs, targets, held, device)
+    train_after = mean_error(error, train)
+    held_after = mean_error(error, held)
     kept = best_step > 0 and train_after <= train_before and held_after <= held_before
     if not kept:  # nothing better than the closed form: restore it exactly
         _load(params, closed_form)
         train_after, held_after = train_before, held_before
-    layer.to(dtype)
+    nn.Module.to(module, dtype)
     return {**entry, "steps_run": step, "best_step": best_step if kept else 0, "kept": kept,
             "loss_before": train_before, "loss_after": train_after,
             "holdout_before": held_before, "holdout_after": held_after,

@@ -56,6 +56,12 @@ def summary(report: dict) -> str:
         per_layer = sum(v["seconds"] for v in refine.values()) / len(refine)
         lines.append(f"refine       layer output error after / before: median {gain[len(gain) // 2]:.4f}; "
                      f"{sum(v['kept'] for v in refine.values())}/{len(refine)} layers improved, {per_layer:.1f}s/layer")
+    e2e = (report.get("method_details") or {}).get("refine_e2e")
+    if e2e and e2e.get("loss_before") is not None:
+        lines.append(f"refine e2e   KL to the dense model per token: {e2e['loss_before']:.4f} -> {e2e['loss_after']:.4f} "
+                     f"(held out {e2e['holdout_before']:.4f} -> {e2e['holdout_after']:.4f}), "
+                     f"{'kept' if e2e['kept'] else 'not better: closed form kept'}, {e2e['steps_run']} steps, "
+                     f"{e2e['seconds']:.0f}s")
     onnx = report.get("onnx")
     if onnx:
         lines.append(f"onnx         {onnx['file']}: {onnx['graph']} graph, {onnx['dtype']}, "

@@ -48,6 +48,10 @@ class ShardWriter:
         self._save({prefix + k: v for k, v in _unique_tensors(layer.state_dict(keep_vars=True)).items()},
                    f".shard-layer-{index:05d}.safetensors")
 
+    def read_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """What write_layer wrote for decoder layer `index` (a resumed run's layers before its checkpoint)."""
+        return load_file(str(self.folder / f".shard-layer-{index:05d}.safetensors"))
+
     def write_rest(self, model: nn.Module, layers_prefix: str) -> None:
         """Everything outside the decoder layers: embeddings, final norm, lm_head (once when tied)."""
         state = _unique_tensors(model.state_dict(keep_vars=True))

@@ -172,7 +172,7 @@ CASES = [
                                                         "--adacomp-strength", "0.5"],
          "--adacomp-strength only applies with --method adasvd"),
     Case("refine-steps-without-refine", lambda c: [*model_args(c), "--method", "svd-llm-v2", "--refine-steps", "8"],
-         "--refine-steps only applies with --refine block"),
+         "--refine-steps only applies with --refine block or e2e"),
     Case("refine-propagate-original", lambda c: [*model_args(c), "--refine", "block", "--propagate", "original"],
          "cannot run with --propagate original"),
     Case("refine-one-calibration-batch", lambda c: [*model_args(c), "--method", "svd-llm-v2", "--refine", "block",

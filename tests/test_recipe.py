@@ -4,31 +4,60 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from exporter.cli import compression_config
+from click.testing import CliRunner
+
+from exporter.cli import compression_config, main
 from exporter.recipe import recipe_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_no_method_runs_the_default_recipe():
-    config = compression_config(None, 0.4)
-    assert (config.method, config.allocation_name, config.recipe) == ("adasvd", "adacr", "default")
-    assert recipe_name(config) == "default: adasvd + adacr"
+    config = compression_config(None, 0.4, calibration_batches=256)
+    assert (config.method, config.allocation_name, config.refine, config.recipe) == ("adasvd", "adacr", "block",
+                                                                                      "default")
+    assert config.propagation == "compressed" and config.keep_dense_above == 0.9
+    assert recipe_name(config) == "default: adasvd + adacr + keep dense above 0.9 + refine block"
+
+
+def test_the_default_without_batches_to_hold_out_drops_refinement_and_says_so():
+    config = compression_config(None, 0.4, calibration_batches=1)
+    assert (config.method, config.refine) == ("adasvd", "none")
+    assert recipe_name(config) == "default, no refine (1 calibration batch): adasvd + adacr + keep dense above 0.9"
 
 
 def test_a_method_runs_its_papers_recipe_and_user_options_override():
-    v2 = compression_config("svd-llm-v2", 0.4)
-    assert (v2.method, v2.allocation_name, v2.recipe) == ("svd-llm-v2", "v2", "")
-    chosen = compression_config(None, 0.4, allocation="uniform", rank_multiple=None)
-    assert (chosen.method, chosen.allocation_name, chosen.rank_multiple) == ("adasvd", "uniform", 1)
+    v2 = compression_config("svd-llm-v2", 0.4, calibration_batches=256)
+    assert (v2.method, v2.allocation_name, v2.refine, v2.keep_dense_above, v2.recipe) == ("svd-llm-v2", "v2", "none",
+                                                                                           1.0, "")
+    chosen = compression_config(None, 0.4, 256, allocation="uniform", rank_multiple=None, refine="none")
+    assert (chosen.method, chosen.allocation_name, chosen.rank_multiple, chosen.refine) == ("adasvd", "uniform", 1,
+                                                                                            "none")
 
 
-def test_the_default_leads_on_the_stored_validation_rows():
-    """exporter/recipe.py's choice against the rows it cites: at every ratio with both rows stored, the
-    default's validation perplexity is the lower one."""
+def test_the_cli_resolves_the_default_from_the_calibration_batches(tmp_path, monkeypatch):
+    """The CLI counts batches as ⌈samples / batch size⌉: 3 samples in batches of 2 are two batches, refined."""
+    seen = {}
+    monkeypatch.setattr("exporter.pipeline.run", lambda config, **_: seen.update(config=config.compression))
+    for samples, refine in ((3, "block"), (2, "none")):
+        result = CliRunner().invoke(main, ["--model", "m", "--calib-samples", str(samples), "--calib-batch-size", "2",
+                                           "--out", str(tmp_path / f"out{samples}"), "-q"])
+        assert result.exit_code == 0, result.output
+        assert seen["config"].refine == refine
+
+
+def test_each_part_of_the_default_leads_on_the_stored_validation_rows():
+    """exporter/recipe.py's choices against the rows it cites (validation text, seed 0): the method and its
+    allocation, then block refinement, at every ratio; the keep-dense threshold where it was measured."""
     rows = [r for r in json.loads((ROOT / "docs/results/quality-smollm2.json").read_text())
-            if "validation" in r["setting"] and r.get("seed", 0) == 0]
+            if "validation" in r["setting"] and r["setting"].startswith("calib 16x256") and r.get("seed", 0) == 0]
     ppl = {(r["row"], r["ratio"]): r["ppl"] for r in rows}
-    ratios = [q for (row, q) in ppl if row == "svd-llm-v2:v2" and ("adasvd:adacr", q) in ppl]
-    assert sorted(ratios) == [0.2, 0.4, 0.6, 0.8]
+    ratios = [0.2, 0.4, 0.6, 0.8]
     assert all(ppl["adasvd:adacr", q] < ppl["svd-llm-v2:v2", q] for q in ratios)
+    assert all(ppl["adasvd:adacr:refine=block:refine_steps=64", q] < ppl["adasvd:adacr", q] for q in ratios)
+    for q in (0.2, 0.4):
+        kept = ppl["adasvd:adacr:keep_dense_above=0.9", q]
+        assert kept < ppl["adasvd:adacr", q] and kept <= ppl["adasvd:adacr:keep_dense_above=0.95", q]
+    for q in (0.6, 0.8):  # the whole default, where keep-dense was not measured alone
+        default, refined = "adasvd:adacr:keep_dense_above=0.9:refine=block", "adasvd:adacr:refine=block:refine_steps=64"
+        assert ppl[default, q] <= ppl[refined, q]

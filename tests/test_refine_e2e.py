@@ -1,0 +1,117 @@
+"""--refine e2e: gradient descent on all the factors towards the dense model's logits (exporter/refine_e2e.py)."""
+import copy
+import dataclasses
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_batches, tiny_model
+from onnx_helpers import tiny_model_dir
+from test_streaming import TEXT, config
+
+from exporter import CompressionConfig, compress_, load_compressed
+from exporter.calibration.data import calibration_batches, evaluation_tokens
+from exporter.config import CalibrationConfig
+from exporter.models import ModelLoadError
+from exporter.pipeline import run
+from exporter.refine import split_batches
+from exporter.report import summary
+from exporter.validate.perplexity import perplexity, torch_logits
+
+V2 = dict(method="svd-llm-v2", ratio=0.6, allocation="uniform")
+
+
+def kl(dense, model, batches) -> float:
+    """Mean KL(p_dense ‖ p_model) per token over `batches`, from two whole models (no stream, no replayed head)."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            p = F.log_softmax(dense(input_ids=ids).logits.float(), -1)
+            q = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+            total += float(F.kl_div(q, p, log_target=True, reduction="sum"))
+            tokens += ids.numel()
+    return total / tokens
+
+
+@pytest.mark.parametrize("refine", ["e2e", "block+e2e"])
+def test_never_increases_the_kl_to_the_dense_model_on_the_calibration_batches(arch, refine):
+    dense, batches = tiny_model(arch), random_batches(16, 32, batch_size=1)
+    train, held = split_batches(len(batches), 0.125)
+    before, after = copy.deepcopy(dense), copy.deepcopy(dense)
+    settings = dict(refine_steps=48, refine_lr=1e-2)
+    without_e2e = {"e2e": "none", "block+e2e": "block"}[refine]
+    compress_(before, batches, CompressionConfig(**V2, refine=without_e2e, **settings), progress=False)
+    result = compress_(after, batches, CompressionConfig(**V2, refine=refine, **settings), progress=False)
+    entry = result.extra["refine_e2e"]
+    sets = {"train": [batches[b] for b in train], "held": [batches[b] for b in held]}
+    kl_before = {k: kl(dense, before, v) for k, v in sets.items()}
+    kl_after = {k: kl(dense, after, v) for k, v in sets.items()}
+    assert kl_after["train"] <= kl_before["train"] and kl_after["held"] <= kl_before["held"]
+    if arch == "llama":  # far enough from its dense model for a real gain (tiny qwen2 starts at a KL of 0.001)
+        assert entry["kept"] and kl_after["train"] < 0.9 * kl_before["train"], (entry, kl_before, kl_after)
+    # the objective it reports is the KL measured from the two whole models
+    assert entry["loss_before"] == pytest.approx(kl_before["train"], rel=1e-4)
+    assert entry["loss_after"] == pytest.approx(kl_after["train"], rel=1e-4)
+
+
+def test_runs_on_a_model_transformers_calls_quantized():
+    """A de-quantized GGUF (the embedded SmolLM2) carries transformers' `is_quantized`, which refuses
+    `.float()`: the optimisation's float32 cast must not go through it."""
+    model = tiny_model("llama")
+    model.is_quantized = True
+    result = compress_(model, random_batches(8, 32, batch_size=1), CompressionConfig(**V2, refine="e2e",
+                                                                                      refine_steps=8), progress=False)
+    assert result.extra["refine_e2e"]["steps_run"] == 8
+
+
+def test_zero_steps_reproduce_the_closed_form_factors_exactly():
+    batches = random_batches(8, 32, batch_size=1)
+    closed, refined = tiny_model("llama"), tiny_model("llama")
+    compress_(closed, batches, CompressionConfig(**V2), progress=False)
+    result = compress_(refined, batches, CompressionConfig(**V2, refine="e2e", refine_steps=0), progress=False)
+    a, b = closed.state_dict(), refined.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.extra["refine_e2e"]["steps_run"] == 0 and not result.extra["refine_e2e"]["kept"]
+
+
+@pytest.fixture
+def text(tmp_path):
+    """Words drawn at random: calibration batches that differ, so the held-out batch can improve too."""
+    rng = random.Random(0)
+    words = TEXT.split()[:18] + ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north"]
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    return path
+
+
+def test_the_run_writes_and_evaluates_the_refined_factors(tmp_path, text):
+    """The layer loop has already written each layer and carried the evaluation windows through it: after
+    end-to-end refinement both are redone, so the artifact and the perplexity are the refined model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    compression = CompressionConfig(method="svd-llm-v2", ratio=0.8, allocation="uniform", refine="e2e",
+                                    refine_steps=32, refine_lr=1e-2)
+    cfg = dataclasses.replace(config(model_dir, tmp_path / "out", text), compression=compression,
+                              calibration=CalibrationConfig(source=str(text), samples=16, seqlen=64))
+    report = run(cfg, progress=False, echo=lambda *_: None)
+    assert not report["streamed"] and report["recipe"].endswith("refine e2e")
+    assert report["method_details"]["refine_e2e"]["kept"]
+    assert "refine e2e   KL to the dense model per token" in summary(report) and "kept" in summary(report)
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    compress_(model, calibration_batches(model, tokenizer, str(text), 16, 64, 0), compression, progress=False)
+    ids = evaluation_tokens(model, tokenizer, str(text), 512, 128)
+    assert report["perplexity"]["compressed"] == pytest.approx(perplexity(torch_logits(model), ids, 128, progress=False),
+                                                               rel=1e-4)
+    reloaded = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids[None, :64]).logits, model(input_ids=ids[None, :64]).logits)
+
+
+def test_a_model_that_cannot_be_held_whole_is_refused(tmp_path, text, monkeypatch):
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    monkeypatch.setattr("exporter.models.available_bytes", lambda device: 1000)
+    with pytest.raises(ModelLoadError, match="--refine e2e backpropagates through the whole model"):
+        run(config(model_dir, tmp_path / "out", text, refine="e2e"), progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "out").exists()
