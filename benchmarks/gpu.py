@@ -1,7 +1,7 @@
 """GPU benchmark on 7B-shaped random-weight models (OPT-6.7B, Llama-2-7B): time and memory do not depend
 on the weights' values, only on the shapes.
 
-  compress    --method (svd-llm-v2 by default; adasvd; default = the default recipe, adasvd then --refine block)
+  compress    --method (svd-llm-v2 by default; adasvd; default = the default recipe of exporter/recipe.py)
               at ratio 0.4 with 256×2048 calibration tokens, the method's own allocation: wall time, seconds
               per layer and pass, peak GPU memory
   throughput  ONNX Runtime CUDA tokens/s, dense vs compressed at ratios 0.2/0.4/0.6 (float16), with the
