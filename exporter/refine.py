@@ -71,6 +71,23 @@ def objective(index: int, layer, inputs: Activations, targets: Activations, batc
     return mean_error(lambda b: _squared_error(index, layer, inputs, targets, b, device), batches)
 
 
+def _float32(module: nn.Module):
+    """Cast `module` to float32 for the optimisation; -> a function that puts every parameter and buffer back
+    in its own dtype (a half-precision model keeps float32 buffers, e.g. the rotary frequencies: one cast back
+    to a single dtype would round them). nn.Module's own cast: transformers refuses .float() on a model it
+    loaded from a quantized file (a de-quantized GGUF), whose weights are plain tensors by now."""
+    dtypes = {name: t.dtype for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    nn.Module.float(module)
+
+    def restore() -> None:
+        for name, param in module.named_parameters():
+            param.data = param.data.to(dtypes[name])
+        for name, buffer in list(module.named_buffers()):
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = buffer.to(dtypes[name])  # as nn.Module._apply does
+    return restore
+
+
 def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
@@ -102,10 +119,7 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     entry = {"steps": settings.steps, "lr": settings.lr}
     if settings.steps == 0 or not params:
         return {**entry, "steps_run": 0, "kept": False, "seconds": time.perf_counter() - began}
-    dtype = params[0].dtype
-    # float32 whatever the compute dtype; nn.Module's own cast: transformers refuses .float() on a model it
-    # loaded from a quantized file (a de-quantized GGUF), whose weights are plain tensors by now
-    nn.Module.float(module)
+    restore_dtypes = _float32(module)  # the optimisation runs in float32 whatever the compute dtype
     params = factors(module)
     closed_form = _snapshot(params)
     flags = {p: p.requires_grad for p in module.parameters()}
@@ -151,7 +165,7 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     if not kept:  # nothing better than the closed form: restore it exactly
         _load(params, closed_form)
         train_after, held_after = train_before, held_before
-    nn.Module.to(module, dtype)
+    restore_dtypes()
     return {**entry, "steps_run": step, "best_step": best_step if kept else 0, "kept": kept,
             "loss_before": train_before, "loss_after": train_after,
             "holdout_before": held_before, "holdout_after": held_after,

@@ -65,6 +65,22 @@ def test_runs_on_a_model_transformers_calls_quantized():
     assert result.extra["refine_e2e"]["steps_run"] == 8
 
 
+def test_a_half_precision_model_keeps_each_tensor_in_its_own_dtype():
+    """The optimisation runs in float32; afterwards the weights are bfloat16 again and the float32 rotary
+    frequencies a half-precision transformers model keeps stay float32 (not rounded to bfloat16)."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.float()  # as from_pretrained(dtype=bfloat16) leaves it
+    before = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    result = compress_(model, random_batches(8, 32, batch_size=1), CompressionConfig(**V2, refine="block+e2e",
+                                                                                      refine_steps=8), progress=False)
+    assert result.extra["refine_e2e"]["steps_run"] == 8
+    after = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert after["model.rotary_emb.inv_freq"] == torch.float32
+    assert all(after[n] == d for n, d in before.items() if n in after)  # the ones not swapped for factors
+    assert all(d == torch.bfloat16 for n, d in after.items() if "inv_freq" not in n)  # the factors too
+
+
 def test_zero_steps_reproduce_the_closed_form_factors_exactly():
     batches = random_batches(8, 32, batch_size=1)
     closed, refined = tiny_model("llama"), tiny_model("llama")
