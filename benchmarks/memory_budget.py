@@ -62,26 +62,27 @@ SHAPES = [
 
 def statistics_bytes(shape: Shape, tokens: int, two_streams: bool) -> int:
     """X Xᵀ per distinct input in float64 (the tokens themselves while fewer than the features); adaComp's
-    cross moments add X_c X_oᵀ and X_o X_oᵀ."""
+    cross moment adds X_c X_oᵀ (of X_o it keeps only ‖W X_o‖², a number per linear)."""
     total = 0
     for n in shape.group_dims():
         total += (tokens * n if tokens <= n and not two_streams else n * n) * F64
         if two_streams:
-            total += 2 * n * n * F64
+            total += n * n * F64
     return total
 
 
-def factorization_bytes(m: int, n: int, tokens: int, whitening: bool) -> int:
+def factorization_bytes(m: int, n: int, tokens: int, adacomp: bool) -> int:
     """float64 work for one matrix: W, W·C (Gram path), the smallest Gram of WX and its eigenvectors (×2 for
-    the solver's workspace), a root of C when m > n; adaComp's whitening: an eigendecomposition of C."""
+    the solver's workspace), a root of C when m > n; adaComp: its two n×r products with C_c and X_c X_oᵀ and
+    the new factors (r ≤ min(m, n); it factorizes r×r matrices only)."""
     k = min(m, n, tokens)
     work = m * n + 2 * k * k * 2
     if tokens > n:
         work += m * n  # W·C
         if m > n:
             work += 2 * n * n + m * n  # the root of C (basis, root) and D = W·S
-    if whitening:
-        work += 3 * n * n  # eigenvectors of C and the solver's workspace
+    if adacomp:
+        work += (2 * n + m + n) * min(m, n)
     return work * F64
 
 

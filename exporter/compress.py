@@ -115,7 +115,8 @@ def profile_pass(source: LayerSource, calib: Activations, needs: frozenset[str],
     arch = source.arch
     for i, layer in source.layers(start, "profile" if progress else None):
         began = time.perf_counter()
-        obs = observe(i, layer, arch, calib, source.device)
+        # adaCR needs only the layer similarities (and which linears the data reached): no X Xᵀ then
+        obs = observe(i, layer, arch, calib, source.device, need_moments="spectra" in needs)
         profile.layer_similarity.append(obs.input_similarity)
         for name, _, linear, stats in _linears(arch, i, layer, obs):
             if stats.count == 0:

@@ -25,8 +25,9 @@ def drifted_inputs(n_in=24, tokens=400, drift=0.3, seed=0):
     return x_o, x_c
 
 
-def stats_of(x_c, x_o):
-    stats = InputStats(x_c.shape[1], "cpu", cross=True)
+def stats_of(x_c, x_o, w):
+    """adaComp's statistics of one input, with ‖W X_o‖² of the weight `w` (named "w")."""
+    stats = InputStats(x_c.shape[1], "cpu", cross=True, targets={"w": w})
     stats.add(x_c, x_o)
     return stats
 
@@ -50,7 +51,7 @@ def case():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(16, 24, generator=gen, dtype=torch.float64)
     x_o, x_c = drifted_inputs()
-    return w, x_o, x_c, stats_of(x_c, x_o), 6
+    return w, x_o, x_c, stats_of(x_c, x_o, w), 6
 
 
 def whitened_init(w, stats, rank):
@@ -60,7 +61,40 @@ def whitened_init(w, stats, rank):
 def test_second_moment_loss_equals_activation_loss(case):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
-    assert adacomp_loss(w, up @ down, stats) == pytest.approx(direct_loss(w, up @ down, x_c, x_o), rel=1e-6)
+    assert adacomp_loss(w, up, down, stats, "w") == pytest.approx(direct_loss(w, up @ down, x_c, x_o), rel=1e-6)
+
+
+def test_statistics_fold_by_row_blocks_and_keep_the_target_energy_not_x_o_x_oᵀ(case, monkeypatch):
+    """Folded a few rows at a time (no n×n temporaries), the sums equal the whole products; and X_o X_oᵀ
+    is not kept, only ‖W X_o‖² of each target weight."""
+    from exporter.calibration import stats as stats_module
+    w, x_o, x_c, _, _ = case
+    monkeypatch.setattr(stats_module, "ROWS", 5)  # 24 inputs: blocks of 5, 5, 5, 5, 4
+    stats = InputStats(x_c.shape[1], "cpu", cross=True, targets={"w": w, "2w": 2 * w})
+    for part in range(4):  # four batches of 100 tokens
+        stats.add(x_c[part * 100:(part + 1) * 100], x_o[part * 100:(part + 1) * 100])
+    x_c32, x_o32 = x_c.float().double(), x_o.float().double()  # the per-batch products run in float32 on the CPU
+    torch.testing.assert_close(stats.gram, x_c32.T @ x_c32, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.cross, x_c32.T @ x_o32, rtol=1e-5, atol=1e-4)
+    energy = float((x_o @ w.T).square().sum())
+    assert stats.target_energy["w"] == pytest.approx(energy, rel=1e-5)
+    assert stats.target_energy["2w"] == pytest.approx(4 * energy, rel=1e-5)
+    assert not hasattr(stats, "gram_orig")
+    with pytest.raises(RuntimeError, match="after X Xᵀ was read"):  # the mirrored sum is final
+        stats.add(x_c[:10], x_o[:10])
+
+
+def test_adacomp_records_the_objective_before_and_after(case):
+    w, x_o, x_c, stats, rank = case
+    up, down = whitened_init(w, stats, rank)
+    values = []
+    up1, down1 = adacomp(w, up, down, stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
+    assert values[0] == pytest.approx(direct_loss(w, up @ down, x_c, x_o), rel=1e-6)
+    assert values[1] == pytest.approx(direct_loss(w, up1 @ down1, x_c, x_o), rel=1e-6)
+    with pytest.raises(ValueError, match="energy"):
+        adacomp(w, up, down, stats, 1, objective_values=[])
+    with pytest.raises(ValueError, match="‖W X_o‖²"):
+        adacomp_loss(w, up, down, stats, "not a target")
 
 
 def test_adacomp_reduces_the_loss_when_inputs_drifted(case):
@@ -78,17 +112,17 @@ def test_adacomp_reduces_the_loss_when_inputs_drifted(case):
 def test_adacomp_never_increases_its_objective(case):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
-    losses = [adacomp_loss(w, up @ down, stats)]
+    losses = [adacomp_loss(w, up, down, stats, "w")]
     for _ in range(10):
         up, down = adacomp(w, up, down, stats, iterations=1)
-        losses.append(adacomp_loss(w, up @ down, stats))
+        losses.append(adacomp_loss(w, up, down, stats, "w"))
     assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
     assert losses[-1] >= reduced_rank_optimum(w, x_c, x_o, rank) * (1 - 1e-9)
 
 
 def test_adacomp_is_a_no_op_on_undrifted_inputs(case):
     w, x_o, _, _, rank = case
-    stats = stats_of(x_o, x_o)
+    stats = stats_of(x_o, x_o, w)
     up, down = whitened_init(w, stats, rank)
     up1, down1 = adacomp(w, up, down, stats, iterations=3)
     torch.testing.assert_close(up1 @ down1, up @ down, rtol=1e-7, atol=1e-9)
@@ -130,6 +164,8 @@ def test_adasvd_method_reports_loss_before_and_after(case):
     method.report("w", mi, up, down, extra)
     entry = extra["adacomp"]["w"]
     assert entry["iterations"] == 1 and entry["loss_after"] < entry["loss_before"]
+    _, x_o, x_c, _, _ = case
+    assert entry["loss_after"] == pytest.approx(direct_loss(w, up @ down, x_c, x_o), rel=1e-6)
 
 
 # ---- adaCR ----
@@ -201,6 +237,24 @@ def test_adacr_default_minimum_retention_stays_adaptive_at_high_ratios(ratio):
     assert_tight_budget(matrices, plan, ratio)
     k_rank = [plan[f"model.layers.{i}.k_proj"] for i in range(6)]
     assert k_rank[0] > k_rank[3]
+
+
+def test_adacr_profile_pass_forms_no_input_moments(monkeypatch):
+    """adaCR reads layer similarities only: its profile pass counts tokens and forms no X Xᵀ (no n×n sum per
+    input), and gives the same similarities as a pass that does."""
+    from exporter.calibration import stats as stats_module
+    from exporter.compress import measure_profile
+    model, batches = tiny_model("llama"), random_batches()
+    with_moments = measure_profile(model, batches, ["v2"], progress=False)  # spectra: X Xᵀ needed
+
+    def forbidden(*_, **__):
+        raise AssertionError("an X Xᵀ was accumulated")
+    monkeypatch.setattr(stats_module, "accumulate_product", forbidden)
+    profile = measure_profile(model, batches, ["adacr"], progress=False)
+    assert profile.layer_similarity == pytest.approx(with_moments.layer_similarity, rel=1e-6)
+    assert not profile.spectra and not profile.uncalibrated
+    with pytest.raises(AssertionError, match="X Xᵀ"):
+        measure_profile(model, batches, ["v2"], progress=False)
 
 
 def test_shift_to_budget_hits_the_weighted_target():
@@ -282,7 +336,7 @@ def test_down_step_is_the_damped_least_squares_solution(case):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
     damping = 0.3
-    got = down_step(w, up, down, stats, stats.cross, damping)
+    got = down_step(w, up, down, stats, 1.0, damping)
     gram, n = stats.gram, x_c.shape[1]
     lam = damping * float(torch.trace(gram)) / n
     # ∇_D [‖up D X_c − W X_o‖² + λ‖up (D − down)‖²] = 2 upᵀ (up D (C + λI) − W Crossᵀ − λ up down) = 0,
@@ -291,8 +345,8 @@ def test_down_step_is_the_damped_least_squares_solution(case):
     b = (up.T @ w @ stats.cross.T + lam * up.T @ up @ down).T.reshape(-1)
     want = torch.linalg.solve(a, b).reshape(x_c.shape[1], rank).T
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
-    before = adacomp_loss(w, up @ down, stats)
-    assert adacomp_loss(w, up @ got, stats) <= before
+    before = adacomp_loss(w, up, down, stats, "w")
+    assert adacomp_loss(w, up, got, stats, "w") <= before
 
 
 def test_adacomp_damping_must_be_positive():

@@ -4,7 +4,7 @@ compressed earlier layers), reproduces the ORIGINAL output W X_o.
 
     f(up, down) = ‖up·down·X_c − W·X_o‖²_F
                 = tr(W' C_c W'ᵀ) − 2 tr(W' Cross Wᵀ) + tr(W C_o Wᵀ),   W' = up·down,
-    C_c = X_c X_cᵀ (stats.gram), Cross = X_c X_oᵀ (stats.cross), C_o = X_o X_oᵀ (stats.gram_orig).
+    C_c = X_c X_cᵀ (stats.gram), Cross = X_c X_oᵀ (stats.cross), ‖W X_o‖² = tr(W C_o Wᵀ) (stats.target_energy).
 
 Only these second moments are used, so every calibration token counts exactly and no activation is
 stored — the paper's stack-of-batch (averaging samples into buckets so X fits in GPU memory) only
@@ -41,16 +41,36 @@ from .base import MatrixInput, Method, register
 from .svd_llm_v2 import SVDLLMV2
 
 
-def adacomp_loss(weight: torch.Tensor, approx: torch.Tensor, stats: InputStats) -> float:
-    """‖W' X_c − W X_o‖_F (the paper's objective) from the second moments alone."""
-    return _loss(weight, approx, stats.gram, stats.cross, stats.gram_orig)
+def target_energy(stats: InputStats, name: str) -> float:
+    """‖W X_o‖²_F of the linear `name`: the constant of adaComp's objective (InputStats, `targets`)."""
+    if name not in stats.target_energy:
+        raise ValueError(f"adaComp needs ‖W X_o‖² of {name}: pass its weight as a target of the cross statistics")
+    return stats.target_energy[name]
 
 
-def _loss(weight, approx, gram, cross, target_gram) -> float:
-    """‖W' X_c − W X_t‖_F with X_c X_cᵀ = gram, X_c X_tᵀ = cross, X_t X_tᵀ = target_gram."""
-    w, a = weight.to(torch.float64), approx.to(torch.float64)
-    value = ((a @ gram) * a).sum() - 2 * ((a @ cross) * w).sum() + ((w @ target_gram) * w).sum()
+def products(w: torch.Tensor, down: torch.Tensor, stats: InputStats) -> tuple[torch.Tensor, ...]:
+    """(C_c downᵀ, Crossᵀ downᵀ, W C_c downᵀ, W Crossᵀ downᵀ): the n×r products with the two moments are
+    the only n²-sized work of an up step and of the objective, and the m×r ones with W are shared by both
+    (no n×n blend of the two moments is formed)."""
+    d = down.T
+    gram_d, cross_d = stats.gram @ d, stats.cross.T @ d
+    return gram_d, cross_d, w @ gram_d, w @ cross_d
+
+
+def objective(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, energy: float,
+              prods: tuple[torch.Tensor, ...] | None = None) -> float:
+    """‖up·down·X_c − W X_o‖_F (the paper's objective) from the second moments, with `energy` = ‖W X_o‖²:
+        tr(W' C_c W'ᵀ) − 2 tr(W' Cross Wᵀ) + ‖W X_o‖²  =  Σ (upᵀup ⊙ down C_c downᵀ) − 2 Σ (up ⊙ W Crossᵀ downᵀ) + …
+    `prods` = products(W, down, stats) when the caller already has them."""
+    w, up, down = weight.to(torch.float64), up.to(torch.float64), down.to(torch.float64)
+    gram_d, _, _, w_cross_d = prods if prods is not None else products(w, down, stats)
+    value = ((up.T @ up) * (down @ gram_d)).sum() - 2 * (up * w_cross_d).sum() + energy
     return float(value.clamp_min(0.0).sqrt())  # ≥ 0 mathematically; a tiny negative is cancellation
+
+
+def adacomp_loss(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, name: str) -> float:
+    """The paper's objective ‖up·down·X_c − W X_o‖_F for the linear `name`."""
+    return objective(weight, up, down, stats, target_energy(stats, name))
 
 
 def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,16 +87,18 @@ def _pinv_psd(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(symmetric(gram), hermitian=True, rtol=gram.shape[0] * torch.finfo(torch.float64).eps)
 
 
-def up_step(w: torch.Tensor, down: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-    """argmin_up ‖up·down·X_c − W X_t‖ = W Crossᵀ downᵀ (down C_c downᵀ)⁺: r×r work, no n×n factorization."""
-    return (w @ (cross.T @ down.T)) @ _pinv_psd(down @ gram @ down.T)
+def up_step(down: torch.Tensor, prods: tuple[torch.Tensor, ...], strength: float) -> torch.Tensor:
+    """argmin_up ‖up·down·X_c − W X_t‖ = W Crossₜᵀ downᵀ (down C_c downᵀ)⁺, Crossₜ = (1 − β) C_c + β Cross:
+    r×r work on `prods` = products(W, down, stats), no n×n factorization."""
+    gram_d, _, w_gram_d, w_cross_d = prods
+    return ((1 - strength) * w_gram_d + strength * w_cross_d) @ _pinv_psd(down @ gram_d)
 
 
-def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, cross: torch.Tensor,
+def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, strength: float,
               damping: float) -> torch.Tensor:
     """The exact least-squares down step, damped towards the current `down`:
         argmin_down ‖up·down·X_c − W X_t‖² + λ‖up·(down − down_prev)‖²,   λ = damping · tr(C_c)/n
-      = [(upᵀup)⁻¹ upᵀ W Crossᵀ + λ down_prev] (C_c + λ I)⁻¹.
+      = [(upᵀup)⁻¹ upᵀ W Crossₜᵀ + λ down_prev] (C_c + λ I)⁻¹.
     Directions X_c excites much more than λ get the regression, the others keep what they had: the undamped
     step (a regression on all n input channels) fits the weakly excited ones to noise (docs/adasvd.md).
     Since down_prev is feasible, f never increases. One n×n Cholesky, shared by the linears of one input."""
@@ -84,35 +106,46 @@ def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: Inpu
     lam = damping * float(torch.diagonal(gram).sum()) / gram.shape[0]
     if lam <= 0:
         raise ValueError("adaComp's down step needs damping > 0 and a non-zero X_c X_cᵀ")
-    rhs = torch.linalg.solve(symmetric(up.T @ up), up.T @ w) @ cross.T + lam * down  # r×n
+    coef = torch.linalg.solve(symmetric(up.T @ up), up.T @ w)  # r×n
+    rhs = (1 - strength) * (coef @ gram.T) + strength * (coef @ stats.cross.T) + lam * down  # coef·Crossₜᵀ + λ down
     # (C_c + λI) is symmetric: solving from the right is a solve of the transpose
     return torch.cholesky_solve(rhs.T, stats.damped_cholesky(lam)).T
 
 
 def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats,
             iterations: int, strength: float = 1.0, taken: list[str] | None = None,
-            damping: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+            damping: float = 0.1, energy: float | None = None,
+            objective_values: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`iterations` up steps towards the target W·X_t, X_t = β X_o + (1 − β) X_c, β = `strength`, with a damped
     exact down step between two of them (up, then (down, up) per further iteration); see the module docstring.
     Every step is a block minimiser of f (the down step of f plus a proximal term), so f never increases.
-    The steps taken are appended to `taken`."""
+    The steps taken are appended to `taken`; with `energy` = ‖W X_o‖², f before and after to `objective_values`
+    (from the products the steps compute anyway: the objective then costs m·r², not m·n²)."""
     if stats.cross is None:
         raise ValueError("adaComp needs the cross statistics X_c X_oᵀ (propagate through the compressed layers)")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"adaComp strength must be in [0, 1], got {strength}")
-    if iterations == 0 or strength == 0.0:
-        return up, down
+    if objective_values is not None and energy is None:
+        raise ValueError("the objective needs energy = ‖W X_o‖²")
     w = weight.to(torch.float64)
-    gram, b = stats.gram, strength
-    cross = (1 - b) * gram + b * stats.cross  # X_c X_tᵀ
+    prods = products(w, down, stats) if objective_values is not None or (iterations and strength) else None
+    if objective_values is not None:
+        objective_values.append(objective(w, up, down, stats, energy, prods))
+    if iterations == 0 or strength == 0.0:
+        if objective_values is not None:
+            objective_values.append(objective_values[-1])
+        return up, down
     for i in range(iterations):
         if i > 0:
-            down = down_step(w, up, down, stats, cross, damping)
+            down = down_step(w, up, down, stats, strength, damping)
+            prods = products(w, down, stats)
             if taken is not None:
                 taken.append("down")
-        up = up_step(w, down, gram, cross)
+        up = up_step(down, prods, strength)
         if taken is not None:
             taken.append("up")
+    if objective_values is not None:
+        objective_values.append(objective(w, up, down, stats, energy, prods))
     return rebalance(up, down)
 
 
@@ -133,10 +166,11 @@ class AdaSVD(Method):
 
     def factorize(self, m: MatrixInput, rank: int):
         up, down = SVDLLMV2().factorize(m, rank)  # whitened truncation on the propagated input X_c
-        before = adacomp_loss(m.weight, up @ down, m.stats)
         taken: list[str] = []
-        up, down = adacomp(m.weight, up, down, m.stats, self.iterations, self.strength, taken, self.damping)
-        self._losses[m.name] = (before, adacomp_loss(m.weight, up @ down, m.stats), taken.count("down"))
+        values: list[float] = []
+        up, down = adacomp(m.weight, up, down, m.stats, self.iterations, self.strength, taken, self.damping,
+                           target_energy(m.stats, m.name), values)
+        self._losses[m.name] = (values[0], values[1], taken.count("down"))
         return up, down
 
     def report(self, name, m, up, down, extra):

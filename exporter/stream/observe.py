@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..architectures import Architecture, InputGroup
 from ..calibration.stats import InputStats
-from ..linears import linear_dims
+from ..linears import linear_dims, linear_weight
 from .activations import Activations, run_batch
 
 
@@ -46,9 +46,11 @@ class Observation:
 
 @torch.no_grad()
 def observe(index: int, layer: nn.Module, arch: Architecture, original: Activations, device,
-            compressed: Activations | None = None, need_abs_mean: bool = False, need_cross: bool = False) -> Observation:
+            compressed: Activations | None = None, need_abs_mean: bool = False, need_cross: bool = False,
+            need_moments: bool = True) -> Observation:
     """Statistics of decoder layer `index`'s linear inputs; advances `original` through the (still dense)
-    layer. With `compressed`, the statistics come from that stream, which the caller advances after the swap."""
+    layer. With `compressed`, the statistics come from that stream, which the caller advances after the swap.
+    `need_moments=False`: token counts only (which linears the data reached), no X Xᵀ."""
     groups = arch.groups_of(index)
     if need_cross and compressed is None:
         raise ValueError("cross statistics (adaComp) need propagation through the compressed layers")
@@ -56,7 +58,11 @@ def observe(index: int, layer: nn.Module, arch: Architecture, original: Activati
         raise ValueError("cross statistics (adaComp) pair each token's two inputs, but MoE experts route the "
                          "original and the compressed stream differently; use a method without adaComp")
     dims = [linear_dims(layer.get_submodule(g.linears[0]))[1] for g in groups]
-    stats = [InputStats(d, device, abs_mean=need_abs_mean, cross=need_cross) for d in dims]
+    # adaComp's objective needs ‖W X_o‖² of each linear, keyed by its full name (as compress names it)
+    targets = [{f"{arch.layers}.{index}.{path}": linear_weight(layer.get_submodule(path)).detach()
+                for path in g.linears} if need_cross else None for g in groups]
+    stats = [InputStats(d, device, abs_mean=need_abs_mean, cross=need_cross, targets=t, moments=need_moments)
+             for d, t in zip(dims, targets)]
     cos_sum, cos_count = 0.0, 0
     with capture_linear_inputs(layer, groups) as seen:
         for b, kwargs in enumerate(original.kwargs_for(index)):
