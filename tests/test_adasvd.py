@@ -91,6 +91,9 @@ def test_adacomp_records_the_objective_before_and_after(case):
     up1, down1 = adacomp(w, up, down, stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
     assert values[0] == pytest.approx(direct_loss(w, up @ down, x_c, x_o), rel=1e-6)
     assert values[1] == pytest.approx(direct_loss(w, up1 @ down1, x_c, x_o), rel=1e-6)
+    unmoved = []
+    adacomp(w, up, down, stats, 0, energy=stats.target_energy["w"], objective_values=unmoved)  # no step taken
+    assert unmoved == pytest.approx([values[0]] * 2, rel=1e-12)
     with pytest.raises(ValueError, match="energy"):
         adacomp(w, up, down, stats, 1, objective_values=[])
     with pytest.raises(ValueError, match="‖W X_o‖²"):

@@ -128,13 +128,13 @@ def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: I
     if objective_values is not None and energy is None:
         raise ValueError("the objective needs energy = ‖W X_o‖²")
     w = weight.to(torch.float64)
-    prods = products(w, down, stats) if objective_values is not None or (iterations and strength) else None
+    if iterations == 0 or strength == 0.0:  # nothing moves
+        if objective_values is not None:
+            objective_values += [objective(w, up, down, stats, energy)] * 2
+        return up, down
+    prods = products(w, down, stats)
     if objective_values is not None:
         objective_values.append(objective(w, up, down, stats, energy, prods))
-    if iterations == 0 or strength == 0.0:
-        if objective_values is not None:
-            objective_values.append(objective_values[-1])
-        return up, down
     for i in range(iterations):
         if i > 0:
             down = down_step(w, up, down, stats, strength, damping)
