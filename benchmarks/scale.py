@@ -217,7 +217,11 @@ def render() -> None:
               "/tmp/opt-6.7b` (13.32 GB float16), `--layers 2 --out /tmp/opt67-2`, and `--shape opt-1.3b --layers 2|4|8`. "
               "The two `-kill` rows are `python benchmarks/scale.py resume --name opt-6.7b-32-layers --model "
               "/tmp/opt-6.7b --pass profile --kill-after 2,4 -- …` (each run SIGKILLed once its checkpoint reaches "
-              "layer 2, then 4; the second resumes the first).", ""]
+              "layer 2, then 4; the second resumes the first). The `opt-6.7b-32-layers-default-kill1…3` rows (the "
+              "default recipe) are `python benchmarks/scale.py resume --name opt-6.7b-32-layers-default --model "
+              "/tmp/opt-6.7b --pass compress --kill-after 2,4 -- …`, then `--kill-after 5 --first-row 3` (killed once "
+              "the compression pass reaches layer 2, 4, then 5, each run resuming the one before; their s/layer "
+              "columns average every layer done so far, dense ones included).", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
     for r in rows:
         if "eigh" in r:
@@ -246,6 +250,8 @@ def main():
         if name == "resume":
             r.add_argument("--pass", dest="pass_", default="compress", choices=["profile", "compress"])
             r.add_argument("--kill-after", default="2,4", help="layers after which the runs are killed")
+            r.add_argument("--first-row", type=int, default=1, help="number of the first run's row (-killN): "
+                           "continue a resumed series under new row names")
         r.add_argument("extra", nargs=argparse.REMAINDER)
     e = sub.add_parser("eigh")
     e.add_argument("--sizes", default="1024,2048,4096,8192,16384,28672")
@@ -259,7 +265,8 @@ def main():
     elif a.cmd == "resume":
         extra = [x for x in a.extra if x != "--"] + ["--resume"]
         for k, layer in enumerate(int(x) for x in a.kill_after.split(",")):  # one output name: each run resumes
-            run_cli(f"{a.name}-kill{k + 1}", a.model, extra, kill_at=(a.pass_, layer), out=Path(f"/tmp/scale-out-{a.name}"))
+            run_cli(f"{a.name}-kill{k + a.first_row}", a.model, extra, kill_at=(a.pass_, layer),
+                    out=Path(f"/tmp/scale-out-{a.name}"))
     elif a.cmd == "eigh":
         store({"name": "eigh-float64", "command": "python benchmarks/scale.py eigh --sizes " + a.sizes,
                "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1m": os.getloadavg()[0],

@@ -84,6 +84,40 @@ def test_statistics_fold_by_row_blocks_and_keep_the_target_energy_not_x_o_x_oᵀ
         stats.add(x_c[:10], x_o[:10])
 
 
+def test_token_mode_gives_the_sums_results_without_any_n_by_n_matrix(case):
+    """While N ≤ n the two streams are kept as tokens: adaComp (with a down step) gives what the n×n sums give,
+    the products with the moments and the damped solve are exact, and no n×n matrix is ever formed."""
+    from exporter.methods.adasvd import objective
+    w, x_o, x_c, _, rank = case
+    x_o, x_c = x_o[:20], x_c[:20]  # 20 tokens, 24 inputs
+    kept = stats_of(x_c, x_o, w)
+    summed = InputStats(x_c.shape[1], "cpu", cross=True, targets={"w": w}, keep_tokens=False)
+    summed.add(x_c, x_o)
+    assert kept.tokens is not None and summed.tokens is None
+    d = torch.randn(24, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for transpose, cross in ((True, x_o.T @ x_c), (False, x_c.T @ x_o)):
+        got = kept.moment_products(d, transpose_cross=transpose)
+        torch.testing.assert_close(got[0], x_c.T @ (x_c @ d), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], cross @ d, rtol=1e-12, atol=1e-12)
+    lam = 0.7
+    want = d.T @ torch.linalg.inv(x_c.T @ x_c + lam * torch.eye(24, dtype=torch.float64))
+    torch.testing.assert_close(kept.solve_damped(d.T, lam), want, rtol=1e-9, atol=1e-12)
+    assert kept.trace == pytest.approx(float(x_c.square().sum()), rel=1e-12)
+    results = {}
+    for mode, stats in (("kept", kept), ("summed", summed)):
+        up, down = whitened_init(w, stats, rank)
+        values = []
+        up, down = adacomp(w, up, down, stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
+        results[mode] = up @ down, values
+    assert not {"gram", "cross"} & set(kept.__dict__)  # never formed from the tokens
+    torch.testing.assert_close(results["kept"][0], results["summed"][0], rtol=1e-4, atol=1e-5)
+    assert results["kept"][1] == pytest.approx(results["summed"][1], rel=1e-4)
+    # ‖W X_o‖² is summed from float32 products on the CPU: 1e-6
+    assert results["kept"][1][1] == pytest.approx(direct_loss(w, results["kept"][0], x_c, x_o), rel=1e-6)
+    with pytest.raises(RuntimeError, match="after X Xᵀ was read"):  # the tokens read are final
+        kept.add(x_c[:2], x_o[:2])
+
+
 def test_adacomp_records_the_objective_before_and_after(case):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)

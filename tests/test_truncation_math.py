@@ -113,7 +113,9 @@ def test_input_stats_accumulate_in_float64_and_reject_nan():
     assert torch.allclose(s.gram, 2 * (x.T @ x).double())
     assert torch.allclose(s.abs_mean, x.abs().mean(0).double())
     with pytest.raises(FloatingPointError):
-        s.add(torch.tensor([[float("nan"), 0.0, 0.0]]))
+        InputStats(3, "cpu").add(torch.tensor([[float("nan"), 0.0, 0.0]]))
+    with pytest.raises(RuntimeError, match="after X Xᵀ was read"):  # the statistics read are final
+        s.add(x)
 
 
 def test_reported_loss_on_a_float32_accumulated_singular_gram():

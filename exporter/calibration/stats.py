@@ -4,7 +4,9 @@ X (n×N) enters batch by batch. Everything the factorizations need is a function
 fewer tokens than input features have been seen (N ≤ n: few calibration tokens on a wide layer, the CPU
 setting) X itself is the smaller object and makes every product cheaper (WX is m×N instead of W C being
 m×n): the tokens are then kept as they are and folded into C only when N passes n, or when a method asks
-for C.
+for C. The same holds for adaComp's pair of streams: X_c and X_o are kept as tokens instead of forming
+X_c X_cᵀ and X_c X_oᵀ (at n = 16384 and 4096 tokens: 2 × 0.5 GiB of tokens instead of 2 × 2 GiB of sums,
+and products with them a quarter of the flops).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from functools import cached_property
 
 import torch
 
-from ..linalg import Whitening, whiten
+from ..linalg import Whitening, symmetric, whiten
 
 
 # Rows of XᵀY formed at a time when folding a batch: the float32 product and its float64 copy then stay
@@ -51,13 +53,13 @@ class InputStats:
                  targets: dict[str, torch.Tensor] | None = None, moments: bool = True):
         """`moments=False`: count the tokens only, for a pass that needs to know which linears the data
         reached but not their X Xᵀ (no n×n sum is then allocated or formed)."""
-        self.dim, self.count, self.device, self.moments = dim, 0, device, moments
-        f64 = dict(dtype=torch.float64, device=device)
+        self.dim, self.count, self.device, self.moments, self.has_cross = dim, 0, device, moments, cross
         self._sum: torch.Tensor | None = None  # Σ X Xᵀ over the batches folded so far (upper blocks only)
         self._upper_rows: int | None = None  # the block size _sum was folded in, until it is mirrored
-        self._tokens: list[torch.Tensor] | None = [] if keep_tokens and not cross else None
-        self.abs_sum = torch.zeros(dim, **f64) if abs_mean else None
-        self.cross = torch.zeros(dim, dim, **f64) if cross else None
+        self._cross_sum: torch.Tensor | None = None  # Σ X_c X_oᵀ over the batches folded so far
+        self._tokens: list[torch.Tensor] | None = [] if keep_tokens else None  # X_cᵀ while N ≤ n
+        self._tokens_orig: list[torch.Tensor] | None = [] if keep_tokens and cross else None  # X_oᵀ beside it
+        self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device) if abs_mean else None
         self._targets = dict(targets or {}) if cross else {}
         self.target_energy = {name: 0.0 for name in self._targets}
 
@@ -73,50 +75,65 @@ class InputStats:
         # Per-batch products in float32 on the CPU (float64 GEMMs are slow there); float64 on GPUs.
         return torch.float32 if x.device.type == "cpu" else torch.float64
 
-    def _fold(self, x: torch.Tensor) -> None:
-        if "gram" in self.__dict__:
-            raise RuntimeError("a batch was added after X Xᵀ was read")
+    def _fold(self, x: torch.Tensor, x_orig: torch.Tensor | None) -> None:
+        """Add one batch of tokens (rows) to the sums: X Xᵀ's upper blocks, and X_c X_oᵀ with the cross statistics."""
+        dt, zeros = self._product_dtype(x), dict(dtype=torch.float64, device=x.device)
         if self._sum is None:
-            self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
-            self._upper_rows = ROWS
-        xt = x.to(self._product_dtype(x))
+            self._sum, self._upper_rows = torch.zeros(self.dim, self.dim, **zeros), ROWS
+        xt = x.to(dt)
         accumulate_product(self._sum, xt, xt, upper=True)
+        if self.has_cross:
+            if self._cross_sum is None:
+                self._cross_sum = torch.zeros(self.dim, self.dim, **zeros)
+            accumulate_product(self._cross_sum, xt, x_orig.to(dt))
 
     def add(self, x: torch.Tensor, x_orig: torch.Tensor | None = None) -> None:
+        if any(k in self.__dict__ for k in ("gram", "tokens", "cross")):
+            raise RuntimeError("a batch was added after X Xᵀ was read")
         dt = self._product_dtype(x)
         x = x.reshape(-1, self.dim)
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite calibration activations (NaN/Inf): the model overflowed in its dtype")
+        if self.has_cross:
+            if x_orig is None:
+                raise ValueError("cross statistics need the original input of the same tokens")
+            x_orig = x_orig.reshape(-1, self.dim)
         if not self.moments:
             self.count += x.shape[0]
             return
         if self._tokens is not None and self.count + x.shape[0] <= self.dim:
             self._tokens.append(x.to(torch.float64))
+            if self.has_cross:
+                self._tokens_orig.append(x_orig.to(torch.float64))
         else:
             if self._tokens is not None:  # more tokens than features: C is the smaller object from now on
-                for kept in self._tokens:
-                    self._fold(kept)
-                self._tokens = None
-            self._fold(x)
+                for i, kept in enumerate(self._tokens):
+                    self._fold(kept, self._tokens_orig[i] if self.has_cross else None)
+                self._tokens = self._tokens_orig = None
+            self._fold(x, x_orig)
         self.count += x.shape[0]
         if self.abs_sum is not None:
             self.abs_sum += x.to(dt).abs().sum(0).to(torch.float64)
-        if self.cross is not None:
-            if x_orig is None:
-                raise ValueError("cross statistics need the original input of the same tokens")
-            xc, xo = x.to(dt), x_orig.reshape(-1, self.dim).to(dt)
-            accumulate_product(self.cross, xc, xo)
-            for name, weight in self._targets.items():
-                self.target_energy[name] += float((xo @ weight.to(dt).T).to(torch.float64).square().sum())
+        for name, weight in self._targets.items():
+            self.target_energy[name] += float((x_orig.to(dt) @ weight.to(dt).T).to(torch.float64).square().sum())
+
+    @staticmethod
+    def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+        """The kept batches as one N×n tensor; the list then holds that tensor alone (no second copy)."""
+        if not parts:
+            raise ValueError("no calibration tokens were observed")
+        parts[:] = [torch.cat(parts)]
+        return parts[0]
 
     @cached_property
     def tokens(self) -> torch.Tensor | None:
-        """Xᵀ (N×n, float64) while N ≤ n, else None (only C was kept)."""
-        if self._tokens is None:
-            return None
-        if not self._tokens:
-            raise ValueError("no calibration tokens were observed")
-        return torch.cat(self._tokens)
+        """Xᵀ (N×n, float64; X_cᵀ with the cross statistics) while N ≤ n, else None (only C was kept)."""
+        return None if self._tokens is None else self._joined(self._tokens)
+
+    @cached_property
+    def tokens_orig(self) -> torch.Tensor | None:
+        """X_oᵀ (N×n, float64) of the same tokens, with the cross statistics while N ≤ n, else None."""
+        return None if self._tokens_orig is None else self._joined(self._tokens_orig)
 
     @cached_property
     def gram(self) -> torch.Tensor:
@@ -131,6 +148,54 @@ class InputStats:
             self._upper_rows = None
         return self._sum
 
+    @cached_property
+    def trace(self) -> float:
+        """tr(X Xᵀ) = ‖X‖²_F."""
+        if self.tokens is not None:
+            return float(self.tokens.square().sum())
+        return float(torch.diagonal(self.gram).sum())
+
+    @cached_property
+    def cross(self) -> torch.Tensor | None:
+        """X_c X_oᵀ (n×n, float64), or None without the cross statistics. adaComp's steps need only its
+        products with a few vectors (moment_products), which the tokens give without forming it."""
+        if not self.has_cross:
+            return None
+        if self._tokens is not None:
+            return self.tokens.T @ self.tokens_orig
+        if self._cross_sum is None:
+            raise ValueError("no calibration tokens were observed")
+        return self._cross_sum
+
+    def moment_products(self, d: torch.Tensor, transpose_cross: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C_c d, Crossᵀ d) — or (C_c d, Cross d) with transpose_cross=False — for an n×r float64 `d`: through
+        the tokens while they are kept (n·N·r products, no n×n matrix), else through the sums."""
+        if self.tokens is None:
+            return self.gram @ d, (self.cross.T if transpose_cross else self.cross) @ d
+        x_c, x_o = self.tokens, self.tokens_orig
+        if transpose_cross:  # X_o X_cᵀ d
+            x_d = x_c @ d
+            return x_c.T @ x_d, x_o.T @ x_d
+        return x_c.T @ (x_c @ d), x_c.T @ (x_o @ d)  # X_c X_oᵀ d
+
+    def solve_damped(self, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+        """rhs (C + λI)⁻¹ for an r×n `rhs` (adaComp's down step). With the tokens X (n×N, N ≤ n) kept, by the
+        Woodbury identity (C + λI)⁻¹ = (I − X (λI + XᵀX)⁻¹ Xᵀ)/λ: one N×N Cholesky and no n×n matrix. Else the
+        Cholesky factor of C + λI, kept for the next linear of this input."""
+        if lam <= 0:
+            raise ValueError(f"the damped solve needs λ > 0, got {lam}")
+        if self.tokens is not None:
+            x = self.tokens  # Xᵀ, N×n
+            eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+            inner = torch.linalg.cholesky(symmetric(x @ x.T) + lam * eye)
+            return (rhs - torch.cholesky_solve(x @ rhs.T, inner).T @ x) / lam
+        cached = getattr(self, "_cholesky", None)
+        if cached is None or cached[0] != lam:
+            eye = torch.eye(self.dim, dtype=torch.float64, device=self.gram.device)
+            self._cholesky = (lam, torch.linalg.cholesky(symmetric(self.gram) + lam * eye))
+        # (C + λI) is symmetric: solving from the right is a solve of the transpose
+        return torch.cholesky_solve(rhs.T, self._cholesky[1]).T
+
     @property
     def abs_mean(self) -> torch.Tensor:
         if self.abs_sum is None:
@@ -143,14 +208,6 @@ class InputStats:
     def whitening(self) -> Whitening:
         # One eigendecomposition per distinct input, shared by q/k/v (and gate/up).
         return whiten(self.gram)
-
-    def damped_cholesky(self, lam: float) -> torch.Tensor:
-        """Cholesky factor of C + λI (adaComp's down step), kept for the next linear of this input."""
-        cached = getattr(self, "_cholesky", None)
-        if cached is None or cached[0] != lam:
-            eye = torch.eye(self.dim, dtype=torch.float64, device=self.gram.device)
-            self._cholesky = (lam, torch.linalg.cholesky((self.gram + self.gram.T) / 2 + lam * eye))
-        return self._cholesky[1]
 
     @cached_property
     def root(self) -> torch.Tensor:

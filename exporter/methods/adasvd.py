@@ -6,8 +6,9 @@ compressed earlier layers), reproduces the ORIGINAL output W X_o.
                 = tr(W' C_c W'ᵀ) − 2 tr(W' Cross Wᵀ) + tr(W C_o Wᵀ),   W' = up·down,
     C_c = X_c X_cᵀ (stats.gram), Cross = X_c X_oᵀ (stats.cross), ‖W X_o‖² = tr(W C_o Wᵀ) (stats.target_energy).
 
-Only these second moments are used, so every calibration token counts exactly and no activation is
-stored — the paper's stack-of-batch (averaging samples into buckets so X fits in GPU memory) only
+Only these second moments are used (through their products with a few vectors: InputStats.moment_products,
+from the tokens themselves while there are fewer of them than input features), so every calibration token
+counts exactly — the paper's stack-of-batch (averaging samples into buckets so X fits in GPU memory) only
 approximates this.
 
 The two steps (pseudo-inverses of r×r matrices only):
@@ -36,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration.stats import InputStats
-from ..linalg import split_factors, symmetric
+from ..linalg import symmetric
 from .base import MatrixInput, Method, register
 from .svd_llm_v2 import SVDLLMV2
 
@@ -49,12 +50,11 @@ def target_energy(stats: InputStats, name: str) -> float:
 
 
 def products(w: torch.Tensor, down: torch.Tensor, stats: InputStats) -> tuple[torch.Tensor, ...]:
-    """(C_c downᵀ, Crossᵀ downᵀ, W C_c downᵀ, W Crossᵀ downᵀ): the n×r products with the two moments are
-    the only n²-sized work of an up step and of the objective, and the m×r ones with W are shared by both
-    (no n×n blend of the two moments is formed)."""
-    d = down.T
-    gram_d, cross_d = stats.gram @ d, stats.cross.T @ d
-    return gram_d, cross_d, w @ gram_d, w @ cross_d
+    """(C_c downᵀ, Crossᵀ downᵀ, W Crossᵀ downᵀ): the products with the two moments are the only n²-sized
+    (or n·N-sized, through the tokens) work of an up step and of the objective, and the m×r one with W is
+    shared by both (no n×n blend of the two moments is formed)."""
+    gram_d, cross_d = stats.moment_products(down.T)
+    return gram_d, cross_d, w @ cross_d
 
 
 def objective(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, energy: float,
@@ -63,8 +63,8 @@ def objective(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats:
         tr(W' C_c W'ᵀ) − 2 tr(W' Cross Wᵀ) + ‖W X_o‖²  =  Σ (upᵀup ⊙ down C_c downᵀ) − 2 Σ (up ⊙ W Crossᵀ downᵀ) + …
     `prods` = products(W, down, stats) when the caller already has them."""
     w, up, down = weight.to(torch.float64), up.to(torch.float64), down.to(torch.float64)
-    gram_d, _, _, w_cross_d = prods if prods is not None else products(w, down, stats)
-    value = ((up.T @ up) * (down @ gram_d)).sum() - 2 * (up * w_cross_d).sum() + energy
+    gram_d, _, w_cross_d = prods if prods is not None else products(w, down, stats)
+    value = ((up.T @ up) * (down @ gram_d)).sum() - 2 * torch.einsum("ij,ij->", up, w_cross_d) + energy
     return float(value.clamp_min(0.0).sqrt())  # ≥ 0 mathematically; a tiny negative is cancellation
 
 
@@ -79,7 +79,10 @@ def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch
     q_up, r_up = torch.linalg.qr(up)
     q_down, r_down = torch.linalg.qr(down.T)
     u, s, vh = torch.linalg.svd(r_up @ r_down.T)
-    return split_factors(q_up @ u, s, vh @ q_down.T, up.shape[1])
+    left, right = q_up @ u, vh @ q_down.T
+    del q_up, q_down  # freed before the scaling (m×r and n×r)
+    root = s.sqrt()  # all r components are kept: scaled in place (split_factors' balanced split, no copies)
+    return left.mul_(root), right.mul_(root[:, None])
 
 
 def _pinv_psd(gram: torch.Tensor) -> torch.Tensor:
@@ -87,11 +90,12 @@ def _pinv_psd(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(symmetric(gram), hermitian=True, rtol=gram.shape[0] * torch.finfo(torch.float64).eps)
 
 
-def up_step(down: torch.Tensor, prods: tuple[torch.Tensor, ...], strength: float) -> torch.Tensor:
+def up_step(w: torch.Tensor, down: torch.Tensor, prods: tuple[torch.Tensor, ...], strength: float) -> torch.Tensor:
     """argmin_up ‖up·down·X_c − W X_t‖ = W Crossₜᵀ downᵀ (down C_c downᵀ)⁺, Crossₜ = (1 − β) C_c + β Cross:
-    r×r work on `prods` = products(W, down, stats), no n×n factorization."""
-    gram_d, _, w_gram_d, w_cross_d = prods
-    return ((1 - strength) * w_gram_d + strength * w_cross_d) @ _pinv_psd(down @ gram_d)
+    r×r work on `prods` = products(W, down, stats), no n×n factorization. The moments are blended on the n×r
+    side, so one m×r product with W is formed, not two."""
+    gram_d, cross_d, _ = prods
+    return (w @ torch.lerp(gram_d, cross_d, strength)) @ _pinv_psd(down @ gram_d)
 
 
 def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, strength: float,
@@ -101,15 +105,14 @@ def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: Inpu
       = [(upᵀup)⁻¹ upᵀ W Crossₜᵀ + λ down_prev] (C_c + λ I)⁻¹.
     Directions X_c excites much more than λ get the regression, the others keep what they had: the undamped
     step (a regression on all n input channels) fits the weakly excited ones to noise (docs/adasvd.md).
-    Since down_prev is feasible, f never increases. One n×n Cholesky, shared by the linears of one input."""
-    gram = stats.gram
-    lam = damping * float(torch.diagonal(gram).sum()) / gram.shape[0]
+    Since down_prev is feasible, f never increases. (C_c + λI)⁻¹: InputStats.solve_damped."""
+    lam = damping * stats.trace / stats.dim
     if lam <= 0:
         raise ValueError("adaComp's down step needs damping > 0 and a non-zero X_c X_cᵀ")
     coef = torch.linalg.solve(symmetric(up.T @ up), up.T @ w)  # r×n
-    rhs = (1 - strength) * (coef @ gram.T) + strength * (coef @ stats.cross.T) + lam * down  # coef·Crossₜᵀ + λ down
-    # (C_c + λI) is symmetric: solving from the right is a solve of the transpose
-    return torch.cholesky_solve(rhs.T, stats.damped_cholesky(lam)).T
+    gram_c, cross_c = stats.moment_products(coef.T, transpose_cross=False)  # C_c coefᵀ, Cross coefᵀ
+    rhs = ((1 - strength) * gram_c + strength * cross_c).T + lam * down  # coef·Crossₜᵀ + λ down
+    return stats.solve_damped(rhs, lam)
 
 
 def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats,
@@ -121,7 +124,7 @@ def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: I
     Every step is a block minimiser of f (the down step of f plus a proximal term), so f never increases.
     The steps taken are appended to `taken`; with `energy` = ‖W X_o‖², f before and after to `objective_values`
     (from the products the steps compute anyway: the objective then costs m·r², not m·n²)."""
-    if stats.cross is None:
+    if not stats.has_cross:
         raise ValueError("adaComp needs the cross statistics X_c X_oᵀ (propagate through the compressed layers)")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"adaComp strength must be in [0, 1], got {strength}")
@@ -141,11 +144,12 @@ def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: I
             prods = products(w, down, stats)
             if taken is not None:
                 taken.append("down")
-        up = up_step(down, prods, strength)
+        up = up_step(w, down, prods, strength)
         if taken is not None:
             taken.append("up")
     if objective_values is not None:
         objective_values.append(objective(w, up, down, stats, energy, prods))
+    del prods  # an m×r product: not held through the rebalance
     return rebalance(up, down)
 
 

@@ -55,24 +55,27 @@ class MatrixInput:
         return self.weight @ self._gram
 
     @cached_property
-    def _small_gram(self) -> tuple[torch.Tensor, bool]:
-        """(the smallest Gram of WX, whether it is the output-side one D Dᵀ = W C Wᵀ)."""
+    def _output_side(self) -> bool:
+        """Whether the smallest Gram of WX is the output-side one, D Dᵀ = W C Wᵀ (m×m), rather than DᵀD."""
+        d = self.factor
+        return d is None or d.shape[0] <= d.shape[1]
+
+    def _small_gram(self) -> torch.Tensor:
+        """The smallest Gram of WX; not kept (its eigenpairs or eigenvalues replace it)."""
         d = self.factor
         if d is None:
-            return output_gram(self.weight, self._gram, self.weight_gram), True
-        if d.shape[0] <= d.shape[1]:
-            return symmetric(d @ d.T, d.dtype), True
-        return symmetric(d.T @ d, d.dtype), False
+            return output_gram(self.weight, self._gram, self.weight_gram)
+        return symmetric(d @ d.T, d.dtype) if self._output_side else symmetric(d.T @ d, d.dtype)
 
     @cached_property
     def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return descending_eigh(self._small_gram[0])
+        return descending_eigh(self._small_gram())
 
     @cached_property
     def spectrum(self) -> torch.Tensor:
         """σ(WX), descending, length min(m, n): the truncation-loss spectrum (zeros past rank(WX)).
         Eigenvalues only, unless the eigenvectors were already computed."""
-        values = self._eigh[0] if "_eigh" in self.__dict__ else descending_eigvalsh(self._small_gram[0])
+        values = self._eigh[0] if "_eigh" in self.__dict__ else descending_eigvalsh(self._small_gram())
         size = min(self.weight.shape)
         values = torch.cat([values, values.new_zeros(max(size - len(values), 0))])
         return values[:size].sqrt()
@@ -84,10 +87,10 @@ class MatrixInput:
         values, vectors = self._eigh
         sigma = values[:rank].sqrt()
         live = int((sigma > sigma[0] * torch.finfo(torch.float64).eps ** 0.5).sum()) if len(sigma) else 0
-        if self._small_gram[1]:
+        if self._output_side:
             p = vectors[:, :live]
         else:  # lift from the input side: P = D V / σ
-            p = (self.factor @ vectors[:, :live]) / sigma[:live]
+            p = (self.factor @ vectors[:, :live]).div_(sigma[:live])
         if live < rank:
             rest = self.weight - p @ (p.T @ self.weight)
             p = torch.cat([p, torch.linalg.svd(rest, full_matrices=False)[0][:, : rank - live]], dim=1)
@@ -111,7 +114,7 @@ class MatrixInput:
         """‖WX − up·down·X‖_F for the factors as given (pass them as stored)."""
         if self.stats.tokens is not None:
             approx = up.to(torch.float64) @ (down.to(torch.float64) @ self.stats.tokens.T)
-            return float(torch.linalg.norm(self.factor - approx))
+            return float(torch.linalg.norm(approx.sub_(self.factor)))  # in place: no second m×N temporary
         return truncation_loss(self.weight, up, down, self.stats.gram, self.weight_gram)
 
 
