@@ -87,7 +87,6 @@ def test_statistics_fold_by_row_blocks_and_keep_the_target_energy_not_x_o_x_oᵀ
 def test_token_mode_gives_the_sums_results_without_any_n_by_n_matrix(case):
     """While N ≤ n the two streams are kept as tokens: adaComp (with a down step) gives what the n×n sums give,
     the products with the moments and the damped solve are exact, and no n×n matrix is ever formed."""
-    from exporter.methods.adasvd import objective
     w, x_o, x_c, _, rank = case
     x_o, x_c = x_o[:20], x_c[:20]  # 20 tokens, 24 inputs
     kept = stats_of(x_c, x_o, w)
