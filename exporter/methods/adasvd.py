@@ -111,7 +111,7 @@ def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: Inpu
         raise ValueError("adaComp's down step needs damping > 0 and a non-zero X_c X_cᵀ")
     coef = torch.linalg.solve(symmetric(up.T @ up), up.T @ w)  # r×n
     gram_c, cross_c = stats.moment_products(coef.T, transpose_cross=False)  # C_c coefᵀ, Cross coefᵀ
-    rhs = ((1 - strength) * gram_c + strength * cross_c).T + lam * down  # coef·Crossₜᵀ + λ down
+    rhs = torch.lerp(gram_c, cross_c, strength).T + lam * down  # coef·Crossₜᵀ + λ down, blended as in up_step
     return stats.solve_damped(rhs, lam)
 
 
