@@ -60,15 +60,12 @@ SHAPES = [
 ]
 
 
-def statistics_bytes(shape: Shape, tokens: int, two_streams: bool) -> int:
-    """X Xᵀ per distinct input in float64 (the tokens themselves while fewer than the features); adaComp's
-    cross moment adds X_c X_oᵀ (of X_o it keeps only ‖W X_o‖², a number per linear)."""
-    total = 0
-    for n in shape.group_dims():
-        total += (tokens * n if tokens <= n and not two_streams else n * n) * F64
-        if two_streams:
-            total += n * n * F64
-    return total
+def statistics_bytes(shape: Shape, tokens: int, two_streams: bool, bytes_compute: int) -> int:
+    """X Xᵀ per distinct input in float64, or while there are fewer tokens than features the tokens
+    themselves, as observed (in the compute dtype); adaComp's second stream doubles either (X_c X_oᵀ, or the
+    X_o tokens: of X_o it keeps only ‖W X_o‖² otherwise, a number per linear)."""
+    streams = 2 if two_streams else 1
+    return sum((tokens * n * bytes_compute if tokens <= n else n * n * F64) * streams for n in shape.group_dims())
 
 
 def factorization_bytes(m: int, n: int, tokens: int, adacomp: bool) -> int:
@@ -89,7 +86,7 @@ def factorization_bytes(m: int, n: int, tokens: int, adacomp: bool) -> int:
 def device_peak(shape: Shape, method: str, tokens: int, batch_tokens: int, bytes_compute: int) -> dict:
     two = method == "adasvd"
     layer = shape.layer_params() * bytes_compute
-    stats = statistics_bytes(shape, tokens, two)
+    stats = statistics_bytes(shape, tokens, two, bytes_compute)
     fact = max(factorization_bytes(m, n, tokens, two) for _, m, n, _ in shape.matrices())
     batch = batch_tokens * max(shape.hidden, shape.ffn) * bytes_compute * 4  # hidden, MLP intermediate, copies
     return {"layer": layer, "statistics": stats, "factorization": fact, "batch": batch,

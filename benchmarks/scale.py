@@ -217,11 +217,12 @@ def render() -> None:
               "/tmp/opt-6.7b` (13.32 GB float16), `--layers 2 --out /tmp/opt67-2`, and `--shape opt-1.3b --layers 2|4|8`. "
               "The two `-kill` rows are `python benchmarks/scale.py resume --name opt-6.7b-32-layers --model "
               "/tmp/opt-6.7b --pass profile --kill-after 2,4 -- …` (each run SIGKILLed once its checkpoint reaches "
-              "layer 2, then 4; the second resumes the first). The `opt-6.7b-32-layers-default-kill1…3` rows (the "
+              "layer 2, then 4; the second resumes the first). The `opt-6.7b-32-layers-default-kill1…5` rows (the "
               "default recipe) are `python benchmarks/scale.py resume --name opt-6.7b-32-layers-default --model "
-              "/tmp/opt-6.7b --pass compress --kill-after 2,4 -- …`, then `--kill-after 5 --first-row 3` (killed once "
-              "the compression pass reaches layer 2, 4, then 5, each run resuming the one before; their s/layer "
-              "columns average every layer done so far, dense ones included).", ""]
+              "/tmp/opt-6.7b --pass compress --kill-after 2,4 -- …`, then `--kill-after 5 --first-row 3`, "
+              "`--kill-after 6 --first-row 4` and `--kill-after 7 --first-row 5` (killed once the compression pass "
+              "reaches layer 2, 4, 5, 6, then 7, each run resuming the one before, with the code of its day; their "
+              "s/layer columns average every layer done so far, dense ones included).", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
     for r in rows:
         if "eigh" in r:

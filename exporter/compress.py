@@ -17,6 +17,7 @@ import torch.nn as nn
 from . import allocation
 from .allocation import Matrix, Profile, allocate
 from .architectures import Architecture, decoder_layers, matrix_kind
+from .host_memory import release_free_heap
 from .linears import linear_dims, linear_weight
 from .budget import ratio_for_budget
 from .config import CompressionConfig, default_min_retention
@@ -135,31 +136,39 @@ def profile_pass(source: LayerSource, calib: Activations, needs: frozenset[str],
 
 def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan: dict[str, int], method,
                     export_dtype: torch.dtype, result: CompressionResult) -> None:
-    """Factorize every planned linear of one layer and swap in its LowRankLinear. The factors are rounded to
-    the export dtype first: the loss is reported, and the next layers see, the factors as stored."""
-    for name, path, linear, stats in _linears(arch, index, layer, obs):
-        if name not in plan:
-            continue
-        if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
-            del plan[name]
-            result.extra.setdefault("uncalibrated_experts", []).append(name)
-            continue
-        w = linear_weight(linear).detach().to(torch.float64)
-        mi, rank = MatrixInput(name, w, stats), plan[name]
-        try:
-            up, down = method.factorize(mi, rank)
-        except Exception as exc:  # a layer that fails to factorize is an error, never skipped
-            raise RuntimeError(f"{method.name} failed to factorize {name} at rank {rank}: {exc}") from exc
-        up, down = up.to(export_dtype), down.to(export_dtype)
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise FloatingPointError(f"{method.name} produced non-finite factors for {name} "
-                                     f"(in {str(export_dtype).removeprefix('torch.')})")
-        result.records[name] = MatrixRecord(rank, mi.loss(up, down), mi.min_loss(rank),
-                                            tuple(w.shape))
-        method.report(name, mi, up, down, result.extra)
-        swap_module(layer, path, LowRankLinear.from_factors(up, down, linear.bias, dtype=linear.weight.dtype,
-                                                            device=linear.weight.device))
-        del mi
+    """Factorize every planned linear of one layer and swap in its LowRankLinear, input group by input group;
+    a group's pairing with X_o (adaComp's) is freed once its linears are done."""
+    for group, stats in zip(arch.groups_of(index), obs.stats):
+        for path in group.linears:
+            name = f"{arch.layers}.{index}.{path}"
+            if name in plan:
+                factorize_linear(name, path, layer, stats, plan, method, export_dtype, result)
+        stats.drop_cross()
+
+
+def factorize_linear(name: str, path: str, layer: nn.Module, stats, plan: dict[str, int], method,
+                     export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """Factorize one linear of `layer` at its planned rank and swap in its LowRankLinear. The factors are
+    rounded to the export dtype first: the loss is reported, and the next layers see, the factors as stored."""
+    linear = layer.get_submodule(path)
+    if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
+        del plan[name]
+        result.extra.setdefault("uncalibrated_experts", []).append(name)
+        return
+    w = linear_weight(linear).detach().to(torch.float64)
+    mi, rank = MatrixInput(name, w, stats), plan[name]
+    try:
+        up, down = method.factorize(mi, rank)
+    except Exception as exc:  # a layer that fails to factorize is an error, never skipped
+        raise RuntimeError(f"{method.name} failed to factorize {name} at rank {rank}: {exc}") from exc
+    up, down = up.to(export_dtype), down.to(export_dtype)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise FloatingPointError(f"{method.name} produced non-finite factors for {name} "
+                                 f"(in {str(export_dtype).removeprefix('torch.')})")
+    result.records[name] = MatrixRecord(rank, mi.loss(up, down), mi.min_loss(rank), tuple(w.shape))
+    method.report(name, mi, up, down, result.extra)
+    swap_module(layer, path, LowRankLinear.from_factors(up, down, linear.bias, dtype=linear.weight.dtype,
+                                                        device=linear.weight.device))
 
 
 def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, dense_weights: dict, streams: Streams,
@@ -192,6 +201,7 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
             advance(i, layer, streams.eval_dense, device)
         dense_weights = {name: linear_weight(lin) for name, _, lin, _ in _linears(arch, i, layer, obs)
                          if name in plan and config.refine_block}
+        release_free_heap()  # the forward passes' per-batch blocks, before the factorization's large matrices
         factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
         if config.refine_block:
             refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)

@@ -248,6 +248,26 @@ class WorkFolder:
         self._finalizer()
 
 
+def empty_folder(folder: Path) -> None:
+    """Remove everything inside `folder`, not the folder itself."""
+    for entry in list(folder.iterdir()):
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+class ResumableWorkFolder:
+    """A scratch folder inside a --resume run's partial folder (e.g. the dense ONNX graph): kept when the run
+    is killed, so that the next run can reuse what it holds; cleanup() removes it before the partial folder
+    becomes the output."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(exist_ok=True)
+        self.name = str(self.path)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 def _discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     _registry.folders.pop(path, None)

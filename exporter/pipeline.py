@@ -25,7 +25,7 @@ from .calibration.data import calibration_batches, evaluation_tokens
 from .compress import compress_source
 from .config import RunConfig
 from .models import open_source
-from .output_dir import atomic_output, resume_folder
+from .output_dir import atomic_output, empty_folder, resume_folder
 from .preflight import preflight
 from .recipe import recipe_name
 from .report import count_params, ratio_block, summary, write_json
@@ -36,6 +36,8 @@ from .stream.checkpoint import Checkpoint, refuse_other_settings
 from .validate.perplexity import eval_windows, model_window, perplexity, streamed_logits
 
 log = logging.getLogger(__name__)
+
+DENSE_ONNX_FOLDER = ".dense-onnx"  # inside a --resume run's partial folder: the dense graph, kept across kills
 FORMATS = ("safetensors", "onnx")
 
 
@@ -135,15 +137,6 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
                                          window)
         eval_batches = eval_windows(eval_ids, window)
 
-    onnx_stage = None
-    if "onnx" in config.formats:  # the dense graph first: the baseline of parity and throughput
-        from .onnx_stage import OnnxStage, onnx_dtype
-        onnx_stage = OnnxStage(out, onnx_dtype(export_dtype), config.opset, config.parity, config.onnx_graph,
-                               quantization)
-        onnx_stage.progress = progress
-        with timer("onnx_export"):
-            onnx_stage.export_dense(model, tokenizer, source)
-
     cal = config.calibration
     with timer("calibration_data"):
         batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed, cal.batch_size,
@@ -155,8 +148,15 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         refuse_other_settings(sorted(out.parent.glob(f".{out.name}.partial-*")), settings)
     with atomic_output(out, overwrite, resume_key=key, keep_on_interrupt=resume) as tmp:
         if not resume:  # what a killed run of the same settings left: start afresh
-            for leftover in list(tmp.iterdir()):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            empty_folder(tmp)
+        onnx_stage = None
+        if "onnx" in config.formats:  # the dense graph first: the baseline of parity and throughput
+            from .onnx_stage import OnnxStage, onnx_dtype
+            onnx_stage = OnnxStage(out, onnx_dtype(export_dtype), config.opset, config.parity, config.onnx_graph,
+                                   quantization, resumable_folder=tmp / DENSE_ONNX_FOLDER if resume else None)
+            onnx_stage.progress = progress
+            with timer("onnx_export"):
+                onnx_stage.export_dense(model, tokenizer, source)
         checkpoint = Checkpoint(tmp, settings)
         writer = ShardWriter(tmp, export_dtype)
         with timer("compress"):
@@ -214,6 +214,8 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         if "safetensors" not in config.formats:
             for f in files + [tmp / "model.safetensors.index.json"]:
                 f.unlink(missing_ok=True)
+        if onnx_stage is not None:
+            onnx_stage.cleanup()  # (done already, unless an earlier stage skipped it) never part of the output
         report["timings_s"] = dict(timer.timings)
         report["peak_memory"] = peak_memory()
         write_json(report, tmp)

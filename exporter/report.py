@@ -73,6 +73,8 @@ def summary(report: dict) -> str:
                          f"{'equal' if check['greedy']['equal'] else 'differ'})")
         for kind, why in (onnx.get("not_checked") or {}).items():
             lines.append(f"onnx parity  {kind}: {why}")
+        if onnx.get("dense_reused"):
+            lines.append(f"onnx dense   {onnx['dense_reused']}")
     lines.append("timings      " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
     lines.append(f"peak memory  {report['peak_memory']['host_rss_mb']:.0f} MB host"
                  + (f", {report['peak_memory']['gpu_mb']:.0f} MB GPU" if report['peak_memory'].get('gpu_mb') else ""))

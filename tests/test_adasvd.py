@@ -84,6 +84,33 @@ def test_statistics_fold_by_row_blocks_and_keep_the_target_energy_not_x_o_x_oᵀ
         stats.add(x_c[:10], x_o[:10])
 
 
+def test_tokens_are_stored_as_observed_and_multiplied_in_float64_by_row_blocks(case, monkeypatch):
+    """float32 activations are kept in float32 (a float64 copy would only double them); every product with
+    them is the float64 product of the same values, formed a few rows at a time."""
+    from exporter.calibration import stats as stats_module
+    w, x_o, x_c, _, _ = case
+    x_c, x_o = x_c[:20].float(), x_o[:20].float()  # 20 tokens, 24 inputs: kept
+    monkeypatch.setattr(stats_module, "ROWS", 6)  # blocks of 6, 6, 6, 2 tokens
+    stats = InputStats(24, "cpu", cross=True, targets={"w": w})
+    stats.add(x_c[:8], x_o[:8])
+    stats.add(x_c[8:], x_o[8:])
+    assert stats.tokens.dtype == stats.tokens_orig.dtype == torch.float32
+    c, o = x_c.double(), x_o.double()  # the exact values, in float64
+    d = torch.randn(24, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = dict(rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(stats.project(w), w @ c.T, **exact)
+    torch.testing.assert_close(stats.moment_products(d), (c.T @ (c @ d), o.T @ (c @ d)), **exact)
+    torch.testing.assert_close(stats.moment_products(d, transpose_cross=False), (c.T @ (c @ d), c.T @ (o @ d)),
+                               **exact)
+    torch.testing.assert_close(stats.gram, c.T @ c, **exact)
+    torch.testing.assert_close(stats.cross, c.T @ o, **exact)
+    assert stats.trace == pytest.approx(float(c.square().sum()), rel=1e-13)
+    stats.drop_cross()  # once the group's linears are factorized: X_oᵀ is freed, adaComp refuses
+    assert stats.tokens_orig is None and stats.cross is None
+    with pytest.raises(ValueError, match="cross statistics"):
+        adacomp(w, [w[:2], torch.eye(2, 24, dtype=torch.float64)], stats, 1)
+
+
 def test_token_mode_gives_the_sums_results_without_any_n_by_n_matrix(case):
     """While N ≤ n the two streams are kept as tokens: adaComp (with a down step) gives what the n×n sums give,
     the products with the moments and the damped solve are exact, and no n×n matrix is ever formed."""
@@ -106,7 +133,7 @@ def test_token_mode_gives_the_sums_results_without_any_n_by_n_matrix(case):
     for mode, stats in (("kept", kept), ("summed", summed)):
         up, down = whitened_init(w, stats, rank)
         values = []
-        up, down = adacomp(w, up, down, stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
+        up, down = adacomp(w, [up, down], stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
         results[mode] = up @ down, values
     assert not {"gram", "cross"} & set(kept.__dict__)  # never formed from the tokens
     torch.testing.assert_close(results["kept"][0], results["summed"][0], rtol=1e-4, atol=1e-5)
@@ -121,14 +148,14 @@ def test_adacomp_records_the_objective_before_and_after(case):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
     values = []
-    up1, down1 = adacomp(w, up, down, stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
+    up1, down1 = adacomp(w, [up, down], stats, 2, 0.5, energy=stats.target_energy["w"], objective_values=values)
     assert values[0] == pytest.approx(direct_loss(w, up @ down, x_c, x_o), rel=1e-6)
     assert values[1] == pytest.approx(direct_loss(w, up1 @ down1, x_c, x_o), rel=1e-6)
     unmoved = []
-    adacomp(w, up, down, stats, 0, energy=stats.target_energy["w"], objective_values=unmoved)  # no step taken
+    adacomp(w, [up, down], stats, 0, energy=stats.target_energy["w"], objective_values=unmoved)  # no step taken
     assert unmoved == pytest.approx([values[0]] * 2, rel=1e-12)
     with pytest.raises(ValueError, match="energy"):
-        adacomp(w, up, down, stats, 1, objective_values=[])
+        adacomp(w, [up, down], stats, 1, objective_values=[])
     with pytest.raises(ValueError, match="‖W X_o‖²"):
         adacomp_loss(w, up, down, stats, "not a target")
 
@@ -137,7 +164,7 @@ def test_adacomp_reduces_the_loss_when_inputs_drifted(case):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
     before = direct_loss(w, up @ down, x_c, x_o)
-    up1, down1 = adacomp(w, up, down, stats, iterations=1)
+    up1, down1 = adacomp(w, [up, down], stats, iterations=1)
     after = direct_loss(w, up1 @ down1, x_c, x_o)
     optimum = reduced_rank_optimum(w, x_c, x_o, rank)
     assert up1.shape == up.shape and down1.shape == down.shape
@@ -150,7 +177,7 @@ def test_adacomp_never_increases_its_objective(case):
     up, down = whitened_init(w, stats, rank)
     losses = [adacomp_loss(w, up, down, stats, "w")]
     for _ in range(10):
-        up, down = adacomp(w, up, down, stats, iterations=1)
+        up, down = adacomp(w, [up, down], stats, iterations=1)
         losses.append(adacomp_loss(w, up, down, stats, "w"))
     assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
     assert losses[-1] >= reduced_rank_optimum(w, x_c, x_o, rank) * (1 - 1e-9)
@@ -160,7 +187,7 @@ def test_adacomp_is_a_no_op_on_undrifted_inputs(case):
     w, x_o, _, _, rank = case
     stats = stats_of(x_o, x_o, w)
     up, down = whitened_init(w, stats, rank)
-    up1, down1 = adacomp(w, up, down, stats, iterations=3)
+    up1, down1 = adacomp(w, [up, down], stats, iterations=3)
     torch.testing.assert_close(up1 @ down1, up @ down, rtol=1e-7, atol=1e-9)
 
 
@@ -172,14 +199,14 @@ def test_partial_strength_compensates_part_of_the_way(case, strength):
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
     before = direct_loss(w, up @ down, x_c, x_o)
-    up1, down1 = adacomp(w, up, down, stats, 1)
-    up_b, down_b = adacomp(w, up, down, stats, 1, strength)
+    up1, down1 = adacomp(w, [up, down], stats, 1)
+    up_b, down_b = adacomp(w, [up, down], stats, 1, strength)
     full, partial = direct_loss(w, up1 @ down1, x_c, x_o), direct_loss(w, up_b @ down_b, x_c, x_o)
     assert full < partial < before
-    up0, down0 = adacomp(w, up, down, stats, 1, 0.0)
+    up0, down0 = adacomp(w, [up, down], stats, 1, 0.0)
     torch.testing.assert_close(up0 @ down0, up @ down)
     with pytest.raises(ValueError, match="strength"):
-        adacomp(w, up, down, stats, 1, 1.5)
+        adacomp(w, [up, down], stats, 1, 1.5)
 
 
 def test_rebalance_keeps_the_product_and_equalises_factor_norms():
@@ -359,7 +386,7 @@ def test_more_iterations_lower_the_objective_towards_the_optimum(case):
     losses = []
     for k in (1, 2, 4):
         taken = []
-        u, d = adacomp(w, up, down, stats, iterations=k, taken=taken)
+        u, d = adacomp(w, [up, down], stats, iterations=k, taken=taken)
         assert taken.count("up") == k and taken.count("down") == k - 1
         losses.append(direct_loss(w, u @ d, x_c, x_o))
     assert losses[1] < losses[0] * (1 - 1e-3) and losses[2] < losses[1]

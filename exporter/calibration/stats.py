@@ -32,6 +32,13 @@ def accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, up
         total[start:start + ROWS, cols] += (a[:, start:start + ROWS].T @ b[:, cols]).to(torch.float64)
 
 
+def row_blocks(*tokens: torch.Tensor, dtype=torch.float64):
+    """The same ROWS rows of each N×n `tokens`, cast to `dtype`: the tokens are stored as observed (float32
+    on a CPU) and multiplied in float64 without a float64 copy of all of them."""
+    for start in range(0, tokens[0].shape[0], ROWS):
+        yield tuple(t[start:start + ROWS].to(dtype) for t in tokens)
+
+
 def mirror_upper(total: torch.Tensor, rows: int) -> None:
     """Fill the blocks below the diagonal of a sum made by accumulate_product(upper=True) in blocks of `rows`."""
     for start in range(0, total.shape[0], rows):
@@ -102,9 +109,10 @@ class InputStats:
             self.count += x.shape[0]
             return
         if self._tokens is not None and self.count + x.shape[0] <= self.dim:
-            self._tokens.append(x.to(torch.float64))
+            # as observed (a copy: the layer's activations are not held): float64 would only double them
+            self._tokens.append(x.clone())
             if self.has_cross:
-                self._tokens_orig.append(x_orig.to(torch.float64))
+                self._tokens_orig.append(x_orig.clone())
         else:
             if self._tokens is not None:  # more tokens than features: C is the smaller object from now on
                 for i, kept in enumerate(self._tokens):
@@ -127,20 +135,23 @@ class InputStats:
 
     @cached_property
     def tokens(self) -> torch.Tensor | None:
-        """Xᵀ (N×n, float64; X_cᵀ with the cross statistics) while N ≤ n, else None (only C was kept)."""
+        """Xᵀ (N×n, in the activations' dtype; X_cᵀ with the cross statistics) while N ≤ n, else None (only C
+        was kept). Products with it run in float64 by row blocks (row_blocks, project)."""
         return None if self._tokens is None else self._joined(self._tokens)
 
     @cached_property
     def tokens_orig(self) -> torch.Tensor | None:
-        """X_oᵀ (N×n, float64) of the same tokens, with the cross statistics while N ≤ n, else None."""
+        """X_oᵀ (N×n, as observed) of the same tokens, with the cross statistics while N ≤ n, else None."""
         return None if self._tokens_orig is None else self._joined(self._tokens_orig)
 
     @cached_property
     def gram(self) -> torch.Tensor:
         """C = X Xᵀ (n×n, float64)."""
         if self._tokens is not None:
-            x = self.tokens
-            return x.T @ x
+            total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+            for (x,) in row_blocks(self.tokens):
+                total.addmm_(x.T, x)
+            return total
         if self._sum is None:
             raise ValueError("no calibration tokens were observed")
         if self._upper_rows is not None:
@@ -152,7 +163,7 @@ class InputStats:
     def trace(self) -> float:
         """tr(X Xᵀ) = ‖X‖²_F."""
         if self.tokens is not None:
-            return float(self.tokens.square().sum())
+            return sum(float(x.square().sum()) for (x,) in row_blocks(self.tokens))
         return float(torch.diagonal(self.gram).sum())
 
     @cached_property
@@ -162,7 +173,10 @@ class InputStats:
         if not self.has_cross:
             return None
         if self._tokens is not None:
-            return self.tokens.T @ self.tokens_orig
+            total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+            for x_c, x_o in row_blocks(self.tokens, self.tokens_orig):
+                total.addmm_(x_c.T, x_o)
+            return total
         if self._cross_sum is None:
             raise ValueError("no calibration tokens were observed")
         return self._cross_sum
@@ -172,11 +186,23 @@ class InputStats:
         the tokens while they are kept (n·N·r products, no n×n matrix), else through the sums."""
         if self.tokens is None:
             return self.gram @ d, (self.cross.T if transpose_cross else self.cross) @ d
-        x_c, x_o = self.tokens, self.tokens_orig
-        if transpose_cross:  # X_o X_cᵀ d
+        gram_d, cross_d = d.new_zeros(d.shape), d.new_zeros(d.shape)
+        for x_c, x_o in row_blocks(self.tokens, self.tokens_orig):
             x_d = x_c @ d
-            return x_c.T @ x_d, x_o.T @ x_d
-        return x_c.T @ (x_c @ d), x_c.T @ (x_o @ d)  # X_c X_oᵀ d
+            gram_d.addmm_(x_c.T, x_d)
+            if transpose_cross:  # X_o X_cᵀ d
+                cross_d.addmm_(x_o.T, x_d)
+            else:  # X_c X_oᵀ d
+                cross_d.addmm_(x_c.T, x_o @ d)
+        return gram_d, cross_d
+
+    def project(self, a: torch.Tensor) -> torch.Tensor:
+        """a·X (k×N) for a k×n `a`, from the kept tokens, in a's dtype (by row blocks of the tokens)."""
+        count = self.tokens.shape[0]
+        out = a.new_empty(a.shape[0], count)
+        for start, (x,) in zip(range(0, count, ROWS), row_blocks(self.tokens, dtype=a.dtype)):
+            out[:, start:start + ROWS] = a @ x.T
+        return out
 
     def solve_damped(self, rhs: torch.Tensor, lam: float) -> torch.Tensor:
         """rhs (C + λI)⁻¹ for an r×n `rhs` (adaComp's down step). With the tokens X (n×N, N ≤ n) kept, by the
@@ -185,7 +211,7 @@ class InputStats:
         if lam <= 0:
             raise ValueError(f"the damped solve needs λ > 0, got {lam}")
         if self.tokens is not None:
-            x = self.tokens  # Xᵀ, N×n
+            x = self.tokens.to(torch.float64)  # Xᵀ, N×n (the down step is off by default: one whole copy)
             eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
             inner = torch.linalg.cholesky(symmetric(x @ x.T) + lam * eye)
             return (rhs - torch.cholesky_solve(x @ rhs.T, inner).T @ x) / lam
@@ -195,6 +221,14 @@ class InputStats:
             self._cholesky = (lam, torch.linalg.cholesky(symmetric(self.gram) + lam * eye))
         # (C + λI) is symmetric: solving from the right is a solve of the transpose
         return torch.cholesky_solve(rhs.T, self._cholesky[1]).T
+
+    def drop_cross(self) -> None:
+        """Free what pairs X_c with X_o (X_oᵀ, or the X_c X_oᵀ sum) once no linear of this input needs it;
+        target_energy stays. A later adaComp step on these statistics is then an error."""
+        self.has_cross = False
+        self._tokens_orig = self._cross_sum = None
+        self.__dict__.pop("tokens_orig", None)
+        self.__dict__.pop("cross", None)
 
     @property
     def abs_mean(self) -> torch.Tensor:

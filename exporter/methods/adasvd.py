@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration.stats import InputStats
+from ..calibration.stats import ROWS, InputStats
 from ..linalg import symmetric
 from .base import MatrixInput, Method, register
 from .svd_llm_v2 import SVDLLMV2
@@ -79,10 +79,12 @@ def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch
     q_up, r_up = torch.linalg.qr(up)
     q_down, r_down = torch.linalg.qr(down.T)
     u, s, vh = torch.linalg.svd(r_up @ r_down.T)
-    left, right = q_up @ u, vh @ q_down.T
-    del q_up, q_down  # freed before the scaling (m×r and n×r)
     root = s.sqrt()  # all r components are kept: scaled in place (split_factors' balanced split, no copies)
-    return left.mul_(root), right.mul_(root[:, None])
+    right = (vh @ q_down.T).mul_(root[:, None])
+    del q_down
+    for rows in torch.split(q_up, ROWS):  # left = Q_up u, written over Q_up: no second m×r matrix
+        rows.copy_(rows @ u)
+    return q_up.mul_(root), right
 
 
 def _pinv_psd(gram: torch.Tensor) -> torch.Tensor:
@@ -93,9 +95,10 @@ def _pinv_psd(gram: torch.Tensor) -> torch.Tensor:
 def up_step(w: torch.Tensor, down: torch.Tensor, prods: tuple[torch.Tensor, ...], strength: float) -> torch.Tensor:
     """argmin_up ‖up·down·X_c − W X_t‖ = W Crossₜᵀ downᵀ (down C_c downᵀ)⁺, Crossₜ = (1 − β) C_c + β Cross:
     r×r work on `prods` = products(W, down, stats), no n×n factorization. The moments are blended on the n×r
-    side, so one m×r product with W is formed, not two."""
+    side, so one product with W is formed."""
     gram_d, cross_d, _ = prods
-    return (w @ torch.lerp(gram_d, cross_d, strength)) @ _pinv_psd(down @ gram_d)
+    # W (L P⁺), not (W L) P⁺: the r×r factor is applied on the n×r side, so one m×r matrix is formed, not two
+    return w @ (torch.lerp(gram_d, cross_d, strength) @ _pinv_psd(down @ gram_d))
 
 
 def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats, strength: float,
@@ -115,12 +118,14 @@ def down_step(w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: Inpu
     return stats.solve_damped(rhs, lam)
 
 
-def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: InputStats,
+def adacomp(weight: torch.Tensor, start: list[torch.Tensor], stats: InputStats,
             iterations: int, strength: float = 1.0, taken: list[str] | None = None,
             damping: float = 0.1, energy: float | None = None,
             objective_values: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`iterations` up steps towards the target W·X_t, X_t = β X_o + (1 − β) X_c, β = `strength`, with a damped
     exact down step between two of them (up, then (down, up) per further iteration); see the module docstring.
+    `start` = [up, down], the factors to start from; the list is emptied, so that once the first up step has
+    replaced the starting up (m×r) nothing holds it.
     Every step is a block minimiser of f (the down step of f plus a proximal term), so f never increases.
     The steps taken are appended to `taken`; with `energy` = ‖W X_o‖², f before and after to `objective_values`
     (from the products the steps compute anyway: the objective then costs m·r², not m·n²)."""
@@ -131,6 +136,8 @@ def adacomp(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: I
     if objective_values is not None and energy is None:
         raise ValueError("the objective needs energy = ‖W X_o‖²")
     w = weight.to(torch.float64)
+    up, down = start
+    start.clear()
     if iterations == 0 or strength == 0.0:  # nothing moves
         if objective_values is not None:
             objective_values += [objective(w, up, down, stats, energy)] * 2
@@ -169,10 +176,10 @@ class AdaSVD(Method):
         self._losses: dict[str, tuple[float, float, int]] = {}
 
     def factorize(self, m: MatrixInput, rank: int):
-        up, down = SVDLLMV2().factorize(m, rank)  # whitened truncation on the propagated input X_c
+        start = list(SVDLLMV2().factorize(m, rank))  # whitened truncation on the propagated input X_c
         taken: list[str] = []
         values: list[float] = []
-        up, down = adacomp(m.weight, up, down, m.stats, self.iterations, self.strength, taken, self.damping,
+        up, down = adacomp(m.weight, start, m.stats, self.iterations, self.strength, taken, self.damping,
                            target_energy(m.stats, m.name), values)
         self._losses[m.name] = (values[0], values[1], taken.count("down"))
         return up, down

@@ -46,7 +46,7 @@ class MatrixInput:
         """D with D Dᵀ = (WX)(WX)ᵀ, or None when the m×m Gram W C Wᵀ is the smallest object."""
         m, n = self.weight.shape
         if self.stats.tokens is not None:
-            return self.weight @ self._cast(self.stats.tokens).T
+            return self.stats.project(self.weight)
         return None if m <= n else self.weight @ self._cast(self.stats.root)
 
     @cached_property
@@ -85,6 +85,8 @@ class MatrixInput:
         WX every direction costs nothing on the calibration data; those kept are the ones that keep most of
         W, so W' = P_r P_rᵀ W is never further from W than it has to be."""
         values, vectors = self._eigh
+        self.spectrum  # noqa: B018 -- cached from these eigenvalues: the eigenvectors are dropped below
+        del self.__dict__["_eigh"]  # min(m, N)² or min(m, n)²: not held while the method goes on
         sigma = values[:rank].sqrt()
         live = int((sigma > sigma[0] * torch.finfo(torch.float64).eps ** 0.5).sum()) if len(sigma) else 0
         if self._output_side:
@@ -113,7 +115,7 @@ class MatrixInput:
     def loss(self, up: torch.Tensor, down: torch.Tensor) -> float:
         """‖WX − up·down·X‖_F for the factors as given (pass them as stored)."""
         if self.stats.tokens is not None:
-            approx = up.to(torch.float64) @ (down.to(torch.float64) @ self.stats.tokens.T)
+            approx = up.to(torch.float64) @ self.stats.project(down.to(torch.float64))
             return float(torch.linalg.norm(approx.sub_(self.factor)))  # in place: no second m×N temporary
         return truncation_loss(self.weight, up, down, self.stats.gram, self.weight_gram)
 
