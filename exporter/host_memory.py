@@ -3,9 +3,9 @@
 glibc keeps freed blocks below its mmap threshold (dynamic, up to 32 MiB) in its heaps. A 7B layer's
 per-batch activations are 4–16 MiB, so after a layer's forward passes hundreds of MiB sit free in the heap,
 where the factorization's large matrices (mmapped, above the threshold) cannot reuse them: the process's
-resident memory then counts them on top of the factorization's peak. Measured at the start of one OPT-6.7B
-layer's factorization: 3.32 GiB anonymous, 2.91 GiB after malloc_trim (docs/scale.md). Elsewhere than
-glibc (macOS, musl) there is no malloc_trim and nothing is done: the allocator keeps its own policy.
+resident memory then counts them on top of the factorization's peak (a probe at one OPT-6.7B layer:
+docs/scale.md). Elsewhere than glibc (macOS, musl) there is no malloc_trim and nothing is done: the
+allocator keeps its own policy.
 """
 from __future__ import annotations
 

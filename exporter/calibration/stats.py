@@ -144,14 +144,18 @@ class InputStats:
         """X_oᵀ (N×n, as observed) of the same tokens, with the cross statistics while N ≤ n, else None."""
         return None if self._tokens_orig is None else self._joined(self._tokens_orig)
 
+    def _token_product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """aᵀ b (n×n, float64) for two N×n token matrices, formed by row blocks."""
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        for x_a, x_b in row_blocks(a, b):
+            total.addmm_(x_a.T, x_b)
+        return total
+
     @cached_property
     def gram(self) -> torch.Tensor:
         """C = X Xᵀ (n×n, float64)."""
         if self._tokens is not None:
-            total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-            for (x,) in row_blocks(self.tokens):
-                total.addmm_(x.T, x)
-            return total
+            return self._token_product(self.tokens, self.tokens)
         if self._sum is None:
             raise ValueError("no calibration tokens were observed")
         if self._upper_rows is not None:
@@ -173,10 +177,7 @@ class InputStats:
         if not self.has_cross:
             return None
         if self._tokens is not None:
-            total = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-            for x_c, x_o in row_blocks(self.tokens, self.tokens_orig):
-                total.addmm_(x_c.T, x_o)
-            return total
+            return self._token_product(self.tokens, self.tokens_orig)
         if self._cross_sum is None:
             raise ValueError("no calibration tokens were observed")
         return self._cross_sum
