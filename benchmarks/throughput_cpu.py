@@ -7,15 +7,20 @@ Rows (every graph is the fused one, exporter/onnx_build, unless it says plain):
   quantization settings on the dense model (block 64 and 128, asymmetric, accuracy level 0, int4 lm_head);
   the plain graph (torch.onnx dynamo + low-rank rewrite) dense and at --plain-ratio, for fused vs plain.
 
+Every graph is written first; then the rows are measured in --rounds interleaved rounds (each round measures
+every row once, in the same order), so a change of the shared machine's speed during the run (other jobs,
+other tenants of the host's memory bandwidth) falls on every row alike instead of on the rows measured at that
+moment. A row's speedup is the median over rounds of its tokens/s over the dense row's of the same round.
+
 Each row: prefill and decode tokens/s at every --batches (exporter/validate/throughput.py: IO binding on
-preallocated buffers, median of --repeats), the bytes of weights one decoded token reads, counted on the
-graph (exporter/validate/bound.py), the bound on the decode speedup (dense float32 bytes / row bytes), the
-measured speedup over dense float32 (same graph kind, same batch), ORT perplexity on --eval-tokens of
-wiki.test.raw, and the size on disk. Compression: --method (default adasvd with its adaCR allocation),
+preallocated buffers; the median over the rounds of the median of --repeats), the bytes of weights one decoded
+token reads, counted on the graph (exporter/validate/bound.py), the bound on the decode speedup (dense float32
+bytes / row bytes), the measured speedup over dense float32 (same graph kind, same batch), ORT perplexity on
+--eval-tokens of wiki.test.raw, and the size on disk. Compression: --method (default adasvd with its adaCR allocation),
 calibration --calib-samples × --calib-seqlen tokens of wiki.valid.tokens.
 
 Writes docs/results/throughput-cpu.{json,md,png}. ONNX Runtime and PyTorch run with OMP_NUM_THREADS
-intra-op threads (1 if unset); the 1-minute load average is recorded before and after every row.
+intra-op threads (1 if unset); the 1-minute load average is recorded before and after every round.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -47,8 +53,9 @@ from exporter.quantization import Quantization  # noqa: E402
 from exporter.validate.bound import graph_decode_weight_bytes  # noqa: E402
 from exporter.validate.ort_session import OrtDecoder  # noqa: E402
 from exporter.validate.perplexity import perplexity  # noqa: E402
-from exporter.validate.providers import CPU  # noqa: E402
-from exporter.validate.throughput import ThroughputSettings, ort_throughput  # noqa: E402
+from exporter.validate.providers import CPU, open_session  # noqa: E402
+from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates,  # noqa: E402
+                                          read_signature)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "docs" / "results"
@@ -66,34 +73,74 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
 
 
-def measure(path: Path, label: str, ratio: float, quant: str, graph: str, args, eval_ids, threads: int) -> dict:
-    load_before = os.getloadavg()[0]
-    row = {"label": label, "ratio": ratio, "weights": quant, "graph": graph,
+def describe(path: Path, label: str, ratio: float, quant: str, graph: str, args, eval_ids, threads: int) -> dict:
+    """A row before timing: bytes read per token, size on disk, ORT perplexity (fused rows)."""
+    row = {"label": label, "ratio": ratio, "weights": quant, "graph": graph, "path": str(path),
            "weight_bytes": graph_decode_weight_bytes(path), "disk_bytes": folder_bytes(path.parent)}
-    for batch in args.batches:
-        settings = ThroughputSettings(batch=batch, prefill=args.prefill, decode=args.decode, warmup=1,
-                                      repeats=args.repeats, threads=threads)
-        row[f"b{batch}"] = ort_throughput(path, CPU, settings)
     if graph == "fused":  # the plain rows compute the same model as the fused float32 ones (tests/test_onnx_*)
         decoder = OrtDecoder.load(path, providers=[CPU], threads=threads)
         row["perplexity"] = perplexity(decoder.logits_fn(), eval_ids, args.window, progress=False)
         del decoder
-    row["load_avg"] = [load_before, os.getloadavg()[0]]
-    line = " ".join(f"b{b} decode {row[f'b{b}']['decode_tokens_s']:.2f} prefill {row[f'b{b}']['prefill_tokens_s']:.1f}"
-                    for b in args.batches)
-    print(f"{label:28s} {row['weight_bytes'] / 1e6:8.1f} MB/token  {line}  ppl {row.get('perplexity', float('nan')):.3f}"
-          f"  load {row['load_avg'][0]:.1f}->{row['load_avg'][1]:.1f}", flush=True)
+    print(f"{label:28s} {row['weight_bytes'] / 1e6:8.1f} MB/token  ppl {row.get('perplexity', float('nan')):.3f}",
+          flush=True)
     return row
 
 
+def time_rounds(rows: list[dict], args, threads: int) -> list[list[float]]:
+    """--rounds rounds, each measuring every row at every batch once. -> the load averages before/after each round.
+    Every row's session and decode loops are opened (and warmed up) once, before the first round, so a round takes
+    a minute or two and a row is timed close to its base. Each row gets row["rounds"][f"b{batch}"]: its per-round
+    rates, and row[f"b{batch}"]: their medians."""
+    loops = {}
+    for row in rows:
+        path = Path(row["path"])
+        session = open_session(path, CPU, threads=threads)
+        signature = read_signature(session, folder_config(path.parent))
+        for batch in args.batches:
+            settings = ThroughputSettings(batch=batch, prefill=args.prefill, decode=args.decode, warmup=1,
+                                          repeats=args.repeats, threads=threads)
+            loop = OrtDecodeLoop(session, signature, CPU, settings)
+            loop.run_once()  # warm-up
+            loops[row["label"], batch] = loop
+    loads = []
+    for index in range(args.rounds):
+        before = os.getloadavg()[0]
+        for row in rows:
+            for batch in args.batches:
+                loop = loops[row["label"], batch]
+                rate = rates([loop.run_once() for _ in range(args.repeats)], loop.s, None)
+                row.setdefault("rounds", {}).setdefault(f"b{batch}", []).append(rate)
+        loads.append([before, os.getloadavg()[0]])
+        first = f"b{args.batches[0]}"
+        line = ", ".join(f"{r['label']} {r['rounds'][first][-1]['decode_tokens_s']:.1f}" for r in rows)
+        print(f"round {index + 1}/{args.rounds} (load {before:.1f}->{loads[-1][1]:.1f}) {first} decode: {line}",
+              flush=True)
+    for row in rows:
+        for batch in args.batches:
+            samples = row["rounds"][f"b{batch}"]
+            row[f"b{batch}"] = {key: statistics.median(s[key] for s in samples)
+                                for key in ("prefill_tokens_s", "decode_tokens_s", "end_to_end_tokens_s")}
+    return loads
+
+
+def round_ratios(row: dict, base: dict, batch: int) -> list[float]:
+    """Decode tokens/s of `row` over `base`'s, round by round."""
+    return [mine["decode_tokens_s"] / theirs["decode_tokens_s"]
+            for mine, theirs in zip(row["rounds"][f"b{batch}"], base["rounds"][f"b{batch}"])]
+
+
 def add_ratios(rows: list[dict], batches: list[int]) -> None:
-    """Speedup over dense float32 of the same graph kind and batch, and the bound, for every row."""
+    """Speedup over dense float32 of the same graph kind and batch: the median over rounds of the ratio within a
+    round (a row and its base timed within about a minute, not an hour apart), with its range; the bound, for
+    every row."""
     for row in rows:
         base = next(r for r in rows if r["ratio"] == 0 and r["weights"] == "float32" and r["graph"] == row["graph"])
         row["bound"] = base["weight_bytes"] / row["weight_bytes"]
         for b in batches:
-            speedup = row[f"b{b}"]["decode_tokens_s"] / base[f"b{b}"]["decode_tokens_s"]
-            row[f"b{b}"].update(speedup=speedup, of_bound=speedup / row["bound"])
+            per_round = round_ratios(row, base, b)
+            speedup = statistics.median(per_round)
+            row[f"b{b}"].update(speedup=speedup, of_bound=speedup / row["bound"], speedup_range=[min(per_round),
+                                                                                              max(per_round)])
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -125,8 +172,9 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
     for ratio, p in sorted(plain.items()):
         for b in batches:
             f, q = fused[ratio][f"b{b}"], p[f"b{b}"]
+            fused_over_plain = statistics.median(round_ratios(fused[ratio], p, b))
             versus.append(f"| {ratio} | {b} | {fmt(q['decode_tokens_s'])} | {fmt(f['decode_tokens_s'])} | "
-                          f"×{f['decode_tokens_s'] / q['decode_tokens_s']:.2f} | {fmt(q['prefill_tokens_s'], 1)} | "
+                          f"×{fused_over_plain:.2f} | {fmt(q['prefill_tokens_s'], 1)} | "
                           f"{fmt(f['prefill_tokens_s'], 1)} |")
     settings = [r for r in rows if r["label"] in SETTINGS_ROWS or r["label"] in ("dense int4", "dense int8")]
     int4 = [r for r in main if r["weights"] == "int4"]
@@ -138,7 +186,7 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
         bound = base4["weight_bytes"] / r["weight_bytes"]
         cells = [str(r["ratio"]), fmt(r["weight_bytes"] / 1e6, 1), f"×{bound:.2f}"]
         for b in batches:
-            speedup = r[f"b{b}"]["decode_tokens_s"] / base4[f"b{b}"]["decode_tokens_s"]
+            speedup = statistics.median(round_ratios(r, base4, b))
             cells += [f"×{speedup:.2f}", fmt(speedup / bound)]
         on_int4.append("| " + " | ".join(cells) + " |")
     text = [
@@ -149,10 +197,12 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
         f"    {meta['command']}",
         "",
         f"Machine: {meta['machine']}; {meta['cpus']} CPUs shared with other jobs (the 1-minute load average "
-        f"before/after every row is in the JSON: {meta['load_min']:.1f} to {meta['load_max']:.1f} during this run), "
+        f"before/after every round is in the JSON: {meta['load_min']:.1f} to {meta['load_max']:.1f} during this run), "
         f"ONNX Runtime {meta['onnxruntime']} CPUExecutionProvider with {meta['threads']} intra-op thread(s), "
-        f"{meta['date']}. Settings: prefill {meta['prefill']}, decode {meta['decode']} tokens, median of "
-        f"{meta['repeats']} runs after one warm-up; perplexity over {meta['eval_tokens']} tokens of wiki.test.raw "
+        f"{meta['date']}. Settings: prefill {meta['prefill']}, decode {meta['decode']} tokens; every row measured "
+        f"once per round in {meta['rounds']} interleaved rounds (each time the median of {meta['repeats']} run(s); "
+        f"every row's session opened and warmed up once before the first round): tokens/s are the medians over the rounds, a speedup the median over the rounds of the ratio "
+        f"within a round (its range is in the JSON); perplexity over {meta['eval_tokens']} tokens of wiki.test.raw "
         f"in windows of {meta['window']} (a short evaluation); compression {meta['method']} "
         f"({meta['allocation']}) calibrated on {meta['calib']} tokens of wiki.valid.tokens.",
         "",
@@ -161,6 +211,9 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
         "- **bound**: dense float32 bytes / the row's bytes, the most decoding can speed up when it only moves "
         "weights. **speedup**: decode tokens/s over dense float32 (fused graph, same batch). "
         "**speedup / bound**: the issue's goal is ≥ 0.9 at every ratio.",
+        f"- Between the first and the last round the dense float32 row's batch-{batches[0]} decode rate ranged "
+        f"{meta['dense_range'][0]:.2f}–{meta['dense_range'][1]:.2f} tokens/s: the shared machine's own drift, which "
+        f"the ratios within a round cancel.",
         "",
         "## Every ratio, float32 and int4 (fused graph)",
         "",
@@ -236,7 +289,8 @@ def main():
     p.add_argument("--batches", default="1,4")
     p.add_argument("--prefill", type=int, default=64)
     p.add_argument("--decode", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="runs per row and round (median)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds over all rows (median)")
     p.add_argument("--method", default="adasvd")
     p.add_argument("--allocation", default=None)
     p.add_argument("--calib-samples", type=int, default=16)
@@ -267,9 +321,7 @@ def main():
         else:
             path, _ = export_compressed(dense_plain, variant_model, folder)
         name = "float32" if quant is None else quant.name
-        rows.append(measure(path, label, ratio, name, graph, args, eval_ids, threads))
-        if label != "dense plain":  # the plain compressed graph is a rewrite of that one
-            shutil.rmtree(folder, ignore_errors=True)
+        rows.append(describe(path, label, ratio, name, graph, args, eval_ids, threads))
         return path
 
     dense_plain = run("dense plain", model, 0.0, None, graph="plain")
@@ -290,15 +342,22 @@ def main():
         if ratio == args.plain_ratio:
             run(f"compressed {ratio} plain", compressed, ratio, None, graph="plain", dense_plain=dense_plain)
         del compressed
+    del model
+    loads = time_rounds(rows, args, threads)  # every graph is on disk: now the timings, interleaved
     add_ratios(rows, args.batches)
 
     import onnxruntime
-    loads = [x for r in rows for x in r["load_avg"]]
+    loads = [x for pair in loads for x in pair]
+    dense = next(r for r in rows if r["label"] == "dense")
+    dense_rates = [rate["decode_tokens_s"] for rate in dense["rounds"][f"b{args.batches[0]}"]]
+    for row in rows:
+        del row["path"]  # a scratch folder, gone after the run
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     meta = {"command": command, "machine": cpu, "cpus": os.cpu_count(), "threads": threads,
             "onnxruntime": onnxruntime.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats, "eval_tokens": int(eval_ids.numel()),
+            "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats, "rounds": args.rounds,
+            "dense_range": [min(dense_rates), max(dense_rates)], "eval_tokens": int(eval_ids.numel()),
             "window": args.window, "method": args.method,
             "allocation": next(iter(compression.values()))["allocation"] if compression else None,
             "calib": f"{args.calib_samples}×{args.calib_seqlen}", "load_min": min(loads), "load_max": max(loads),
