@@ -127,6 +127,8 @@ def main():
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seqlen", type=int, default=256)
     args = p.parse_args()
+    if args.decode < 1 or args.prefill < 1:  # the per-token times divide by the decode steps
+        p.error("--prefill and --decode must be at least 1")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     model, tokenizer, _ = load("smollm2-135m", "float32", "cpu")
