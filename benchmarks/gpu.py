@@ -5,7 +5,8 @@ on the weights' values, only on the shapes.
               at ratio 0.4 with 256×2048 calibration tokens, the method's own allocation: wall time, seconds
               per layer and pass, peak GPU memory
   throughput  ONNX Runtime CUDA tokens/s, dense vs compressed at ratios 0.2/0.4/0.6 (float16), with the
-              PyTorch eager (generate) rows and the weight-bytes bound on the decode speedup
+              PyTorch eager (generate) rows and the weight-bytes bound on the decode speedup; --graph fused
+              (the CLI's default graph) or plain, --cuda-graph to replay the fused graph's decode step
   render      docs/results/gpu.md and docs/results/gpu_speedup.png from the measurements
 
 Each part appends its measurements (with the command, device, versions and date) to a JSON file and
@@ -36,6 +37,7 @@ from exporter.config import CompressionConfig  # noqa: E402
 from exporter.lowrank import build_skeleton  # noqa: E402
 from exporter.rank_rounding import round_ranks  # noqa: E402
 from exporter.recipe import recipe_name  # noqa: E402
+from exporter.onnx_build import build_onnx  # noqa: E402
 from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
 from exporter.validate.bound import bound_block  # noqa: E402
 from exporter.validate.providers import resolve_provider  # noqa: E402
@@ -129,20 +131,29 @@ class IdsOnlyTokenizer:
         pass
 
 
+def write_graph(args, model, folder: Path) -> Path:
+    """The model's decoder graph as the CLI writes it: --graph fused (ORT's fused ops built from the weights,
+    the CLI's default) or plain (torch.onnx's export)."""
+    if args.graph == "fused":
+        return build_onnx(model, IdsOnlyTokenizer(model.config), folder, args.dtype)
+    return export_onnx(model, IdsOnlyTokenizer(model.config), folder, args.dtype)
+
+
 def dense_graph(name: str, args, model) -> Path:
-    """The dense model.onnx, exported once per (model, layers, dtype) into --work and reused by later calls
-    while the machine stays warm (a 7B export takes minutes; each ratio is a rewrite of this graph)."""
+    """The dense model.onnx, exported once per (model, layers, dtype, graph) into --work and reused by later
+    calls while the machine stays warm (a 7B export takes minutes)."""
     c = model.config  # the width is in the key too: a smoke run with a shrunk shape must not reuse a 7B graph
-    folder = args.work / f"{name}-{c.num_hidden_layers}x{c.hidden_size}-{args.dtype}" / "dense"
+    folder = args.work / f"{name}-{c.num_hidden_layers}x{c.hidden_size}-{args.dtype}-{args.graph}" / "dense"
     if not (folder / "model.onnx").is_file():
-        export_onnx(model, IdsOnlyTokenizer(model.config), folder, args.dtype)
+        write_graph(args, model, folder)
     return folder / "model.onnx"
 
 
 def part_throughput(name: str, args):
-    """Ratio 0 is the dense model; every other ratio is the pipeline's compressed graph: the dense graph
-    rewritten with LowRankLinear factors (export_compressed). Yields one row per ratio, so a call that runs
-    out of time keeps the ratios it finished."""
+    """Ratio 0 is the dense model; every other ratio is the pipeline's compressed graph: built from the
+    LowRankLinear factors (fused), or the dense graph rewritten with them (plain: export_compressed). Yields
+    one row per ratio, so a call that runs out of time keeps the ratios it finished. --cuda-graph: the fused
+    graph's decode steps run as one captured CUDA graph (static shapes on its shared KV buffer)."""
     provider = resolve_provider(args.provider)
     settings = ThroughputSettings(batch=args.batch, prefill=args.prefill, decode=args.decode,
                                   warmup=args.warmup, repeats=args.repeats)
@@ -151,18 +162,23 @@ def part_throughput(name: str, args):
         dense_path = dense_graph(name, args, model)
         row = {"part": "throughput", "model": name, "layers": model.config.num_hidden_layers, "ratio": ratio,
                "rank_multiple": args.rank_multiple, "provider": provider, "dtype": args.dtype,
-               "settings": asdict(settings)}
+               "graph": args.graph, "cuda_graph": args.cuda_graph, "settings": asdict(settings)}
         if ratio > 0:
             layers = low_rank_copy_(model, ratio, args.rank_multiple)
             row.update(bound_block(random_model(name, args.layers, DTYPES[args.dtype], "meta"), layers))
         row["eager"] = eager_throughput(model, settings)
         print(json.dumps({"model": name, "ratio": ratio, "eager": row["eager"]}), flush=True)
         with tempfile.TemporaryDirectory(prefix="gpu-bench-", dir=args.work) as tmp:
-            path = dense_path if ratio == 0 else export_compressed(dense_path, model, Path(tmp))[0]
+            if ratio == 0:
+                path = dense_path
+            elif args.graph == "fused":
+                path = write_graph(args, model, Path(tmp))
+            else:
+                path = export_compressed(dense_path, model, Path(tmp))[0]
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            row["ort"] = ort_throughput(path, provider, settings)
+            row["ort"] = ort_throughput(path, provider, settings, cuda_graph=args.cuda_graph)
         print(json.dumps({"model": name, "ratio": ratio, "ort": row["ort"]}), flush=True)
         yield row
 
@@ -181,11 +197,13 @@ def _fmt(value, spec=",.1f"):
 
 
 def _group(row: dict) -> tuple:
-    """Rows comparable with each other: one call's model, depth, rank rounding and protocol. Rows written
-    before --rank-multiple existed used the uniform ranks unrounded, i.e. multiple 1."""
+    """Rows comparable with each other: one call's model, depth, rank rounding, graph and protocol. Rows
+    written before --rank-multiple existed used the uniform ranks unrounded, i.e. multiple 1; rows written
+    before --graph measured the plain graph, without CUDA graphs."""
     s = row["settings"]
-    return (row["model"], row["layers"], row.get("rank_multiple", 1), row["dtype"], row["provider"],
-            s["batch"], s["prefill"], s["decode"], s["repeats"], row["device"])
+    return (row["model"], row["layers"], row.get("rank_multiple", 1), row.get("graph", "plain"),
+            row.get("cuda_graph", False), row["dtype"], row["provider"], s["batch"], s["prefill"], s["decode"],
+            s["repeats"], row["device"])
 
 
 RATES = [("ort", "prefill"), ("ort", "decode"), ("eager", "prefill"), ("eager", "decode")]
@@ -227,10 +245,11 @@ def render(results: list[dict], folder: Path) -> None:
         groups.setdefault(_group(r), []).append(r)
     bars = []  # (label, speedups per RATES)
     for key, rows in groups.items():
-        model, layers, multiple, dtype, provider, batch, prefill, decode, repeats, device = key
+        model, layers, multiple, graph, cuda_graph, dtype, provider, batch, prefill, decode, repeats, device = key
         rows.sort(key=lambda r: r["ratio"])
         dense = next((r for r in rows if r["ratio"] == 0.0), None)
-        lines += [f"## Throughput: {model}, {layers} layers, ranks a multiple of {multiple} ({dtype}, {provider}, "
+        lines += [f"## Throughput: {model}, {layers} layers, ranks a multiple of {multiple} ({graph} graph"
+                  f"{', CUDA graphs' if cuda_graph else ''}, {dtype}, {provider}, "
                   f"batch {batch}, prefill {prefill}, decode {decode}, median of {repeats}, {device})", "",
                   "| ratio | ORT prefill tok/s | ORT decode tok/s | ORT peak GPU MB | eager prefill tok/s | "
                   "eager decode tok/s | eager peak GPU MB | ORT prefill × | ORT decode × | eager prefill × | "
@@ -244,7 +263,8 @@ def render(results: list[dict], folder: Path) -> None:
                          + " | ".join(_fmt(u, ".2f") for u in ups) + f" | {_fmt(r.get('bound_decode_speedup'), '.2f')} | "
                          f"{r['ort']['decode_tokens_s'] / r['eager']['decode_tokens_s']:.2f} |")
             if dense and r["ratio"] > 0:
-                bars.append((f"{layers} layers, ratio {r['ratio']:.1f}, rank ×{multiple}", ups))
+                bars.append((f"{layers} layers, ratio {r['ratio']:.1f}, rank ×{multiple}, {graph}"
+                             f"{' + CUDA graphs' if cuda_graph else ''}", ups))
         lines += ["", f"torch {rows[0]['torch']}, onnxruntime {rows[0]['onnxruntime']}, {rows[0]['date']}; "
                   f"command `{rows[0]['command']}`.", ""]
     if bars:
@@ -279,6 +299,10 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--calib-batch-size", type=int, default=8)
     parser.add_argument("--provider", default="cuda", choices=["cuda", "cpu", "auto"])
+    parser.add_argument("--graph", default="fused", choices=["fused", "plain"],
+                        help="throughput: the CLI's default fused graph, or the plain torch.onnx export")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="throughput, fused graph on CUDA: capture the decode step once and replay it")
     parser.add_argument("--device", default="cuda", help="torch device of the models (cpu only for a smoke run)")
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=4)

@@ -197,10 +197,13 @@ def render() -> None:
              "(other jobs shared the 2 cores when it is above 2).", "",
              "Peak RSS: the run's report.json; for a killed run (exit -9), the largest VmHWM sampled every 2 s from "
              "/proc (anonymous RSS beside it: memory-mapped checkpoint pages count in RSS but are reclaimable).", "",
-             "`compress s/layer` includes `refine s/layer` (`--refine block`, its part of it).", "",
-             "| run | exit | wall s | peak RSS GiB | peak anon GiB | profile s/layer | compress s/layer | refine s/layer | "
-             "output GiB | threads | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`compress s/layer` includes `observe`, `factorize` and `refine s/layer`: the forward passes of the "
+             "calibration streams with their statistics, the method's factorization, and `--refine block` (the "
+             "rest: propagating the compressed stream and writing the layer). Rows made before the report split "
+             "the pass show – for the first two.", "",
+             "| run | exit | wall s | peak RSS GiB | peak anon GiB | profile s/layer | compress s/layer | observe s/layer | "
+             "factorize s/layer | refine s/layer | output GiB | threads | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "eigh" in r:
             continue
@@ -211,7 +214,8 @@ def render() -> None:
         rss = f"{peak / 1024:.2f}" if peak else "–"
         anon = f"{sampled['RssAnon'] / 1024:.2f}" if "RssAnon" in sampled else "–"
         lines.append(f"| {r['name']} | {r['exit']} | {r['wall_s']:.0f} | {rss} | {anon} | {_mean(seconds.get('profile'))} | "
-                     f"{_mean(seconds.get('compress'))} | {_mean(seconds.get('refine'))} | {out:.2f} | "
+                     f"{_mean(seconds.get('compress'))} | {_mean(seconds.get('observe'))} | {_mean(seconds.get('factorize'))} | "
+                     f"{_mean(seconds.get('refine'))} | {out:.2f} | "
                      f"{r.get('threads') or 'all'} | {r['load_avg_1m']:.1f} |")
     lines += ["", "## Commands", "", "Checkpoints: `python benchmarks/scale.py make --shape opt-6.7b --layers 32 --out "
               "/tmp/opt-6.7b` (13.32 GB float16), `--layers 2 --out /tmp/opt67-2`, and `--shape opt-1.3b --layers 2|4|8`. "
@@ -222,7 +226,11 @@ def render() -> None:
               "/tmp/opt-6.7b --pass compress --kill-after 2,4 -- …`, then `--kill-after 5 --first-row 3`, "
               "`--kill-after 6 --first-row 4` and `--kill-after 7 --first-row 5` (killed once the compression pass "
               "reaches layer 2, 4, 5, 6, then 7, each run resuming the one before, with the code of its day; their "
-              "s/layer columns average every layer done so far, dense ones included).", ""]
+              "s/layer columns average every layer done so far, dense ones included). The "
+              "`opt-6.7b-32-layers-fresh-kill1` row is `python benchmarks/scale.py resume --name "
+              "opt-6.7b-32-layers-fresh --model /tmp/opt-6.7b --pass compress --kill-after 4 -- …`: a fresh run "
+              "killed once the compression pass reaches layer 4 (its columns average layers 0–3, the three dense "
+              "ones included; docs/scale.md gives layer 3 alone).", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
     for r in rows:
         if "eigh" in r:

@@ -58,7 +58,9 @@ class CompressionResult:
     records: dict[str, MatrixRecord] = field(default_factory=dict)
     layer_similarity: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific report entries (e.g. adaComp losses)
-    layer_seconds: dict[str, list[float]] = field(default_factory=dict)  # pass name -> seconds per layer
+    # seconds per layer: "profile" and "compress" (the passes); inside "compress": "observe" (forward passes of
+    # the calibration streams and their statistics), "factorize" (the method), "refine" (--refine block)
+    layer_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def linear_params(self) -> tuple[int, int]:
         """(dense, compressed) parameter counts over all candidate linears."""
@@ -191,7 +193,7 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
                      result: CompressionResult, export_dtype: torch.dtype, start: int = 0, writer=None,
                      checkpoint: Checkpoint | None = None, state: dict | None = None, progress: bool = True) -> None:
     """`state`: what the checkpoint keeps besides this pass's own progress (the plan, the profile)."""
-    arch, device, seconds = source.arch, source.device, result.layer_seconds.setdefault("compress", [])
+    arch, device, seconds = source.arch, source.device, result.layer_seconds
     for i, layer in source.layers(start, f"compress ({config.method})" if progress else None):
         began = time.perf_counter()
         obs = observe(i, layer, arch, streams.calib, device, compressed=streams.calib_compressed,
@@ -202,7 +204,10 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
         dense_weights = {name: linear_weight(lin) for name, _, lin, _ in _linears(arch, i, layer, obs)
                          if name in plan and config.refine_block}
         release_free_heap()  # the forward passes' per-batch blocks, before the factorization's large matrices
+        factorizing = time.perf_counter()
+        seconds.setdefault("observe", []).append(factorizing - began)
         factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
+        seconds.setdefault("factorize", []).append(time.perf_counter() - factorizing)
         if config.refine_block:
             refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)
         del obs, dense_weights
@@ -211,7 +216,7 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
                 advance(i, layer, stream, device)
         if writer is not None:
             writer.write_layer(i, layer, source.layer_prefix(i))
-        seconds.append(time.perf_counter() - began)
+        seconds.setdefault("compress", []).append(time.perf_counter() - began)
         if checkpoint is not None:
             checkpoint.save({**(state or {}), "pass": "compress", "next": i + 1,
                              "records": {k: asdict(v) for k, v in result.records.items()},

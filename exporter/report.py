@@ -76,6 +76,9 @@ def summary(report: dict) -> str:
         if onnx.get("dense_reused"):
             lines.append(f"onnx dense   {onnx['dense_reused']}")
     lines.append("timings      " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
+    per_layer = {k: sum(v) / len(v) for k, v in (report.get("layer_seconds") or {}).items() if v}
+    if per_layer:  # where a layer's time goes: the passes, and inside the compression pass its stages
+        lines.append("per layer    " + ", ".join(f"{k} {v:.1f}s" for k, v in per_layer.items()))
     lines.append(f"peak memory  {report['peak_memory']['host_rss_mb']:.0f} MB host"
                  + (f", {report['peak_memory']['gpu_mb']:.0f} MB GPU" if report['peak_memory'].get('gpu_mb') else ""))
     return "\n".join(lines)

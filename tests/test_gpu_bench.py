@@ -52,3 +52,26 @@ def test_render_formats_measured_rows_only(tmp_path):
             "NVIDIA H100 80GB HBM3 |") in text
     assert "python benchmarks/gpu.py throughput --model llama-2-7b" in text
     assert (tmp_path / "gpu_speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_throughput_part_runs_on_a_cpu_with_a_shrunk_shape(tmp_path, monkeypatch):
+    """The device only runs what was run here first: the throughput part, fused (the CLI's graph, shared KV
+    buffer) and plain, on a Llama shape shrunk to a few kB, with the CPU provider. One row per ratio, each
+    saying which graph it measured; CUDA graphs are refused on the CPU provider."""
+    import argparse
+
+    import pytest
+    gpu = load_gpu_script()
+    tiny = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    monkeypatch.setitem(gpu.SHAPES, "llama-2-7b", ("LlamaConfig", tiny))
+    base = dict(layers=None, ratios=[0.0, 0.4], rank_multiple=8, provider="cpu", device="cpu", dtype="float32",
+                batch=2, prefill=8, decode=4, warmup=1, repeats=1, work=tmp_path, cuda_graph=False)
+    for graph in ("fused", "plain"):
+        rows = list(gpu.part_throughput("llama-2-7b", argparse.Namespace(**base, graph=graph)))
+        assert [(r["ratio"], r["graph"], r["cuda_graph"]) for r in rows] == [(0.0, graph, False), (0.4, graph, False)]
+        assert all(r["ort"]["decode_tokens_s"] > 0 and r["eager"]["decode_tokens_s"] > 0 for r in rows)
+        assert rows[1]["bound_decode_speedup"] > 1.0
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        list(gpu.part_throughput("llama-2-7b", argparse.Namespace(**{**base, "ratios": [0.0], "cuda_graph": True},
+                                                                  graph="fused")))

@@ -26,7 +26,7 @@ from exporter.pipeline import run
 from exporter.validate.bound import bound_decode_speedup, compressed_weight_bytes, decode_weight_bytes
 from exporter.validate.providers import CPU, CUDA, check_provider, open_session, resolve_provider
 from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, Timing, folder_config,
-                                          ort_throughput, rates, read_signature)
+                                          ort_throughput, rates, read_signature, shares_kv_buffer)
 
 ort = pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,36 @@ def test_decode_loop_logits_equal_pytorch(decoder):
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids)).logits[:, -1].numpy()
     np.testing.assert_allclose(loop.last_logits(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_kv_buffer_decode_equals_pytorch_on_the_fused_graph(tmp_path):
+    """The fused graph declares a shared KV buffer: the loop then binds one buffer of the final length as
+    past and present and every decode step with the same shapes (the static mask; what CUDA graphs need).
+    After the prefill and each protocol's decode steps, the last logits equal PyTorch's; the plain graph
+    does not declare the buffer and keeps the alternating protocol."""
+    from exporter.onnx_build import build_onnx
+    model = tiny_model("mistral")
+    path = build_onnx(model, char_tokenizer(), tmp_path / "fused")
+    assert shares_kv_buffer(path.parent)
+    session = open_session(path, CPU)
+    signature = read_signature(session, folder_config(path.parent))
+    total = TINY.prefill + TINY.decode
+    ids = np.random.default_rng(3).integers(0, signature.vocab, size=(TINY.batch, total), dtype=np.int64)
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids)).logits[:, -1].numpy()
+    for shared in (True, False):
+        loop = OrtDecodeLoop(session, signature, CPU, TINY, seed=3, shared_kv=shared)
+        loop.run_once()
+        loop.run_once()  # the buffers are reused: a second run starts over from the prompt
+        np.testing.assert_allclose(loop.last_logits(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="shared KV buffer"):
+        OrtDecodeLoop(session, signature, CPU, TINY, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        ort_throughput(path, CPU, TINY, cuda_graph=True)
+
+
+def test_the_plain_graph_keeps_alternating_kv_buffers(decoder):
+    assert not shares_kv_buffer(decoder[1].parent)
 
 
 def test_tiny_cpu_run_produces_the_report_keys(decoder, tmp_path):

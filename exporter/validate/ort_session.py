@@ -22,7 +22,7 @@ def default_providers() -> list[str]:
     return preferred or available
 
 
-def create_session(path: str | Path, providers: list[str] | None = None, optimization: str = "all",
+def create_session(path: str | Path, providers: list[str | tuple[str, dict]] | None = None, optimization: str = "all",
                    threads: int = 0, low_memory: bool = False):
     """threads: intra-op threads (0 = ORT's default). ORT silently falls back to CPU when a provider's
     libraries fail to load: the provider actually used is logged, and checked by callers that care.
@@ -40,8 +40,9 @@ def create_session(path: str | Path, providers: list[str] | None = None, optimiz
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers etc. are noise here
     requested = providers or default_providers()
     session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
-    if session.get_providers()[0] != requested[0]:
-        log.warning("ONNX Runtime runs %s on %s, not the requested %s", path, session.get_providers()[0], requested[0])
+    first = requested[0][0] if isinstance(requested[0], tuple) else requested[0]  # (name, provider options)
+    if session.get_providers()[0] != first:
+        log.warning("ONNX Runtime runs %s on %s, not the requested %s", path, session.get_providers()[0], first)
     return session
 
 

@@ -38,14 +38,19 @@ def check_provider(session, wanted: str) -> None:
                            f"libraries did not load (check the CUDA/cuDNN versions onnxruntime-gpu needs)")
 
 
-def open_session(model_path: str | Path, provider: str, threads: int = 0):
+def open_session(model_path: str | Path, provider: str, threads: int = 0, cuda_graph: bool = False):
     """An InferenceSession whose first provider is `provider`, or an error that says why not.
-    threads: intra-op threads (0: ONNX Runtime's default, one per physical core)."""
+    threads: intra-op threads (0: ONNX Runtime's default, one per physical core). cuda_graph: the CUDA provider
+    captures a run's kernels once and replays them (every node must then run on CUDA: ORT refuses otherwise)."""
     from .ort_session import create_session
     ort = _ort()
     if provider == CUDA and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels (torch's), where the system has none
-    providers = [provider] if provider == CPU else [provider, CPU]  # CPU runs the ops CUDA does not have
+    if cuda_graph and provider != CUDA:
+        raise ValueError(f"CUDA graphs need the {CUDA}, not {provider}")
+    # CPU runs the ops CUDA does not have; with CUDA graphs no node may run there
+    providers = [provider] if provider == CPU else [(provider, {"enable_cuda_graph": "1"})] if cuda_graph \
+        else [provider, CPU]
     session = create_session(model_path, providers=providers, threads=threads)
     check_provider(session, provider)
     return session

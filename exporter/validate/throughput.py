@@ -2,9 +2,16 @@
 `generate`, with the same protocol: random prompt ids [batch, prefill], then `decode` single-token steps
 on the KV cache; warm-up runs, then the median of several repetitions.
 
-ONNX Runtime runs with IO binding on preallocated buffers: per KV tensor two flat buffers of the final
-length, used in turn (step t reads its past from one and writes its present into the other: an op must
-not read and write one buffer), so the decode loop allocates nothing and copies nothing to the host.
+ONNX Runtime runs with IO binding on preallocated buffers, so the decode loop allocates nothing and copies
+nothing to the host. Two KV protocols:
+  - shared (a graph whose genai_config.json says `past_present_share_buffer`: the fused graph, whose
+    GroupQueryAttention writes each new key into the past buffer): one buffer of the final length per KV
+    tensor, bound as both past and present; every decode step has the same shapes and addresses (a static
+    [batch, final length] mask whose ones say the valid length), which is what onnxruntime-genai does and
+    what CUDA graphs need (`cuda_graph`: the decode steps are captured once and replayed);
+  - alternating (the plain graph, which concatenates past and new keys into present): per KV tensor two
+    flat buffers of the final length, used in turn (step t reads its past from one and writes its present
+    into the other: an op must not read and write one buffer).
 Input and output names and the KV layout [batch, kv_heads, past, head_dim] are read from the session,
 never written per model."""
 from __future__ import annotations
@@ -160,9 +167,15 @@ class OrtDecodeLoop:
     """Preallocated buffers + IO binding for one session and one (batch, prefill, decode) setting."""
 
     def __init__(self, session, signature: DecoderSignature, provider: str, settings: ThroughputSettings,
-                 vocab_limit: int | None = None, seed: int = 0):
-        from onnxruntime import OrtValue
-        self.session, self.sig, self.s = session, signature, settings
+                 vocab_limit: int | None = None, seed: int = 0, shared_kv: bool = False, cuda_graph: bool = False):
+        from onnxruntime import OrtValue, RunOptions
+        if cuda_graph and not shared_kv:
+            raise ValueError("CUDA graphs need the shared KV buffer (static decode shapes): this graph's "
+                             "genai_config.json does not declare past_present_share_buffer")
+        self.session, self.sig, self.s, self.shared_kv = session, signature, settings, shared_kv
+        self.prefill_options = RunOptions()
+        if cuda_graph:  # the prefill has other shapes than the decode steps: never captured
+            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
         self.device = device_of(provider)
         b, p, d = settings.batch, settings.prefill, settings.decode
         total = p + d
@@ -182,37 +195,67 @@ class OrtDecodeLoop:
         self.step_positions = put(np.broadcast_to(np.arange(p, total, dtype=np.int64)[:, None], (d, b)))
         self.mask = put(np.ones(b * total, dtype=np.int64))  # all ones: any prefix is a [batch, length] mask
         kv_elements = b * signature.kv_heads * total * signature.head_dim
-        self.kv = {name: (empty(kv_elements, signature.kv_dtype), empty(kv_elements, signature.kv_dtype))
+        self.kv = {name: tuple(empty(kv_elements, signature.kv_dtype) for _ in range(1 if shared_kv else 2))
                    for name in signature.past}
         self.logits = empty(b * p * signature.vocab, signature.logits_dtype)
+        if shared_kv:  # the decode step's inputs at fixed addresses, rewritten in place from host tables
+            self.total = total
+            self.host_ids = np.ascontiguousarray(ids[:, p:].T[:, :, None])  # [decode, batch, 1]: row t, step t
+            self.host_positions = np.ascontiguousarray(np.broadcast_to(np.arange(p, total)[:, None, None], (d, b, 1)))
+            self.host_masks = (np.arange(total)[None, None, :] < np.arange(p + 1, total + 1)[:, None, None]) \
+                .repeat(b, axis=1).astype(np.int64)  # [decode, batch, total]: ones for the first p + t + 1
+            self.token, self.position = put(self.host_ids[0]), put(self.host_positions[0])
+            self.static_mask = put(self.host_masks[0])
 
     def _bind(self, io, name: str, buffer: Buffer, shape, offset: int = 0, output: bool = False):
         bind = io.bind_output if output else io.bind_input
         bind(name, self.device, 0, buffer.dtype, list(shape), buffer.pointer(offset))
 
-    def _step(self, ids: Buffer, positions: Buffer, offset: int, seqlen: int, past_len: int, parity: int):
+    def _step(self, ids: Buffer, positions: Buffer, offset: int, seqlen: int, past_len: int, parity: int,
+              mask: tuple[Buffer, int] | None = None, options=None):
+        """One forward pass. `mask`: (buffer, width) bound as the attention mask instead of the all-ones prefix of
+        length past_len + seqlen. Shared KV: past and present are one buffer of the final length."""
         b, sig = self.s.batch, self.sig
         io = self.session.io_binding()
         self._bind(io, "input_ids", ids, (b, seqlen), offset)
         if "attention_mask" in sig.extra_inputs:
-            self._bind(io, "attention_mask", self.mask, (b, past_len + seqlen))
+            buffer, width = mask or (self.mask, past_len + seqlen)
+            self._bind(io, "attention_mask", buffer, (b, width))
         if "position_ids" in sig.extra_inputs:
             self._bind(io, "position_ids", positions, (b, seqlen), offset)
         for past, present in zip(sig.past, sig.present):
-            read, write = self.kv[past][parity], self.kv[past][1 - parity]
-            self._bind(io, past, read, (b, sig.kv_heads, past_len, sig.head_dim))
-            self._bind(io, present, write, (b, sig.kv_heads, past_len + seqlen, sig.head_dim), output=True)
+            if self.shared_kv:
+                (read,) = (write,) = self.kv[past]
+                past_shape = present_shape = (b, sig.kv_heads, self.total, sig.head_dim)
+            else:
+                read, write = self.kv[past][parity], self.kv[past][1 - parity]
+                past_shape = (b, sig.kv_heads, past_len, sig.head_dim)
+                present_shape = (b, sig.kv_heads, past_len + seqlen, sig.head_dim)
+            self._bind(io, past, read, past_shape)
+            self._bind(io, present, write, present_shape, output=True)
         self._bind(io, "logits", self.logits, (b, seqlen, sig.vocab), output=True)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, options)
         io.synchronize_outputs()
+
+    def _shared_step(self, t: int) -> None:
+        """Decode step t on the shared KV buffer: token, position and the static mask (ones for the first
+        prefill + t + 1 positions) are written in place, so every step binds the same shapes and addresses."""
+        self.token.value.update_inplace(self.host_ids[t])
+        self.position.value.update_inplace(self.host_positions[t])
+        self.static_mask.value.update_inplace(self.host_masks[t])
+        self._step(self.token, self.position, 0, 1, past_len=self.s.prefill + t, parity=0,
+                   mask=(self.static_mask, self.total))
 
     def run_once(self) -> Timing:
         b, p = self.s.batch, self.s.prefill
         start = time.perf_counter()
-        self._step(self.prompt, self.prompt_positions, 0, p, past_len=0, parity=0)
+        self._step(self.prompt, self.prompt_positions, 0, p, past_len=0, parity=0, options=self.prefill_options)
         prefilled = time.perf_counter()
-        for t in range(self.s.decode):  # the present of step t is the past of step t+1: buffers alternate
-            self._step(self.step_ids, self.step_positions, t * b, 1, past_len=p + t, parity=1 - t % 2)
+        for t in range(self.s.decode):
+            if self.shared_kv:
+                self._shared_step(t)
+            else:  # the present of step t is the past of step t+1: buffers alternate
+                self._step(self.step_ids, self.step_positions, t * b, 1, past_len=p + t, parity=1 - t % 2)
         return Timing(prefilled - start, time.perf_counter() - prefilled)
 
     def last_logits(self) -> np.ndarray:
@@ -226,16 +269,26 @@ def folder_config(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def shares_kv_buffer(folder: Path) -> bool:
+    """Whether the graph in `folder` writes its present KV into the past buffer (genai_config.json's
+    past_present_share_buffer, which the fused writer sets and the plain export does not)."""
+    path = Path(folder) / "genai_config.json"
+    return path.exists() and bool(json.loads(path.read_text()).get("search", {}).get("past_present_share_buffer"))
+
+
 def ort_throughput(model_path: str | Path, provider: str, settings: ThroughputSettings,
-                   vocab_limit: int | None = None) -> dict:
-    """Open the session (provider checked), run the protocol, release the session. Tokens/s + peak GPU MB."""
+                   vocab_limit: int | None = None, cuda_graph: bool = False) -> dict:
+    """Open the session (provider checked), run the protocol, release the session. Tokens/s + peak GPU MB.
+    The KV protocol follows the graph (shared buffer where it declares one); `cuda_graph` (CUDA only) captures
+    the decode step once and replays it."""
     from .providers import open_session
     model_path = Path(model_path)
     free_before = gpu_free_bytes() if provider == CUDA else None
-    session = open_session(model_path, provider, threads=settings.threads)
+    session = open_session(model_path, provider, threads=settings.threads, cuda_graph=cuda_graph)
     try:
         signature = read_signature(session, folder_config(model_path.parent))
-        loop = OrtDecodeLoop(session, signature, provider, settings, vocab_limit)
+        loop = OrtDecodeLoop(session, signature, provider, settings, vocab_limit,
+                             shared_kv=shares_kv_buffer(model_path.parent), cuda_graph=cuda_graph)
         timings = measure(loop.run_once, settings)
         # ORT's arena keeps its peak: device memory in use now minus before the session is that peak
         peak = (free_before - gpu_free_bytes()) / 2**20 if free_before is not None else None
