@@ -190,22 +190,23 @@ class OrtDecodeLoop:
 
         self.prompt = put(ids[:, :p])
         self.prompt_positions = put(np.broadcast_to(np.arange(p, dtype=np.int64), (b, p)))
-        # decode step t reads row t of these [decode, batch] tables: one pointer offset per step, no copies
-        self.step_ids = put(ids[:, p:].T)
-        self.step_positions = put(np.broadcast_to(np.arange(p, total, dtype=np.int64)[:, None], (d, b)))
+        # decode step t reads row t of these [decode, batch] tables
+        step_ids = np.ascontiguousarray(ids[:, p:].T)
+        step_positions = np.ascontiguousarray(np.broadcast_to(np.arange(p, total, dtype=np.int64)[:, None], (d, b)))
         self.mask = put(np.ones(b * total, dtype=np.int64))  # all ones: any prefix is a [batch, length] mask
         kv_elements = b * signature.kv_heads * total * signature.head_dim
         self.kv = {name: tuple(empty(kv_elements, signature.kv_dtype) for _ in range(1 if shared_kv else 2))
                    for name in signature.past}
         self.logits = empty(b * p * signature.vocab, signature.logits_dtype)
-        if shared_kv:  # the decode step's inputs at fixed addresses, rewritten in place from host tables
+        if shared_kv:  # the step's inputs at fixed addresses, rewritten in place from the host tables
             self.total = total
-            self.host_ids = np.ascontiguousarray(ids[:, p:].T[:, :, None])  # [decode, batch, 1]: row t, step t
-            self.host_positions = np.ascontiguousarray(np.broadcast_to(np.arange(p, total)[:, None, None], (d, b, 1)))
+            self.host_ids, self.host_positions = step_ids.reshape(d, b, 1), step_positions.reshape(d, b, 1)
             self.host_masks = (np.arange(total)[None, None, :] < np.arange(p + 1, total + 1)[:, None, None]) \
                 .repeat(b, axis=1).astype(np.int64)  # [decode, batch, total]: ones for the first p + t + 1
             self.token, self.position = put(self.host_ids[0]), put(self.host_positions[0])
             self.static_mask = put(self.host_masks[0])
+        else:  # the tables on the device: one pointer offset per step, no copies
+            self.step_ids, self.step_positions = put(step_ids), put(step_positions)
 
     def _bind(self, io, name: str, buffer: Buffer, shape, offset: int = 0, output: bool = False):
         bind = io.bind_output if output else io.bind_input
