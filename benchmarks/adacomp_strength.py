@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter import CompressionConfig, compress_  # noqa: E402
-from exporter.calibration.data import calibration_batches, evaluation_tokens  # noqa: E402
-from exporter.models import load  # noqa: E402
-from exporter.validate.perplexity import perplexity, torch_logits  # noqa: E402
+from exporter import CompressionConfig, compress_
+from exporter.data.windows import calibration_batches, evaluation_tokens
+from exporter.load.open import load
+from exporter.validate.perplexity import perplexity, torch_logits
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 

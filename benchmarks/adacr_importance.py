@@ -15,11 +15,11 @@ from pathlib import Path
 
 import click
 
-from exporter import allocation
-from exporter.calibration.data import calibration_batches, evaluation_tokens
-from exporter.compress import compress_
+from exporter import plan as allocation
+from exporter.data.windows import calibration_batches, evaluation_tokens
+from exporter.loop.compress import compress_
 from exporter.config import CompressionConfig
-from exporter.models import load
+from exporter.load.open import load
 from exporter.validate.perplexity import model_window, perplexity, torch_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"

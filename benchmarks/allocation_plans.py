@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter.allocation import allocate, plan_params  # noqa: E402
-from exporter.architectures import architecture_of  # noqa: E402
-from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.compress import list_matrices, measure_profile  # noqa: E402
-from exporter.models import load  # noqa: E402
+from exporter.plan import allocate
+from exporter.plan.ranks import plan_params
+from exporter.model.discovery import architecture_of
+from exporter.data.windows import calibration_batches
+from exporter.model.candidates import list_matrices
+from exporter.loop.profile import measure_profile
+from exporter.load.open import load
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 

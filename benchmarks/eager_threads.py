@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter.models import load  # noqa: E402
-from exporter.validate.throughput import ThroughputSettings, eager_throughput  # noqa: E402
+from exporter.load.open import load
+from exporter.validate.throughput import ThroughputSettings, eager_throughput
 
 
 def main():

@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-import exporter.methods.base as base  # noqa: E402
-from exporter.architectures import decoder_layers  # noqa: E402
-from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.linears import linear_weight  # noqa: E402
-from exporter.methods.svd_llm_v2 import SVDLLMV2  # noqa: E402
-from exporter.models import load  # noqa: E402
-from exporter.source import ResidentSource  # noqa: E402
-from exporter.stream.activations import capture_inputs  # noqa: E402
-from exporter.stream.observe import observe  # noqa: E402
+import exporter.factorize.base as base  # noqa: E402
+from exporter.model.architecture import decoder_layers
+from exporter.data.windows import calibration_batches
+from exporter.model.linears import linear_weight
+from exporter.factorize.svd_llm_v2 import SVDLLMV2
+from exporter.load.open import load
+from exporter.load.resident import ResidentSource
+from exporter.model.layer_inputs import capture_inputs
+from exporter.loop.observe import observe
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 VARIANTS = ("float64", "float32 eigh", "float32")

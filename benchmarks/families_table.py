@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from families import FAMILIES, UNNAMED  # noqa: E402
 
-from exporter.onnx_export import GENAI_GENERIC, GENAI_TYPES  # noqa: E402
+from exporter.onnx.plain import GENAI_GENERIC, GENAI_TYPES
 
 STAGES = ("test_compress", "test_reload", "test_onnx", "test_genai")
 START, END = "<!-- families-table:start -->", "<!-- families-table:end -->"

@@ -48,7 +48,7 @@ def time_readme(work: Path) -> dict:
 WAIT_POLICY_PROBE = """
 import os, time, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-from exporter.calibration.data import generate_samples
+from exporter.data.windows import generate_samples
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)  # SmolLM2-135M's shape

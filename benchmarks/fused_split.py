@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.methods import MatrixInput  # noqa: E402
-from exporter.source import ResidentSource  # noqa: E402
-from exporter.stream.activations import capture_inputs  # noqa: E402
-from exporter.stream.observe import observe  # noqa: E402
-from exporter.models import load  # noqa: E402
+from exporter.data.windows import calibration_batches
+from exporter.factorize.base import MatrixInput
+from exporter.load.resident import ResidentSource
+from exporter.model.layer_inputs import capture_inputs
+from exporter.loop.observe import observe
+from exporter.load.open import load
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "gate_up": ("mlp.gate_proj", "mlp.up_proj")}

@@ -29,19 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter.allocation import uniform  # noqa: E402
-from exporter.architectures import architecture_of  # noqa: E402
-from exporter.cli import compression_config  # noqa: E402
-from exporter.compress import compress_, list_matrices  # noqa: E402
-from exporter.config import CompressionConfig  # noqa: E402
-from exporter.lowrank import build_skeleton  # noqa: E402
-from exporter.rank_rounding import round_ranks  # noqa: E402
-from exporter.recipe import recipe_name  # noqa: E402
-from exporter.onnx_build import build_onnx  # noqa: E402
-from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
-from exporter.validate.bound import bound_block  # noqa: E402
-from exporter.validate.providers import resolve_provider  # noqa: E402
-from exporter.validate.throughput import ThroughputSettings, eager_throughput, ort_throughput  # noqa: E402
+from exporter.plan.uniform import uniform
+from exporter.model.discovery import architecture_of
+from exporter.cli import compression_config
+from exporter.loop.compress import compress_
+from exporter.model.candidates import list_matrices
+from exporter.config import CompressionConfig
+from exporter.model.lowrank import build_skeleton
+from exporter.plan.rounding import round_ranks
+from exporter.recipe import recipe_name
+from exporter.onnx.fused import build_onnx
+from exporter.onnx.plain import export_compressed, export_onnx
+from exporter.validate.bound import bound_block
+from exporter.validate.providers import resolve_provider
+from exporter.validate.throughput import ThroughputSettings, eager_throughput, ort_throughput
 
 # The published configurations (config.json of facebook/opt-6.7b and meta-llama/Llama-2-7b-hf).
 SHAPES = {

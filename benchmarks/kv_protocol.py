@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter import CompressionConfig, compress_  # noqa: E402
-from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.models import load  # noqa: E402
-from exporter.onnx_build import build_onnx  # noqa: E402
-from exporter.validate.providers import CPU, open_session  # noqa: E402
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates,  # noqa: E402
-                                          read_signature, shares_kv_buffer)
+from exporter import CompressionConfig, compress_
+from exporter.data.windows import calibration_batches
+from exporter.load.open import load
+from exporter.onnx.fused import build_onnx
+from exporter.validate.providers import CPU, open_session
+from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates, read_signature,
+                                          shares_kv_buffer)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 PROTOCOLS = {"shared": True, "alternating": False}

@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter import CompressionConfig, compress_  # noqa: E402
-from exporter.calibration.data import calibration_batches  # noqa: E402
-from exporter.models import load  # noqa: E402
-from exporter.onnx_build import build_onnx  # noqa: E402
-from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
-from exporter.validate.ort_session import OrtDecoder  # noqa: E402
+from exporter import CompressionConfig, compress_
+from exporter.data.windows import calibration_batches
+from exporter.load.open import load
+from exporter.onnx.fused import build_onnx
+from exporter.onnx.plain import export_compressed, export_onnx
+from exporter.validate.ort_session import OrtDecoder
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "docs" / "results"

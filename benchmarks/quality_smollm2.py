@@ -1,5 +1,5 @@
 """Perplexity of SmolLM2-135M under compression recipes × ratios × calibration seeds, on the held-out protocol
-(exporter/calibration/holdout.py): calibration windows from the first 75% of wiki.valid.tokens; `--split
+(exporter/data/splits.py): calibration windows from the first 75% of wiki.valid.tokens; `--split
 validation` evaluates on the rest of wiki.valid.tokens (every choice of a hyperparameter is made there),
 `--split test` on wiki.test.raw (reported only).
 
@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter import CompressionConfig, compress_  # noqa: E402
-from exporter.calibration.data import read_text, tokenize  # noqa: E402
-from exporter.calibration.holdout import CALIBRATION_SHARE, calibration_windows, validation_tokens  # noqa: E402
-from exporter.compress import measure_profile  # noqa: E402
-from exporter.models import load  # noqa: E402
-from exporter.recipe import default_compression  # noqa: E402
-from exporter.validate.perplexity import perplexity, torch_logits  # noqa: E402
+from exporter import CompressionConfig, compress_
+from exporter.data.text import read_text, tokenize
+from exporter.data.splits import CALIBRATION_SHARE, calibration_windows, validation_tokens
+from exporter.loop.profile import measure_profile
+from exporter.load.open import load
+from exporter.recipe import default_compression
+from exporter.validate.perplexity import perplexity, torch_logits
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "docs" / "results"

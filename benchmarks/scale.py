@@ -110,7 +110,7 @@ def cli_command(model: str, out: str, extra: list[str]) -> list[str]:
 
 
 def checkpoint_state(out: Path) -> dict | None:
-    for state in out.parent.glob(f".{out.name}.partial-*/.checkpoint/state.json"):
+    for state in out.parent.glob(f".{out.name}.partial-*/.resume/state.json"):
         try:
             return json.loads(state.read_text())
         except (json.JSONDecodeError, OSError):  # being replaced right now

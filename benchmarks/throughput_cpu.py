@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/throughput_cpu.py
 
-Rows (every graph is the fused one, exporter/onnx_build, unless it says plain):
+Rows (every graph is the fused one, exporter/onnx/fused, unless it says plain):
   dense float32 / compressed at each --ratios (float32) / int4 / compressed + int4 / int8;
   quantization settings on the dense model (block 64 and 128, asymmetric, accuracy level 0, int4 lm_head);
   the plain graph (torch.onnx dynamo + low-rank rewrite) dense and at --plain-ratio, for fused vs plain.
@@ -44,18 +44,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter import CompressionConfig, compress_  # noqa: E402
-from exporter.calibration.data import calibration_batches, evaluation_tokens  # noqa: E402
-from exporter.models import load  # noqa: E402
-from exporter.onnx_build import build_onnx  # noqa: E402
-from exporter.onnx_export import export_compressed, export_onnx  # noqa: E402
-from exporter.quantization import Quantization  # noqa: E402
-from exporter.validate.bound import graph_decode_weight_bytes  # noqa: E402
-from exporter.validate.ort_session import OrtDecoder  # noqa: E402
-from exporter.validate.perplexity import perplexity  # noqa: E402
-from exporter.validate.providers import CPU, open_session  # noqa: E402
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates,  # noqa: E402
-                                          read_signature, shares_kv_buffer)
+from exporter import CompressionConfig, compress_
+from exporter.data.windows import calibration_batches, evaluation_tokens
+from exporter.load.open import load
+from exporter.onnx.fused import build_onnx
+from exporter.onnx.plain import export_compressed, export_onnx
+from exporter.config import Quantization
+from exporter.validate.bound import graph_decode_weight_bytes
+from exporter.validate.ort_session import OrtDecoder
+from exporter.validate.perplexity import perplexity
+from exporter.validate.providers import CPU, open_session
+from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates, read_signature,
+                                          shares_kv_buffer)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "docs" / "results"

@@ -16,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from exporter.config import CalibrationConfig, CompressionConfig, EvalConfig, RunConfig  # noqa: E402
-from exporter.pipeline import run  # noqa: E402
+from exporter.config import CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+from exporter.run import run
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ import importlib
 
 # Loaded on first use, so that `svd-export --help` and the CLI's environment set-up (threads, -q) happen
 # before torch and tqdm are imported.
-_EXPORTS = {"load_compressed": ".artifacts", "compress_": ".compress", "CalibrationConfig": ".config",
+_EXPORTS = {"load_compressed": ".output.artifact", "save_compressed": ".output.artifact", "compress_": ".loop.compress",
+            "CalibrationConfig": ".config",
             "CompressionConfig": ".config", "EvalConfig": ".config", "RunConfig": ".config"}
 
 

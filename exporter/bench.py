@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import torch
 
+from .onnx.files import GRAPH_KEY, find_onnx, graph_metadata, is_quantized
 from .validate.bound import bound_block, graph_bound_block
 from .validate.providers import CHOICES, CUDA, resolve_provider
 from .validate.throughput import ThroughputSettings, default_settings, eager_throughput, ort_throughput
@@ -23,30 +24,13 @@ from .validate.throughput import ThroughputSettings, default_settings, eager_thr
 log = logging.getLogger(__name__)
 
 
-def find_onnx(folder: Path) -> Path:
-    for candidate in (Path(folder) / "model.onnx", Path(folder) / "onnx" / "model.onnx"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no model.onnx in {folder}: export with --format onnx first")
-
-
-def graph_metadata(onnx_path: Path) -> dict:
-    import onnx
-    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-
-
-def is_quantized(onnx_path: Path) -> bool:
-    from .onnx_build.writer import QUANTIZE_KEY
-    return graph_metadata(onnx_path).get(QUANTIZE_KEY, "none") != "none"
-
-
 def export_model(model, tokenizer, folder: Path, dtype: str, graph: str = "plain") -> Path:
     """A model (here: the original one) through the project's ONNX exporter, as the compressed one went:
     the fused builder (float) or the dynamo export."""
     if graph == "fused":
-        from .onnx_build import build_onnx
+        from .onnx.fused import build_onnx
         return build_onnx(model, tokenizer, folder, dtype)
-    from .onnx_export import export_onnx
+    from .onnx.plain import export_onnx
     export_onnx(model, tokenizer, folder, dtype=dtype)
     return find_onnx(folder)
 
@@ -67,8 +51,8 @@ def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settin
                    export=export_model, echo=print) -> dict:
     """-> report.json's `throughput` block. The dense model is loaded from report['model'] unless given;
     its ONNX graph is exported (with `export`) unless `dense_onnx` is given (the pipeline's own export)."""
-    from .artifacts import load_compressed
-    from .models import load
+    from .output.artifact import load_compressed
+    from .load.open import load
 
     provider = resolve_provider(provider)
     settings = settings or default_settings(provider)
@@ -89,7 +73,6 @@ def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settin
     with tempfile.TemporaryDirectory(prefix="svd-export-dense-") as tmp:
         if dense_onnx is None:
             echo("throughput: exporting the dense model to ONNX")
-            from .onnx_build.writer import GRAPH_KEY
             dense_onnx = export(dense_model, tokenizer, Path(tmp), dtype,
                                 graph_metadata(compressed_onnx).get(GRAPH_KEY, "plain"))
         dense_model = None  # only this function's reference: a caller's model stays
@@ -134,8 +117,8 @@ def summary_line(t: dict) -> str:
 def main(folder, provider, batch, prefill, decode, warmup, repeats, threads, dense):
     """Benchmark an svd-export output FOLDER: ONNX Runtime tokens/s dense vs compressed."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .report import write_json
-    from .report_md import write_report_md
+    from .report.summary import write_json
+    from .report.markdown import write_report_md
     try:
         report_path = folder / "report.json"
         if not report_path.is_file():

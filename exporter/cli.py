@@ -13,8 +13,8 @@ import click
 
 from .config import (ALLOCATIONS, METHODS, ONNX_GRAPHS, REFINES, CalibrationConfig, CompressionConfig, EvalConfig,
                      RunConfig)
-from .quantization import CHOICES as QUANTIZE_CHOICES
-from .quantization import DEFAULT_BLOCK_SIZE
+from .config import QUANTIZE_CHOICES
+from .config import DEFAULT_BLOCK_SIZE
 
 DEFAULT_OPSET = 18
 
@@ -189,9 +189,9 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
     try:
         if quiet:
             quiet_libraries()
-        from . import output_dir, signals
-        from .budget import parse_size
-        from .pipeline import run  # heavy imports after argument parsing, so --help is instant
+        from .output import folder as output_dir, signals
+        from .plan.budget import parse_size
+        from .run import run
         from .preflight import check_flags_apply
 
         if ratio is not None and budget is not None:

@@ -8,7 +8,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from .quantization import DEFAULT_BLOCK_SIZE, Quantization
 
 ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
@@ -16,6 +15,48 @@ ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "gl
 REFINES = ("none", "block", "e2e", "block+e2e")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
+
+# --quantize int4|int8: MatMulNBits weights (exporter/onnx/fused/quantize.py): a K×N matmul weight cut, per
+# output column, into blocks of `block_size` along K, each block `bits`-bit integers with one scale.
+QUANTIZE_CHOICES = {"int4": 4, "int8": 8}
+# The defaults were measured on SmolLM2-135M, ORT CPU: docs/results/throughput-cpu.md, "Quantization
+# settings" (block size, symmetric or not, accuracy level, lm_head bits: speed and perplexity).
+DEFAULT_BLOCK_SIZE = 32
+HEAD_BITS = 8  # lm_head's bits whatever --quantize says: 4 bits there is what hurts SmolLM2 most
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int = 4
+    block_size: int = DEFAULT_BLOCK_SIZE
+    symmetric: bool = True  # no zero points
+    accuracy_level: int = 4  # MatMulNBits' compute type: 4 = int8 activations (CPU), 0 = the activations' type
+    head_bits: int = HEAD_BITS  # the lm_head's bits
+
+    def __post_init__(self):
+        if self.bits not in QUANTIZE_CHOICES.values() or self.head_bits not in QUANTIZE_CHOICES.values():
+            raise ValueError(f"quantization bits must be 4 or 8, got {self.bits} (lm_head {self.head_bits})")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def head(self) -> "Quantization":
+        """The lm_head's setting: head_bits, the rest as for the decoder's linears."""
+        return Quantization(self.head_bits, self.block_size, self.symmetric, self.accuracy_level, self.head_bits)
+
+    @classmethod
+    def parse(cls, name: str | None, block_size: int = DEFAULT_BLOCK_SIZE) -> "Quantization | None":
+        """'int4' | 'int8' | None/'none' -> the setting (None: float weights)."""
+        if name in (None, "none"):
+            return None
+        if name not in QUANTIZE_CHOICES:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {name!r}")
+        return cls(bits=QUANTIZE_CHOICES[name], block_size=block_size)
 
 
 def default_min_retention(ratio: float) -> float:
@@ -36,8 +77,8 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
-class BlockRefinement:
-    """Settings of --refine block (exporter/refine.py)."""
+class Refinement:
+    """Settings of --refine: block (exporter/refine/block.py) and end-to-end (exporter/refine/e2e.py) refinement."""
     steps: int = 0  # Adam steps (one calibration batch each); 0 = the closed form, unchanged
     lr: float = 1e-3  # per step, relative to the RMS of each factor
     holdout: float = 0.125  # fraction of the calibration batches kept for early stopping
@@ -64,19 +105,19 @@ class CompressionConfig:
     # already-compressed ones (needed by adaComp, whose target is the original output).
     propagate: str | None = None  # None: "compressed" for adasvd, else "original"
     min_rank: int = 1
-    rank_multiple: int = 1  # every rank a multiple of this (exporter/rank_rounding.py), the budget still met
+    rank_multiple: int = 1  # every rank a multiple of this (exporter/plan/rounding.py), the budget still met
     adacomp_iterations: int = 1
     adacomp_strength: float = 0.25  # β: adaComp's target is W(β X_o + (1 − β) X_c); 1 = the paper's (docs/adasvd.md)
     adacomp_damping: float = 0.1  # λ of adaComp's down step, relative to the mean eigenvalue of X_c X_cᵀ
     min_retention: float | None = None  # AdaSVD's mrr; None: default_min_retention(ratio)
     asvd_alpha: float = 0.5
-    budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/budget.py)
+    budget_bytes: int | None = None  # alternative to ratio: when set, it replaces `ratio` (exporter/plan/budget.py)
     skip: tuple[str, ...] = ()  # module-name substrings never compressed
     # A planned rank keeping at least this share of a matrix's parameters: the matrix stays dense. 1 = off; the
     # default recipe uses 0.9 (exporter/recipe.py).
     keep_dense_above: float = 1.0
-    # Block refinement (exporter/refine.py): Adam on each layer's factors towards the dense layer's output.
-    # Then end-to-end refinement (exporter/refine_e2e.py): Adam on all factors towards the dense model's logits.
+    # Block refinement (exporter/refine/optimise.py): Adam on each layer's factors towards the dense layer's output.
+    # Then end-to-end refinement (exporter/refine/e2e.py): Adam on all factors towards the dense model's logits.
     refine: str = "none"  # "none" | "block" | "e2e" | "block+e2e"
     recipe: str = ""  # "default": these settings are the default recipe's (exporter/recipe.py); "": chosen by hand
     refine_steps: int = 64
@@ -114,8 +155,8 @@ class CompressionConfig:
         self.refinement  # bad refinement settings are one clear error here
 
     @property
-    def refinement(self) -> "BlockRefinement":
-        return BlockRefinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout)
+    def refinement(self) -> "Refinement":
+        return Refinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout)
 
     @property
     def refine_block(self) -> bool:
@@ -152,10 +193,10 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = field(default_factory=EvalConfig)
     opset: int = 18  # ONNX opset of the export
-    # "fused": built from the weights with ORT's fused ops (exporter/onnx_build); "plain": dynamo export + rewrite;
+    # "fused": built from the weights with ORT's fused ops (exporter/onnx/fused); "plain": dynamo export + rewrite;
     # "auto": fused for the families the builder knows, plain for the others (report.json says which)
     onnx_graph: str = "auto"
-    quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/quantization.py)
+    quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/config.py)
     block_size: int = DEFAULT_BLOCK_SIZE  # quantization block along K
     parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)

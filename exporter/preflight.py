@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import torch
 
 from .config import RunConfig
-from .output_dir import check_out_path
+from .output.folder import check_out_path
 
 NETWORK_TIMEOUT_S = 3.0
 
@@ -95,7 +95,7 @@ def uses_wikitext(config: RunConfig) -> bool:
 
 
 def check_data_source(flag: str, source: str | None) -> None:
-    from .calibration.data import SOURCES, DataError, check_text_file
+    from .data.text import SOURCES, DataError, check_text_file
 
     if source is None or source in SOURCES:
         return
@@ -107,7 +107,7 @@ def check_data_source(flag: str, source: str | None) -> None:
 
 def check_opset_supported(opset: int) -> None:
     """The opset the exporter needs (>= 18) and one this ONNX Runtime can run: asked from ORT itself."""
-    from .onnx_export import check_opset
+    from .onnx.plain import check_opset
 
     check_opset(opset)
     if not _ort_runs_opset(opset):
@@ -188,8 +188,8 @@ def model_config_of(spec: str, needs_wikitext: bool = False, full: bool = False)
     parses the whole tokenizer: seconds)."""
     from transformers import AutoConfig
 
-    from .checks import check_gguf_file
-    from .models import ModelLoadError, resolve
+    from .load.integrity import check_gguf_file
+    from .load.names import ModelLoadError, resolve
 
     try:
         source = resolve(spec)
@@ -263,7 +263,7 @@ def check_model_config(config: RunConfig, model_config) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from .discovery import DiscoveryError, check_causal_lm, find_decoder_layers
+        from .model.discovery import DiscoveryError, check_causal_lm, find_decoder_layers
         kind = getattr(model_config, "model_type", type(model_config).__name__)
         if getattr(model_config, "is_encoder_decoder", False):
             raise PreflightError(f"--model {config.model}: architecture {kind!r} is an encoder-decoder; "
@@ -294,11 +294,11 @@ def check_budget(config: RunConfig, model_config) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .budget import ratio_for_budget
-    from .discovery import linears_only
-    from .experts import unfuse_experts
-    from .compress import list_matrices
-    from .models import parse_dtype
+    from .plan.budget import ratio_for_budget
+    from .model.discovery import linears_only
+    from .model.experts import unfuse_experts
+    from .model.candidates import list_matrices
+    from .load.open import parse_dtype
 
     # counted in the export dtype: --dtype, else the checkpoint's (a GGUF is de-quantized to float32)
     stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)

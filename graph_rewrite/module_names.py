@@ -17,9 +17,10 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from graph_rewrite.tags import MODULE_KEY
+
 log = logging.getLogger(__name__)
 
-MODULE_KEY = "svd_export.module"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 LINEAR_OPS = ("MatMul", "Gemm")
 

@@ -11,8 +11,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewritePass, pattern
 
-from .module_names import linear_nodes, tagged_module
-from .rules.lowrank import LOWRANK_KEY, LowRankFactors, lowrank_rules
+from graph_rewrite.module_names import linear_nodes, tagged_module
+from graph_rewrite.rules.lowrank import LowRankFactors, lowrank_rules
+from graph_rewrite.tags import LOWRANK_KEY
 
 
 class RewriteError(RuntimeError):

@@ -28,7 +28,8 @@ def wait(lapack: bool = False) -> None:
 
 def main() -> None:
     stage, args = sys.argv[1], sys.argv[2:]
-    import exporter.pipeline as pipeline
+    import exporter.output.artifact as artifact
+    import exporter.run as pipeline
 
     if stage == "load":
         real_open = pipeline.open_source
@@ -47,15 +48,15 @@ def main() -> None:
             return real_compress(*a, **k)
         pipeline.compress_source = compress_source
     elif stage == "save":
-        real_save = pipeline.write_sidecars
+        real_save = artifact.write_sidecars
 
         def write_sidecars(*a, **k):
             real_save(*a, **k)
             arrived()
             wait()
-        pipeline.write_sidecars = write_sidecars
+        artifact.write_sidecars = write_sidecars
     elif stage == "onnx":
-        from exporter.onnx_stage import OnnxStage
+        from exporter.onnx.stage import OnnxStage
         real_export = OnnxStage.export_dense
 
         def export_dense(self, model, tokenizer, source=None):

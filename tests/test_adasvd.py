@@ -6,12 +6,16 @@ import torch
 from conftest import random_batches, tiny_model
 
 from exporter import CompressionConfig, compress_
-from exporter.allocation import Matrix, Profile, adacr, allocate, plan_params, shift_to_budget
-from exporter.calibration.stats import InputStats
+from exporter.model.candidates import Matrix
+from exporter.plan.profile import Profile
+from exporter.plan import adacr, allocate
+from exporter.plan.ranks import plan_params
+from exporter.plan.adacr import shift_to_budget
+from exporter.factorize.stats import InputStats
 from exporter.config import ALLOCATIONS, default_min_retention
-from exporter.methods import MatrixInput, get_method
-from exporter.methods.adasvd import adacomp, adacomp_loss, rebalance
-from exporter.methods.svd_llm_v2 import SVDLLMV2
+from exporter.factorize.base import MatrixInput, get_method
+from exporter.factorize.adasvd import adacomp, adacomp_loss, rebalance
+from exporter.factorize.svd_llm_v2 import SVDLLMV2
 
 
 def drifted_inputs(n_in=24, tokens=400, drift=0.3, seed=0):
@@ -67,7 +71,7 @@ def test_second_moment_loss_equals_activation_loss(case):
 def test_statistics_fold_by_row_blocks_and_keep_the_target_energy_not_x_o_x_oᵀ(case, monkeypatch):
     """Folded a few rows at a time (no n×n temporaries), the sums equal the whole products; and X_o X_oᵀ
     is not kept, only ‖W X_o‖² of each target weight."""
-    from exporter.calibration import stats as stats_module
+    from exporter.factorize import stats as stats_module
     w, x_o, x_c, _, _ = case
     monkeypatch.setattr(stats_module, "ROWS", 5)  # 24 inputs: blocks of 5, 5, 5, 5, 4
     stats = InputStats(x_c.shape[1], "cpu", cross=True, targets={"w": w, "2w": 2 * w})
@@ -87,7 +91,7 @@ def test_statistics_fold_by_row_blocks_and_keep_the_target_energy_not_x_o_x_oᵀ
 def test_tokens_are_stored_as_observed_and_multiplied_in_float64_by_row_blocks(case, monkeypatch):
     """float32 activations are kept in float32 (a float64 copy would only double them); every product with
     them is the float64 product of the same values, formed a few rows at a time."""
-    from exporter.calibration import stats as stats_module
+    from exporter.factorize import stats as stats_module
     w, x_o, x_c, _, _ = case
     x_c, x_o = x_c[:20].float(), x_o[:20].float()  # 20 tokens, 24 inputs: kept
     monkeypatch.setattr(stats_module, "ROWS", 6)  # blocks of 6, 6, 6, 2 tokens
@@ -305,8 +309,8 @@ def test_adacr_default_minimum_retention_stays_adaptive_at_high_ratios(ratio):
 def test_adacr_profile_pass_forms_no_input_moments(monkeypatch):
     """adaCR reads layer similarities only: its profile pass counts tokens and forms no X Xᵀ (no n×n sum per
     input), and gives the same similarities as a pass that does."""
-    from exporter.calibration import stats as stats_module
-    from exporter.compress import measure_profile
+    from exporter.factorize import stats as stats_module
+    from exporter.loop.profile import measure_profile
     model, batches = tiny_model("llama"), random_batches()
     with_moments = measure_profile(model, batches, ["v2"], progress=False)  # spectra: X Xᵀ needed
 
@@ -365,7 +369,7 @@ def test_adasvd_needs_the_compressed_stream():
 
 
 def test_summary_shows_the_adacomp_gain():
-    from exporter.report import summary
+    from exporter.report.summary import summary
     report = {"model": "m", "method": "adasvd", "allocation": "adacr", "propagate": "compressed",
               "ratio": {"requested": 0.4, "realized_linears": 0.4, "realized_model": 0.3},
               "params": {"dense_total": 10, "compressed_total": 7}, "dense_linears": 0, "timings_s": {},
@@ -395,7 +399,7 @@ def test_more_iterations_lower_the_objective_towards_the_optimum(case):
 
 def test_down_step_is_the_damped_least_squares_solution(case):
     """Against the gradient of the damped objective, solved as one (n·r)-sized linear system."""
-    from exporter.methods.adasvd import down_step
+    from exporter.factorize.adasvd import down_step
     w, x_o, x_c, stats, rank = case
     up, down = whitened_init(w, stats, rank)
     damping = 0.3

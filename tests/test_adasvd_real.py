@@ -9,7 +9,7 @@ import pytest
 
 from exporter import CompressionConfig, compress_
 from exporter.cli import compression_config
-from exporter.calibration.data import calibration_batches, evaluation_tokens
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.validate.perplexity import perplexity, torch_logits
 
 

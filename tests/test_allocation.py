@@ -4,8 +4,11 @@ import math
 import pytest
 import torch
 
-from exporter.allocation import (Matrix, Profile, allocate, break_even_rank, exact_mean_ratios, plan_params,
-                                 rank_for_keep, saves_params)
+from exporter.model.candidates import Matrix
+from exporter.plan.profile import Profile
+from exporter.plan import allocate
+from exporter.plan.ranks import break_even_rank, plan_params, rank_for_keep, saves_params
+from exporter.plan.v2 import exact_mean_ratios
 
 
 def llama_like(layers=4, hidden=256, inter=640, kv=64):

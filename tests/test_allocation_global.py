@@ -9,11 +9,15 @@ import math
 import pytest
 import torch
 
-from exporter.allocation import Matrix, Profile, allocate, plan_params
-from exporter.allocation.greedy import DENSE, chain, greedy_ranks
-from exporter.calibration.sensitivity import output_gradient_sensitivity
-from exporter.compress import compress_, list_matrices
-from exporter.architectures import architecture_of
+from exporter.model.candidates import Matrix
+from exporter.plan.profile import Profile
+from exporter.plan import allocate
+from exporter.plan.ranks import plan_params
+from exporter.plan.greedy import DENSE, chain, greedy_ranks
+from exporter.plan.sensitivity import output_gradient_sensitivity
+from exporter.loop.compress import compress_
+from exporter.model.candidates import list_matrices
+from exporter.model.discovery import architecture_of
 from exporter.config import CompressionConfig
 
 from conftest import random_batches, tiny_model

@@ -7,10 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exporter.architectures import architecture_of
-from exporter.budget import parse_size, ratio_for_budget, weight_bytes
+from exporter.model.discovery import architecture_of
+from exporter.plan.budget import parse_size, ratio_for_budget, weight_bytes
 from exporter.cli import main
-from exporter.compress import compress_, list_matrices
+from exporter.loop.compress import compress_
+from exporter.model.candidates import list_matrices
 from exporter.config import CompressionConfig
 
 from conftest import random_batches, tiny_model

@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from conftest import tiny_model
 
-from exporter.calibration import data
+from exporter.data import windows as data
 from exporter.cli import main
 from exporter.config import CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
 

@@ -1,4 +1,4 @@
-"""Architecture discovery (exporter/discovery.py): the grouping it finds equals the registry it replaced,
+"""Architecture discovery (exporter/model/discovery.py): the grouping it finds equals the registry it replaced,
 it works with one materialised layer, layers that differ get their own groups, every layer gets its own
 arguments, and what cannot work is one clear line."""
 import logging
@@ -10,11 +10,12 @@ from conftest import random_batches, tiny_model
 from families import family_model
 
 from exporter import CompressionConfig, compress_
-from exporter.architectures import ARCHITECTURES, Architecture, InputGroup, architecture_of, prepare
-from exporter.calibration.layer_inputs import capture_layer_inputs
-from exporter.discovery import DiscoveryError, discover, discover_layer_groups
+from exporter.model.architecture import ARCHITECTURES, Architecture, InputGroup
+from exporter.model.discovery import architecture_of, prepare
+from exporter.model.layer_inputs import capture_layer_inputs
+from exporter.model.discovery import DiscoveryError, discover, discover_layer_groups
 
-# The registry's entries before discovery replaced them (exporter/architectures.py at c0bcdb4).
+# The registry's entries before discovery replaced them (exporter/model/architecture.py at c0bcdb4).
 FORMER_REGISTRY = {
     "llama": Architecture(layers="model.layers", groups=(
         InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), InputGroup(("self_attn.o_proj",)),

@@ -8,7 +8,7 @@ import torch
 from conftest import random_batches, tiny_model
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.artifacts import save_safetensors
+from exporter.output.artifact import save_compressed
 
 
 class NoTokenizer:
@@ -40,7 +40,7 @@ def test_compressed_model_is_in_the_state_of_its_reloaded_artifact(tmp_path):
     model = tiny_model("qwen2")
     result = compress_(model, random_batches(), CompressionConfig(method="svd", ratio=0.4, allocation="uniform"),
                        progress=False)
-    save_safetensors(model, NoTokenizer(), tmp_path, {"ranks": result.plan})
+    save_compressed(model, NoTokenizer(), tmp_path, {"ranks": result.plan})
     reloaded = load_compressed(tmp_path)
     assert not differences(eager_state(model), eager_state(reloaded))
     assert not any(m.training for m in model.modules())

@@ -1,4 +1,4 @@
-"""MoE experts as per-expert linears (exporter/experts.py): bit-for-bit the fused module, refused when a
+"""MoE experts as per-expert linears (exporter/model/experts.py): bit-for-bit the fused module, refused when a
 class computes something else, each expert compressed with its own tokens, an expert without tokens kept
 dense and reported."""
 import pytest
@@ -8,9 +8,9 @@ from families import family_model
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.artifacts import save_safetensors
-from exporter.experts import ExpertList, UnsupportedExperts, probe_routing, unfuse_experts
-from exporter.lowrank import LowRankLinear
+from exporter.output.artifact import save_compressed
+from exporter.model.experts import ExpertList, UnsupportedExperts, probe_routing, unfuse_experts
+from exporter.model.lowrank import LowRankLinear
 
 
 def logits(model, ids):
@@ -96,7 +96,7 @@ def test_an_expert_without_tokens_stays_dense_and_is_reported(tmp_path, allocati
     for name in dense:
         assert isinstance(model.get_submodule(name), torch.nn.Linear) and name not in result.plan
     assert isinstance(model.model.layers[0].mlp.experts[2].down_proj, LowRankLinear)
-    save_safetensors(model, _NoTokenizer(), tmp_path, {"ranks": result.plan})
+    save_compressed(model, _NoTokenizer(), tmp_path, {"ranks": result.plan})
     ids = random_batches(n=2, seqlen=16)[0]
     assert torch.equal(logits(load_compressed(tmp_path), ids), logits(model, ids))
 

@@ -15,10 +15,10 @@ from families import FAMILIES, UNNAMED, family_model
 from onnx_helpers import char_tokenizer
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.artifacts import save_safetensors
+from exporter.output.artifact import save_compressed
 from exporter.cli import main
-from exporter.lowrank import LowRankLinear
-from exporter.onnx_export import GENAI_GENERIC, GENAI_TYPES, export_compressed, export_onnx
+from exporter.model.lowrank import LowRankLinear
+from exporter.onnx.plain import GENAI_GENERIC, GENAI_TYPES, export_compressed, export_onnx
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.parity import genai_greedy, parity, torch_greedy
 
@@ -43,7 +43,7 @@ def compressed(family, tmp_path_factory):
     model = family_model(family)
     result = compress_(model, calibration(), CONFIG, progress=False)
     folder = tmp_path_factory.mktemp(f"{family}-safetensors")
-    save_safetensors(model, char_tokenizer(), folder, {"method": CONFIG.method, "ranks": result.plan})
+    save_compressed(model, char_tokenizer(), folder, {"method": CONFIG.method, "ranks": result.plan})
     return model, result, folder
 
 

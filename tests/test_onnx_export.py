@@ -14,10 +14,10 @@ from conftest import random_batches, tiny_model
 from onnx_helpers import char_tokenizer, tiny_model_dir
 
 from exporter.cli import main
-from exporter.compress import compress_
+from exporter.loop.compress import compress_
 from exporter.config import CompressionConfig
-from exporter.lowrank import LowRankLinear
-from exporter.onnx_export import export_compressed, export_onnx
+from exporter.model.lowrank import LowRankLinear
+from exporter.onnx.plain import export_compressed, export_onnx
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.parity import genai_greedy, logits_parity, parity, torch_greedy
 from graph_rewrite.passes import RewriteError

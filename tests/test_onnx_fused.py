@@ -1,4 +1,4 @@
-"""The fused ONNX graph (exporter/onnx_build) on tiny random Llama, Mistral (GQA), Qwen2 (biases), Qwen3
+"""The fused ONNX graph (exporter/onnx/fused) on tiny random Llama, Mistral (GQA), Qwen2 (biases), Qwen3
 (q/k norms) and OPT (learned positions, LayerNorm, ReLU): logits equal PyTorch's over a prefill and decode
 steps, dense and compressed; the interface is the plain export's; the ops are ORT's fused ones; the
 low-rank pairs are tagged; onnxruntime-genai serves it; fp16; int4/int8 (MatMulNBits) against PyTorch
@@ -17,17 +17,18 @@ import torch
 from conftest import random_batches, tiny_config, tiny_model
 from onnx_helpers import char_tokenizer
 
-from exporter.compress import compress_
+from exporter.loop.compress import compress_
 from exporter.config import CompressionConfig
-from exporter.lowrank import LowRankLinear
-from exporter.onnx_build import FusedDecoderWriter, UnsupportedModel, build_onnx
-from exporter.onnx_build.quantize import dequantize, quantize_weight, round_like_export
-from exporter.onnx_export import io_names
-from exporter.quantization import Quantization, linear_bytes, nbits_bytes
+from exporter.model.lowrank import LowRankLinear
+from exporter.onnx.fused import FusedDecoderWriter, UnsupportedModel, build_onnx
+from exporter.onnx.fused.quantize import dequantize, quantize_weight, round_like_export
+from exporter.onnx.plain import io_names
+from exporter.config import Quantization
+from exporter.onnx.fused.quantize import linear_bytes, nbits_bytes
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.parity import genai_greedy, logits_parity, parity, torch_greedy
-from graph_rewrite.module_names import MODULE_KEY
-from graph_rewrite.rules.lowrank import LOWRANK_KEY
+from graph_rewrite.tags import MODULE_KEY
+from graph_rewrite.tags import LOWRANK_KEY
 
 FUSED_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 TOLERANCE = 1e-4
@@ -223,7 +224,7 @@ def test_unsupported_models_are_refused_with_one_line(tmp_path):
 def test_graph_weight_bytes_are_the_models_plus_row_lookups(tmp_path):
     """bound.graph_decode_weight_bytes on the fused graph: the PyTorch count, plus the row each lookup
     table is read by (embedding, cos, sin) and the three int64 mask constants; quantized, each linear
-    costs what exporter.quantization says."""
+    costs what exporter.config says."""
     from exporter.validate.bound import decode_weight_bytes, graph_decode_weight_bytes
     model = compressed(tiny_model("llama"))
     config = model.config

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from exporter.artifacts import load_compressed
+from exporter.output.artifact import load_compressed
 from exporter.cli import main
 from exporter.validate.parity import genai_greedy, prompt_ids, torch_greedy
 
@@ -56,7 +56,7 @@ def test_genai_serves_the_compressed_folder_like_pytorch(run, smollm2):
 
 def test_genai_serves_the_dense_export_like_pytorch(smollm2, tmp_path):
     """The default (fused) graph of the dense model; the plain dynamo graph is served in tests/test_families.py."""
-    from exporter.onnx_build import build_onnx
+    from exporter.onnx.fused import build_onnx
     model, tokenizer = smollm2
     build_onnx(model, tokenizer, tmp_path)
     greedy_check(tmp_path, model, tokenizer)
@@ -70,9 +70,9 @@ INT4_PPL_BOUND, INT8_PPL_BOUND = 1.35, 1.02
 def test_int4_and_int8_exports_perplexity_and_size(smollm2, wikitext, tmp_path):
     """The fused float, int8 and int4 exports of SmolLM2 under ONNX Runtime: float equals PyTorch, int4 and int8
     perplexities within the stated bounds of the float export's, and int4 under 45% of the float size on disk."""
-    from exporter.calibration.data import evaluation_tokens
-    from exporter.onnx_build import build_onnx
-    from exporter.quantization import Quantization
+    from exporter.data.windows import evaluation_tokens
+    from exporter.onnx.fused import build_onnx
+    from exporter.config import Quantization
     from exporter.validate.ort_session import OrtDecoder
     from exporter.validate.perplexity import perplexity, torch_logits
     model, tokenizer = smollm2

@@ -13,8 +13,8 @@ import pytest
 import torch
 from bad_inputs_helpers import FAST, assert_one_error, cli, save_tiny, snapshot
 
-from exporter import output_dir
-from exporter.checks import CorruptInput
+from exporter.output import folder as output_dir
+from exporter.load.integrity import CorruptInput
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_simulated_full_disk_during_save(llama, tmp_path, monkeypatch):
     def full(self, index, layer, prefix):
         (self.folder / ".shard-layer-00000.safetensors.tmp").write_bytes(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / ".shard-layer-00000.safetensors"))
-    monkeypatch.setattr("exporter.shards.ShardWriter.write_layer", full)
+    monkeypatch.setattr("exporter.output.shards.ShardWriter.write_layer", full)
     code, output = cli(["-m", llama, *FAST, "-o", tmp_path / "out"])
     assert code == 1
     assert_one_error(output, "no space left on the device of --out")
@@ -212,7 +212,7 @@ def test_read_only_output_folder(llama, tmp_path):
 def test_error_mid_run_leaves_nothing(llama, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("factorization exploded")
-    monkeypatch.setattr("exporter.pipeline.compress_source", broken)
+    monkeypatch.setattr("exporter.run.compress_source", broken)
     code, output = cli(["-m", llama, *FAST, "-o", tmp_path / "out"])
     assert code == 1
     assert_one_error(output, "factorization exploded")
@@ -226,8 +226,8 @@ def test_error_after_the_dense_onnx_export_leaves_nothing(llama, tmp_path, monke
 
     def broken(*a, **k):
         raise RuntimeError("factorization exploded")
-    monkeypatch.setattr("exporter.onnx_stage.OnnxStage.export_dense", export_dense)
-    monkeypatch.setattr("exporter.pipeline.compress_source", broken)
+    monkeypatch.setattr("exporter.onnx.stage.OnnxStage.export_dense", export_dense)
+    monkeypatch.setattr("exporter.run.compress_source", broken)
     code, output = cli(["-m", llama, *FAST, "--format", "onnx", "-o", tmp_path / "out"])
     assert code == 1
     assert_one_error(output, "factorization exploded")
@@ -351,7 +351,7 @@ def test_reload_refuses_a_folder_that_is_not_an_artifact(tmp_path, llama):
 
 
 def test_finite_check_names_the_tensor():
-    from exporter.checks import check_finite
+    from exporter.load.integrity import check_finite
     with pytest.raises(CorruptInput, match="w2 has 2 non-finite"):
         check_finite([("w1", torch.ones(3)), ("w2", torch.tensor([1.0, float("inf"), float("nan")]))], "x")
 

@@ -7,10 +7,11 @@ import torch
 from conftest import random_batches, tiny_config, tiny_model
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.allocation import plan_params
-from exporter.artifacts import atomic_output, save_safetensors
-from exporter.lowrank import LowRankLinear
-from exporter.methods.base import REGISTRY
+from exporter.plan.ranks import plan_params
+from exporter.output.folder import atomic_output
+from exporter.output.artifact import save_compressed
+from exporter.model.lowrank import LowRankLinear
+from exporter.factorize.base import REGISTRY
 
 
 class NoTokenizer:
@@ -91,7 +92,7 @@ def test_safetensors_roundtrip_gives_identical_logits(tmp_path, arch_name):
     model, batches = tiny_model(arch_name), random_batches()
     result = compress_(model, batches, CompressionConfig(method="svd-llm-v2", ratio=0.4, allocation="uniform"),
                        progress=False)
-    save_safetensors(model, NoTokenizer(), tmp_path, {"method": "svd-llm-v2", "ratio": 0.4, "ranks": result.plan})
+    save_compressed(model, NoTokenizer(), tmp_path, {"method": "svd-llm-v2", "ratio": 0.4, "ranks": result.plan})
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["svd_export"]["ranks"] == result.plan
     reloaded = load_compressed(tmp_path)
@@ -105,7 +106,7 @@ def test_tied_embeddings_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     result = compress_(model, random_batches(), CompressionConfig(ratio=0.4, allocation="uniform"), progress=False)
-    save_safetensors(model, NoTokenizer(), tmp_path, {"ranks": result.plan})
+    save_compressed(model, NoTokenizer(), tmp_path, {"ranks": result.plan})
     reloaded = load_compressed(tmp_path)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(logits(reloaded, random_batches()[0]), logits(model, random_batches()[0]))

@@ -2,8 +2,10 @@
 rounded up within it, and matrices where no multiple of N saves parameters kept dense."""
 import pytest
 
-from exporter.allocation import Matrix, allocate, plan_params, saves_params
-from exporter.rank_rounding import round_ranks
+from exporter.model.candidates import Matrix
+from exporter.plan import allocate
+from exporter.plan.ranks import plan_params, saves_params
+from exporter.plan.rounding import round_ranks
 
 # SmolLM2-135M's linears: q/o 576², k/v 192×576, gate/up 1536×576, down 576×1536, 30 layers.
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),

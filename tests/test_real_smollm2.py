@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.artifacts import save_safetensors
-from exporter.calibration.data import calibration_batches, evaluation_tokens
+from exporter.output.artifact import save_compressed
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.cli import main
 from exporter.validate.perplexity import perplexity, torch_logits
 
@@ -59,7 +59,7 @@ def test_v2_truncation_is_never_worse_than_v1_at_equal_ranks(compressed):
 
 def test_safetensors_reload_gives_identical_logits(tmp_path, setting, compressed):
     model, result = compressed["svd-llm-v2"]
-    save_safetensors(model, setting[1], tmp_path, {"method": "svd-llm-v2", "ratio": 0.2, "ranks": result.plan})
+    save_compressed(model, setting[1], tmp_path, {"method": "svd-llm-v2", "ratio": 0.2, "ranks": result.plan})
     reloaded = load_compressed(tmp_path)
     ids = setting[3][:128].unsqueeze(0)
     with torch.no_grad():

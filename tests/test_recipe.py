@@ -38,7 +38,7 @@ def test_a_method_runs_its_papers_recipe_and_user_options_override():
 def test_the_cli_resolves_the_default_from_the_calibration_batches(tmp_path, monkeypatch):
     """The CLI counts batches as ⌈samples / batch size⌉: 3 samples in batches of 2 are two batches, refined."""
     seen = {}
-    monkeypatch.setattr("exporter.pipeline.run", lambda config, **_: seen.update(config=config.compression))
+    monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config.compression))
     for samples, refine in ((3, "block"), (2, "none")):
         result = CliRunner().invoke(main, ["--model", "m", "--calib-samples", str(samples), "--calib-batch-size", "2",
                                            "--out", str(tmp_path / f"out{samples}"), "-q"])

@@ -1,4 +1,4 @@
-"""--refine block: gradient descent on each layer's factors towards the dense layer's output (exporter/refine.py)."""
+"""--refine block: gradient descent on each layer's factors towards the dense layer's output (exporter/refine/optimise.py)."""
 import json
 
 import pytest
@@ -8,13 +8,16 @@ from families import FAMILIES, family_model
 from onnx_helpers import tiny_model_dir
 
 from exporter import CompressionConfig, compress_
-from exporter.architectures import architecture_of, decoder_layers
-from exporter.config import BlockRefinement, CalibrationConfig, EvalConfig, RunConfig
-from exporter.lowrank import LowRankLinear, swap_module
-from exporter.pipeline import run
-from exporter.refine import factors, objective, refine_layer, split_batches
-from exporter.source import CheckpointSource
-from exporter.stream.activations import advance, capture_inputs
+from exporter.model.discovery import architecture_of
+from exporter.model.architecture import decoder_layers
+from exporter.config import Refinement, CalibrationConfig, EvalConfig, RunConfig
+from exporter.model.lowrank import LowRankLinear, swap_module
+from exporter.run import run
+from exporter.refine.optimise import factors, split_batches
+from exporter.refine.block import objective, refine_layer
+from exporter.load.checkpoint import CheckpointSource
+from exporter.model.activations import advance
+from exporter.model.layer_inputs import capture_inputs
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs! " * 40
 
@@ -48,7 +51,7 @@ def test_refinement_never_increases_its_objective_on_the_calibration_batches(arc
     layer, inputs, targets = truncated_layer(arch)
     train, held = split_batches(len(inputs.hidden), 0.125)
     before = (objective(0, layer, inputs, targets, train, "cpu"), objective(0, layer, inputs, targets, held, "cpu"))
-    entry = refine_layer(0, layer, inputs, targets, BlockRefinement(steps=40, lr=1e-2), "cpu", torch.float32)
+    entry = refine_layer(0, layer, inputs, targets, Refinement(steps=40, lr=1e-2), "cpu", torch.float32)
     after = (objective(0, layer, inputs, targets, train, "cpu"), objective(0, layer, inputs, targets, held, "cpu"))
     assert entry["kept"] and after[0] < 0.9 * before[0]  # a real gain, not rounding
     assert after[1] <= before[1]
@@ -59,7 +62,7 @@ def test_a_refinement_that_does_not_help_restores_the_closed_form_exactly():
     layer, inputs, targets = truncated_layer("llama")
     start = [p.detach().clone() for p in factors(layer)]
     # a step far too large: every state is worse than the closed form on the held-out batch
-    entry = refine_layer(0, layer, inputs, targets, BlockRefinement(steps=8, lr=50.0, eval_every=1), "cpu",
+    entry = refine_layer(0, layer, inputs, targets, Refinement(steps=8, lr=50.0, eval_every=1), "cpu",
                          torch.float32)
     assert not entry["kept"] and entry["best_step"] == 0
     assert all(torch.equal(a, b) for a, b in zip(start, factors(layer)))
@@ -145,7 +148,7 @@ def test_resume_after_a_refined_layer_gives_the_same_artifacts(tmp_path, monkeyp
     with pytest.raises(Killed):
         run(config(tmp_path / "out"), progress=False, echo=lambda *_: None, resume=True)
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-    assert json.loads((partial[0] / ".checkpoint" / "state.json").read_text())["next"] == 1
+    assert json.loads((partial[0] / ".resume" / "state.json").read_text())["next"] == 1
     monkeypatch.undo()  # the writer lives again
     materialised = []
     monkeypatch.setattr(CheckpointSource, "materialize",
@@ -163,12 +166,12 @@ def test_gradient_flags_are_restored_after_the_optimisation():
     model, result = refined("llama", steps=8)
     assert all(p.requires_grad for p in model.parameters())
     with torch.no_grad():
-        refine_layer(0, *truncated_layer("llama"), BlockRefinement(steps=2), "cpu", torch.float32)
+        refine_layer(0, *truncated_layer("llama"), Refinement(steps=2), "cpu", torch.float32)
         assert not torch.is_grad_enabled()  # the caller's no-grad mode is back after the optimisation
 
 
 def test_refinement_settings_are_part_of_the_resume_key():
-    from exporter.pipeline import run_key, run_settings
+    from exporter.run import run_key, run_settings
 
     def key(**options):
         return run_key(run_settings(RunConfig(model="m", out="o", compression=CompressionConfig(ratio=0.4, **options))))
@@ -178,7 +181,7 @@ def test_refinement_settings_are_part_of_the_resume_key():
 
 
 def test_summary_says_where_a_layer_s_time_goes():
-    from exporter.report import summary
+    from exporter.report.summary import summary
     report = {"model": "m", "method": "adasvd", "propagate": "compressed",
               "ratio": {"requested": 0.4, "realized_linears": 0.4, "realized_model": 0.3},
               "params": {"dense_total": 10, "compressed_total": 7}, "dense_linears": 0, "timings_s": {},

@@ -1,4 +1,4 @@
-"""--refine e2e: gradient descent on all the factors towards the dense model's logits (exporter/refine_e2e.py)."""
+"""--refine e2e: gradient descent on all the factors towards the dense model's logits (exporter/refine/e2e.py)."""
 import copy
 import dataclasses
 import random
@@ -11,12 +11,12 @@ from onnx_helpers import tiny_model_dir
 from test_streaming import TEXT, config
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.calibration.data import calibration_batches, evaluation_tokens
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.config import CalibrationConfig
-from exporter.models import ModelLoadError
-from exporter.pipeline import run
-from exporter.refine import split_batches
-from exporter.report import summary
+from exporter.load.names import ModelLoadError
+from exporter.run import run
+from exporter.refine.optimise import split_batches
+from exporter.report.summary import summary
 from exporter.validate.perplexity import perplexity, torch_logits
 
 V2 = dict(method="svd-llm-v2", ratio=0.6, allocation="uniform")
@@ -127,7 +127,7 @@ def test_the_run_writes_and_evaluates_the_refined_factors(tmp_path, text):
 
 def test_a_model_that_cannot_be_held_whole_is_refused(tmp_path, text, monkeypatch):
     model_dir = tiny_model_dir("llama", tmp_path / "model")
-    monkeypatch.setattr("exporter.models.available_bytes", lambda device: 1000)
+    monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
     with pytest.raises(ModelLoadError, match="--refine e2e backpropagates through the whole model"):
         run(config(model_dir, tmp_path / "out", text, refine="e2e"), progress=False, echo=lambda *_: None)
     assert not (tmp_path / "out").exists()

@@ -14,8 +14,8 @@ from onnx_helpers import tiny_model_dir
 from safetensors.torch import load_file
 from test_streaming import TEXT, config
 
-from exporter.onnx_stage import OnnxStage
-from exporter.pipeline import run
+from exporter.onnx.stage import OnnxStage
+from exporter.run import run
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_resume_gives_the_same_report_and_artifacts(tmp_path, text, monkeypatch,
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, num_hidden_layers=4)).save_pretrained(model_dir)
     if resident:
-        monkeypatch.setattr("exporter.pipeline.whole_model_reason", lambda *_: "a test holds the model whole")
+        monkeypatch.setattr("exporter.run.whole_model_reason", lambda *_: "a test holds the model whole")
     onnx_too = lambda out: dataclasses.replace(config(model_dir, out, text), formats=("safetensors", "onnx"))
     whole = run(onnx_too(tmp_path / "whole"), progress=False, echo=lambda *_: None)
     assert whole["streamed"] != resident
@@ -70,7 +70,7 @@ def test_a_kept_dense_graph_is_reused_only_when_complete_and_written_with_the_sa
     """The dense graph a killed --resume run kept is reused with its checks when its record says it was
     complete and written with this run's ONNX settings; a partial one, or one of other settings, is removed."""
     import json
-    from exporter.onnx_stage import DENSE_RECORD
+    from exporter.onnx.stage import DENSE_RECORD
     folder = tmp_path / ".dense-onnx"
 
     def stage():

@@ -10,12 +10,12 @@ from onnx_helpers import tiny_model_dir
 from safetensors.torch import load_file, save_file
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.calibration.data import calibration_batches, evaluation_tokens
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.config import CalibrationConfig, EvalConfig, RunConfig
-from exporter.pipeline import run
-from exporter.source import CheckpointSource
-from exporter.source.files import CheckpointError
-from exporter.stream.checkpoint import ResumeError
+from exporter.run import run
+from exporter.load.checkpoint import CheckpointSource
+from exporter.load.files import CheckpointError
+from exporter.output.resume_state import ResumeError
 from exporter.validate.perplexity import perplexity, torch_logits
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs! " * 40)
@@ -99,8 +99,8 @@ def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(
     import onnx
     from onnx.numpy_helper import to_array
 
-    from exporter.discovery import find_decoder_layers
-    from exporter.source import WrittenSource
+    from exporter.model.discovery import find_decoder_layers
+    from exporter.load.written import WrittenSource
 
     model_dir = tiny_model_dir(arch, tmp_path / "model")
     seen = []
@@ -126,7 +126,7 @@ def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(
         assert report["perplexity"][f"onnx_{kind}"] == pytest.approx(report["perplexity"][kind], rel=1e-4)
     assert report["onnx"]["rewritten_linears"] == len(report["layers"])
 
-    from exporter.onnx_build import build_onnx
+    from exporter.onnx.fused import build_onnx
     from transformers import AutoTokenizer
     model = load_compressed(tmp_path / "out")
     resident = build_onnx(model, AutoTokenizer.from_pretrained(model_dir), tmp_path / "resident")
@@ -140,7 +140,7 @@ def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(
 def test_an_onnx_graph_too_big_for_this_machine_is_written_and_the_report_says_it_was_not_run(tmp_path, text,
                                                                                                monkeypatch):
     model_dir = tiny_model_dir("llama", tmp_path / "model")
-    monkeypatch.setattr("exporter.models.available_bytes", lambda device: 1000)
+    monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
     cfg = config(model_dir, tmp_path / "out", text)
     report = run(RunConfig(**{**cfg.__dict__, "formats": ("onnx",)}), progress=False, echo=lambda *_: None)
     assert set(report["onnx"]["not_checked"]) == {"dense", "compressed"}
@@ -162,7 +162,7 @@ def test_resume_after_a_kill_gives_the_same_artifacts(tmp_path, text, monkeypatc
     with pytest.raises(Killed):
         run(cfg, progress=False, echo=lambda *_: None, resume=True)
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-    assert len(partial) == 1 and json.loads((partial[0] / ".checkpoint" / "state.json").read_text())["next"] == 2
+    assert len(partial) == 1 and json.loads((partial[0] / ".resume" / "state.json").read_text())["next"] == 2
     monkeypatch.undo()  # the writer lives again
     materialised = []
     monkeypatch.setattr(CheckpointSource, "materialize",
@@ -192,7 +192,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, text, monkeypatch):
 
 def test_sharded_output_reloads_in_one_call(tmp_path, text, monkeypatch):
     model_dir = tiny_model_dir("opt", tmp_path / "model")
-    monkeypatch.setattr("exporter.shards.SINGLE_FILE_LIMIT", 1)
+    monkeypatch.setattr("exporter.output.shards.SINGLE_FILE_LIMIT", 1)
     run(config(model_dir, tmp_path / "out", text), progress=False, echo=lambda *_: None)
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -17,16 +17,16 @@ from conftest import random_batches, tiny_config, tiny_model
 from onnx_helpers import char_tokenizer, tiny_model_dir
 
 from exporter import CompressionConfig, compress_
-from exporter.artifacts import save_safetensors
+from exporter.output.artifact import save_compressed
 from exporter.bench import main as bench_main
 from exporter.bench import measure_folder
 from exporter.config import CalibrationConfig, RunConfig
-from exporter.onnx_export import export_compressed, export_onnx
-from exporter.pipeline import run
+from exporter.onnx.plain import export_compressed, export_onnx
+from exporter.run import run
 from exporter.validate.bound import bound_decode_speedup, compressed_weight_bytes, decode_weight_bytes
 from exporter.validate.providers import CPU, CUDA, check_provider, open_session, resolve_provider
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, Timing, folder_config,
-                                          ort_throughput, rates, read_signature, shares_kv_buffer)
+from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, Timing, folder_config, ort_throughput,
+                                          rates, read_signature, shares_kv_buffer)
 
 ort = pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_shared_kv_buffer_decode_equals_pytorch_on_the_fused_graph(tmp_path):
     past and present and every decode step with the same shapes (the static mask; what CUDA graphs need).
     After the prefill and each protocol's decode steps, the last logits equal PyTorch's; the plain graph
     does not declare the buffer and keeps the alternating protocol."""
-    from exporter.onnx_build import build_onnx
+    from exporter.onnx.fused import build_onnx
     model = tiny_model("mistral")
     path = build_onnx(model, char_tokenizer(), tmp_path / "fused")
     assert shares_kv_buffer(path.parent)
@@ -154,7 +154,7 @@ def test_tiny_cpu_run_produces_the_report_keys(decoder, tmp_path):
     model = copy.deepcopy(dense_model)
     result = compress_(model, random_batches(), CompressionConfig(method="svd", ratio=0.4, allocation="uniform"),
                        progress=False)
-    save_safetensors(model, NoTokenizer(), tmp_path, {"method": "svd", "ratio": 0.4, "ranks": dict(result.plan)})
+    save_compressed(model, NoTokenizer(), tmp_path, {"method": "svd", "ratio": 0.4, "ranks": dict(result.plan)})
     export_compressed(dense_onnx, model, tmp_path)  # the pipeline's path: a rewrite of the dense graph
     report = {"model": "tiny", "config": {"dtype": "float32"}, "layers": layers_of(result)}
     t = measure_folder(tmp_path, report, provider="cpu", settings=TINY, dense_model=dense_model,

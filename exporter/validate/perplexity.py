@@ -34,14 +34,6 @@ def eval_windows(tokens: torch.Tensor, seqlen: int) -> list[torch.Tensor]:
     return [tokens[w * seqlen:(w + 1) * seqlen].unsqueeze(0) for w in range(windows)]
 
 
-def streamed_logits(model, arch, final_hidden: list[torch.Tensor], device) -> LogitsFn:
-    """Logits of each evaluation window from its last decoder layer's output (the layer-by-layer loop),
-    in window order: `perplexity` asks for the windows in order, once each."""
-    from ..stream.head import head_logits
-    remaining = iter(final_hidden)
-    return lambda ids: head_logits(model, arch, next(remaining), ids, device)
-
-
 def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str = "perplexity",
                progress: bool = True) -> float:
     windows = eval_windows(tokens, seqlen)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..stream.forward import source_logits
+from ..loop.forward import source_logits
 from .ort_session import OrtDecoder
 from .parity import INT8_ACTIVATIONS, MIN_TOP1, TOLERANCE, _compare, scaled_tolerance
 

@@ -18,9 +18,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from ..module_names import out_in_shape, tagged_module
-
-LOWRANK_KEY = "svd_export.lowrank"  # metadata on the two new MatMuls: the module they implement
+from graph_rewrite.module_names import out_in_shape, tagged_module
+from graph_rewrite.tags import LOWRANK_KEY
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""One decoder layer of the compression pass: observe its inputs → factorize each planned linear and swap in
+its LowRankLinear → (block refinement) → advance the compressed streams → write the layer → save the resume
+state. compression_pass runs it for every layer from `start`."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+
+from ..config import CompressionConfig
+from ..factorize.base import MatrixInput
+from ..model.linears import linear_weight
+from ..load.source import LayerSource
+from .host_memory import release_free_heap
+from .observe import linears_with_stats, observe
+from .result import CompressionResult, MatrixRecord
+from .streams import Streams
+from .walk import layer_by_layer
+from ..model.activations import advance
+from ..model.architecture import Architecture
+from ..model.lowrank import LowRankLinear, swap_module
+from ..output.resume_state import ResumeState
+from ..refine.block import refine_layer
+
+
+def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan: dict[str, int], method,
+                    export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """Factorize every planned linear of one layer and swap in its LowRankLinear, input group by input group;
+    a group's pairing with X_o (adaComp's) is freed once its linears are done."""
+    for group, stats in zip(arch.groups_of(index), obs.stats):
+        for path in group.linears:
+            name = f"{arch.layers}.{index}.{path}"
+            if name in plan:
+                factorize_linear(name, path, layer, stats, plan, method, export_dtype, result)
+        stats.drop_cross()
+
+
+def factorize_linear(name: str, path: str, layer: nn.Module, stats, plan: dict[str, int], method,
+                     export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """Factorize one linear of `layer` at its planned rank and swap in its LowRankLinear. The factors are
+    rounded to the export dtype first: the loss is reported, and the next layers see, the factors as stored."""
+    linear = layer.get_submodule(path)
+    if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
+        del plan[name]
+        result.extra.setdefault("uncalibrated_experts", []).append(name)
+        return
+    w = linear_weight(linear).detach().to(torch.float64)
+    mi, rank = MatrixInput(name, w, stats), plan[name]
+    try:
+        up, down = method.factorize(mi, rank)
+    except Exception as exc:  # a layer that fails to factorize is an error, never skipped
+        raise RuntimeError(f"{method.name} failed to factorize {name} at rank {rank}: {exc}") from exc
+    up, down = up.to(export_dtype), down.to(export_dtype)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise FloatingPointError(f"{method.name} produced non-finite factors for {name} "
+                                 f"(in {str(export_dtype).removeprefix('torch.')})")
+    result.records[name] = MatrixRecord(rank, mi.loss(up, down), mi.min_loss(rank), tuple(w.shape))
+    method.report(name, mi, up, down, result.extra)
+    swap_module(layer, path, LowRankLinear.from_factors(up, down, linear.bias, dtype=linear.weight.dtype,
+                                                        device=linear.weight.device))
+
+
+def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, dense_weights: dict, streams: Streams,
+                      config: CompressionConfig, device, export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """--refine block on one factorized layer, then the records' losses of the factors as they now are."""
+    began = time.perf_counter()
+    entry = refine_layer(index, layer, streams.calib_compressed, streams.calib, config.refinement, device,
+                         export_dtype)
+    result.extra.setdefault("refine", {})[str(index)] = entry
+    result.layer_seconds.setdefault("refine", []).append(time.perf_counter() - began)
+    if not entry["kept"]:
+        return
+    for name, _, module, stats in linears_with_stats(arch, index, layer, obs):
+        if name in dense_weights and name in result.records:  # factorized (not an uncalibrated expert)
+            mi = MatrixInput(name, dense_weights[name].detach().to(torch.float64), stats)
+            result.records[name].loss = mi.loss(module.up.weight.detach(), module.down.weight.detach())
+
+
+def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int], method, config: CompressionConfig,
+                     result: CompressionResult, export_dtype: torch.dtype, start: int = 0, writer=None,
+                     resume_state: ResumeState | None = None, state: dict | None = None, progress: bool = True) -> None:
+    """`state`: what the checkpoint keeps besides this pass's own progress (the plan, the profile)."""
+    arch, device, seconds = source.arch, source.device, result.layer_seconds
+    for i, layer in layer_by_layer(source, start, f"compress ({config.method})" if progress else None):
+        began = time.perf_counter()
+        obs = observe(i, layer, arch, streams.calib, device, compressed=streams.calib_compressed,
+                      need_abs_mean="abs_mean" in method.needs, need_cross="cross" in method.needs)
+        result.layer_similarity.append(obs.input_similarity)
+        if streams.eval_dense is not None:
+            advance(i, layer, streams.eval_dense, device)
+        dense_weights = {name: linear_weight(lin) for name, _, lin, _ in linears_with_stats(arch, i, layer, obs)
+                         if name in plan and config.refine_block}
+        release_free_heap()  # the forward passes' per-batch blocks, before the factorization's large matrices
+        factorizing = time.perf_counter()
+        seconds.setdefault("observe", []).append(factorizing - began)
+        factorize_layer(i, layer, arch, obs, plan, method, export_dtype, result)
+        seconds.setdefault("factorize", []).append(time.perf_counter() - factorizing)
+        if config.refine_block:
+            refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)
+        del obs, dense_weights
+        for stream in (streams.calib_compressed, streams.eval_compressed):
+            if stream is not None:
+                advance(i, layer, stream, device)
+        if writer is not None:
+            writer.write_layer(i, layer, source.layer_prefix(i))
+        seconds.setdefault("compress", []).append(time.perf_counter() - began)
+        if resume_state is not None:
+            resume_state.save({**(state or {}), "pass": "compress", "next": i + 1,
+                             "records": {k: asdict(v) for k, v in result.records.items()},
+                             "compress_similarity": result.layer_similarity, "extra": result.extra,
+                             "layer_seconds": result.layer_seconds}, streams.named())

@@ -1,0 +1,18 @@
+"""The activations the layer loop carries from one decoder layer to the next (model/activations.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model.activations import Activations
+
+
+@dataclass
+class Streams:
+    """The activations the compression pass carries from layer to layer."""
+    calib: Activations  # calibration inputs through the original layers
+    calib_compressed: Activations | None = None  # ... through the compressed layers (two-stream methods)
+    eval_dense: Activations | None = None  # evaluation windows through the original layers
+    eval_compressed: Activations | None = None  # ... through the compressed layers
+
+    def named(self) -> dict[str, Activations]:
+        return {k: v for k, v in vars(self).items() if v is not None}

@@ -1,0 +1,127 @@
+"""One weight → MatMulNBits inputs, and the bytes that layout stores (counted without ONNX Runtime; tests check
+the count against the quantizer's arrays), with ONNX Runtime's own block quantizer (the one its
+MatMulNBitsQuantizer runs on every MatMul of a loaded model), called per weight as the writer streams it:
+the whole model is never in memory."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...config import Quantization
+
+
+def nbits_bytes(k: int, n: int, q: Quantization, scale_bytes: int) -> int:
+    """Bytes of one K×N matmul weight as MatMulNBits: packed blocks + scales (+ packed zero points)."""
+    blocks = math.ceil(k / q.block_size)
+    packed = n * blocks * math.ceil(q.block_size * q.bits / 8)
+    scales = n * blocks * scale_bytes
+    zero_points = 0 if q.symmetric else n * math.ceil(blocks * q.bits / 8)
+    return packed + scales + zero_points
+
+
+def linear_bytes(out_features: int, in_features: int, rank: int | None, q: Quantization | None,
+                 element_size: int) -> int:
+    """Weight bytes of one linear (no bias): dense (rank None) or its low-rank pair, float or quantized.
+    A pair is x·downᵀ (K=in, N=rank) then ·upᵀ (K=rank, N=out)."""
+    if q is None:
+        params = out_features * in_features if rank is None else rank * (out_features + in_features)
+        return params * element_size
+    if rank is None:
+        return nbits_bytes(in_features, out_features, q, element_size)
+    return nbits_bytes(in_features, rank, q, element_size) + nbits_bytes(rank, out_features, q, element_size)
+
+
+@dataclass
+class NBitsWeight:
+    packed: np.ndarray  # uint8 [N, blocks, block_size·bits/8]
+    scales: np.ndarray  # float [N, blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(blocks·bits/8)]; None when symmetric
+    k: int
+    n: int
+
+
+def quantize_weight(weight_kn: np.ndarray, q: Quantization, scale_dtype) -> NBitsWeight:
+    """weight_kn: the MatMul's B (K×N, float). Quantized from float32; scales in `scale_dtype` (the graph's)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  DefaultWeightOnlyQuantizer)
+    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=q.symmetric,
+                                          accuracy_level=q.accuracy_level or None, bits=q.bits)
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight_kn, dtype=np.float32))
+    k, n = weight_kn.shape
+    return NBitsWeight(packed, scales.astype(scale_dtype), None if q.symmetric else zero_points, k, n)
+
+
+def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
+    """The K×N float32 weight MatMulNBits computes with: for checks against a PyTorch model that carries
+    the same rounded weights."""
+    per_byte = 8 // q.bits
+    codes = np.stack([(w.packed >> (q.bits * i)) & ((1 << q.bits) - 1) for i in range(per_byte)], axis=-1)
+    codes = codes.reshape(w.n, -1, q.block_size).astype(np.float32)  # [N, blocks, block]
+    blocks = codes.shape[1]
+    if w.zero_points is None:
+        zero = np.float32(1 << (q.bits - 1))
+    else:
+        zp = np.stack([(w.zero_points >> (q.bits * i)) & ((1 << q.bits) - 1) for i in range(per_byte)], axis=-1)
+        zero = zp.reshape(w.n, -1)[:, :blocks, None].astype(np.float32)
+    values = (codes - zero) * w.scales.astype(np.float32).reshape(w.n, blocks, 1)
+    return values.reshape(w.n, -1)[:, :w.k].T
+
+
+def round_linear_(module, q: Quantization) -> None:
+    """In place: an nn.Linear's weight becomes what the quantized graph holds for it (quantized by the same
+    function, dequantized back)."""
+    import torch
+
+    from .graph import to_numpy
+    back = dequantize(quantize_weight(to_numpy(module.weight).T, q, np.float32), q).T
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)).to(module.weight.dtype))
+
+
+def round_layer_(layer, q: Quantization) -> None:
+    """Every nn.Linear inside one decoder layer (both factors of each low-rank pair included), in place."""
+    import torch.nn as nn
+    for module in layer.modules():
+        if isinstance(module, nn.Linear):
+            round_linear_(module, q)
+
+
+def round_like_export(model, q: Quantization):
+    """A copy of `model` whose linear weights are exactly what the quantized graph holds (lm_head with
+    q.head()): the PyTorch reference of a quantized export. Embeddings, norms and biases stay as they are,
+    as in the graph."""
+    import copy
+
+    import torch.nn as nn
+    rounded = copy.deepcopy(model)
+    head = rounded.get_output_embeddings()
+    if head.weight is rounded.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the table stays float
+    for module in rounded.modules():
+        if isinstance(module, nn.Linear):
+            round_linear_(module, q.head() if module is head else q)
+    return rounded
+
+
+def rounded_head(model, q: Quantization):
+    """Context: the model's lm_head carries the rounded weights of the quantized graph (the embedding table,
+    when tied, stays float); restored on exit. For the streamed reference, whose layers are rounded as they
+    are read (round_layer_)."""
+    from contextlib import contextmanager
+
+    import torch.nn as nn
+
+    @contextmanager
+    def swapped():
+        head = model.get_output_embeddings()
+        original = head.weight
+        head.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
+        round_linear_(head, q.head())
+        try:
+            yield
+        finally:
+            head.weight = original
+    return swapped()

@@ -1,0 +1,140 @@
+"""The optimiser loop of refinement, for any error function: block refinement (refine/block.py, one decoder layer
+against the dense layer's output) and end-to-end refinement (refine/e2e.py, the whole model against the dense
+logits) both run `optimise`.
+
+The calibration batches are split: the last `holdout` fraction (at least one batch) is never trained on and
+decides early stopping; the rest are visited in a seeded order (the seed is the layer index, so a resumed
+run repeats the same steps). Adam, step size relative to each tensor's RMS (so `lr` is a relative change per
+step and does not depend on how the closed form split the scale between up and down). The state with the
+lowest held-out loss is kept, and only if it also does not raise the loss on the training batches;
+otherwise the closed-form factors are restored exactly. So the objective on the calibration batches never
+increases, and a budget of zero steps changes nothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+from ..config import Refinement
+from ..model.lowrank import LowRankLinear
+
+
+def factors(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters block refinement trains: up and down of every LowRankLinear of the layer."""
+    return [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in (m.down.weight, m.up.weight)]
+
+
+def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
+    """(training batch indices, held-out batch indices): the last ⌈holdout·count⌉ batches are held out."""
+    if count < 2:
+        raise ValueError(f"--refine holds out calibration batches for early stopping and needs at least 2; "
+                         f"got {count} (raise --calib-samples or lower --calib-batch-size)")
+    held = min(count - 1, max(1, math.ceil(holdout * count)))
+    return list(range(count - held)), list(range(count - held, count))
+
+
+@torch.no_grad()
+def mean_error(error, batches: list[int]) -> float:
+    """Σ error over `batches` / Σ their counts, for `error(b)` = (summed error of batch b, its count); the sums
+    in float64."""
+    total, count = 0.0, 0
+    for b in batches:
+        err, n = error(b)
+        total, count = total + float(err), count + n
+    return total / max(count, 1)  # guard: an empty batch list has no error
+
+
+def _float32(module: nn.Module):
+    """Cast `module` to float32 for the optimisation; -> a function that puts every parameter and buffer back
+    in its own dtype (a half-precision model keeps float32 buffers, e.g. the rotary frequencies: one cast back
+    to a single dtype would round them). nn.Module's own cast: transformers refuses .float() on a model it
+    loaded from a quantized file (a de-quantized GGUF), whose weights are plain tensors by now."""
+    dtypes = {name: t.dtype for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    nn.Module.float(module)
+
+    def restore() -> None:
+        for name, param in module.named_parameters():
+            param.data = param.data.to(dtypes[name])
+        for name, buffer in list(module.named_buffers()):
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = buffer.to(dtypes[name])  # as nn.Module._apply does
+    return restore
+
+
+def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _load(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def optimise(module: nn.Module, error, train: list[int], held: list[int], settings: Refinement, seed: int,
+             export_dtype: torch.dtype) -> dict:
+    """Adam on the LowRankLinear factors inside `module`, in float32, minimising the mean of `error(b)` =
+    (summed error of batch b, its count) over the `train` batches, early stopping on the `held` ones; the
+    factors end as the best held-out state rounded to `export_dtype`, or exactly as they were when that is not
+    better on both sets. Shared by block (one decoder layer) and end-to-end (the whole model) refinement.
+    -> the report entry: losses before/after, steps run, whether the new factors were kept, seconds."""
+    began = time.perf_counter()
+    params = factors(module)
+    entry = {"steps": settings.steps, "lr": settings.lr}
+    if settings.steps == 0 or not params:
+        return {**entry, "steps_run": 0, "kept": False, "seconds": time.perf_counter() - began}
+    restore_dtypes = _float32(module)  # the optimisation runs in float32 whatever the compute dtype
+    params = factors(module)
+    closed_form = _snapshot(params)
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for p in module.parameters():
+        p.requires_grad_(False)
+    train_before = mean_error(error, train)
+    held_before = best_held = mean_error(error, held)
+    best, best_step, since_best, step = closed_form, 0, 0, 0
+    order = torch.Generator().manual_seed(seed)
+    groups = [{"params": [p], "lr": settings.lr * float(p.detach().square().mean().sqrt())} for p in params]
+    # fused: the whole update of a tensor in one kernel (the per-op default is several times slower on a CPU)
+    optimiser = torch.optim.Adam(groups, fused=True)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            while step < settings.steps:
+                for b in torch.randperm(len(train), generator=order).tolist():
+                    err, n = error(train[b])
+                    optimiser.zero_grad(set_to_none=True)
+                    (err / n).backward()
+                    optimiser.step()
+                    step += 1
+                    if step % settings.eval_every == 0 or step == settings.steps:
+                        held_loss = mean_error(error, held)
+                        if held_loss < best_held:
+                            best, best_held, best_step, since_best = _snapshot(params), held_loss, step, 0
+                        else:
+                            since_best += 1
+                    if step == settings.steps or since_best >= settings.patience:
+                        break
+                if since_best >= settings.patience:
+                    break
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    _load(params, best)
+    with torch.no_grad():  # the factors as they will be stored
+        for p in params:
+            p.copy_(p.to(export_dtype))
+    train_after = mean_error(error, train)
+    held_after = mean_error(error, held)
+    kept = best_step > 0 and train_after <= train_before and held_after <= held_before
+    if not kept:  # nothing better than the closed form: restore it exactly
+        _load(params, closed_form)
+        train_after, held_after = train_before, held_before
+    restore_dtypes()
+    return {**entry, "steps_run": step, "best_step": best_step if kept else 0, "kept": kept,
+            "loss_before": train_before, "loss_after": train_after,
+            "holdout_before": held_before, "holdout_after": held_after,
+            "seconds": time.perf_counter() - began}

@@ -1,0 +1,261 @@
+"""One run, top to bottom: check everything checkable → open the model as a stream of decoder layers →
+calibration and evaluation data → (the dense ONNX graph) → the layer loop (profile pass, rank plan,
+compression pass; the evaluation windows and the shard writer ride along, layer by layer, with a resume
+state after every layer) → perplexity from the streams → safetensors → (the compressed ONNX graph and its
+checks, throughput) → report. Everything lands in a temporary folder renamed to --out at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .plan import needs as allocation_needs
+from .output.artifact import finish_artifact
+from .plan.budget import weight_bytes
+from .data.windows import calibration_batches, evaluation_tokens
+from .loop.compress import compress_source
+from .config import Quantization, RunConfig
+from .load.open import open_source
+from .output.folder import atomic_output, empty_folder, resume_folder
+from .preflight import preflight
+from .recipe import recipe_name
+from .report.summary import count_params, ratio_block, summary, write_json
+from .report.markdown import write_report_md
+from .output.shards import ShardWriter
+from .output.resume_state import FOLDER as RESUME_FOLDER
+from .output.resume_state import ResumeState, refuse_other_settings
+from .model.head import stored_hidden_logits
+from .validate.perplexity import eval_windows, model_window, perplexity
+
+log = logging.getLogger(__name__)
+
+DENSE_ONNX_FOLDER = ".dense-onnx"  # inside a --resume run's partial folder: the dense graph, kept across kills
+FORMATS = ("safetensors", "onnx")
+
+
+class Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def peak_memory() -> dict:
+    peak = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
+    """Why this run needs the whole model in memory at once (None: it streams one decoder layer at a time).
+    `model_config`: the checkpoint's config, for what depends on the family (the ONNX graph)."""
+    if config.compression.method == "fwsvd":
+        return "FWSVD's Fisher information is a backward pass of the whole model"
+    if "sensitivity" in allocation_needs(config.compression.allocation_name):
+        return f"the {config.compression.allocation_name} allocation needs a backward pass of the whole model"
+    if config.compression.refine_e2e:
+        return "--refine e2e backpropagates through the whole model"
+    if config.calibration.source == "generated" or (config.evaluation and config.evaluation.source == "generated"):
+        return "'generated' data is written by the whole model, token by token"
+    if "onnx" in config.formats and model_config is not None:
+        from .onnx.stage import choose_graph
+        graph, why = choose_graph(config.onnx_graph, model_config, config.quantize is not None)
+        if graph == "plain":  # the fused graph is written layer by layer; the plain one is traced whole
+            return f"the plain ONNX export traces the whole model ({why})"
+    return None
+
+
+def run_settings(config: RunConfig) -> dict:
+    """What makes two runs the same run (the resume key): everything that changes the compressed weights
+    or the measured perplexity; not where the result goes or which extra artifacts are written."""
+    d = json.loads(config.to_json())
+    return {k: d[k] for k in ("model", "dtype", "compression", "calibration", "evaluation")}
+
+
+def run_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_run(config: RunConfig, overwrite: bool):
+    """Everything checkable before a weight is loaded: a bad argument costs seconds. -> the quantization."""
+    preflight(config, overwrite)
+    unknown = set(config.formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown --format {sorted(unknown)[0]!r}; choose from {', '.join(FORMATS)}")
+    if "throughput" in config.validations and "onnx" not in config.formats:
+        raise ValueError("--validate throughput measures the ONNX export: add --format onnx")
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # fail before any work, not after
+        raise FileExistsError(f"output folder {out} exists and is not empty (use --overwrite)")
+    if "onnx" not in config.formats:
+        return None
+    from .onnx.plain import check_opset
+    check_opset(config.opset)
+    return Quantization.parse(config.quantize, config.block_size)
+
+
+@dataclass
+class RunData:
+    batches: list[torch.Tensor]  # calibration batches
+    eval_ids: torch.Tensor | None = None  # the evaluation token stream (None: --eval-data none)
+    window: int = 0  # perplexity window
+    eval_batches: list[torch.Tensor] | None = None  # eval_ids cut into windows
+
+
+def run_data(config: RunConfig, model, tokenizer, timer: Timer) -> RunData:
+    data = RunData([])
+    if config.evaluation is not None:
+        data.window = model_window(model, config.evaluation.seqlen)
+        with timer("eval_data"):
+            data.eval_ids = evaluation_tokens(model, tokenizer, config.evaluation.source, config.evaluation.max_tokens,
+                                              data.window)
+        data.eval_batches = eval_windows(data.eval_ids, data.window)
+    cal = config.calibration
+    with timer("calibration_data"):
+        data.batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed,
+                                           cal.batch_size, cal.allow_overlap)
+    return data
+
+
+def streamed_perplexity(config: RunConfig, source, streams, data: RunData, progress: bool) -> dict:
+    """Perplexity of the dense and the compressed model from the evaluation windows' final hidden states, which
+    the layer loop carried through both."""
+    ppl = {}
+    for kind, stream in (("dense", streams.eval_dense), ("compressed", streams.eval_compressed)):
+        logits = stored_hidden_logits(source.model, source.arch, stream.hidden, source.device)
+        ppl[kind] = perplexity(logits, data.eval_ids, data.window, f"perplexity ({kind})", progress)
+    ppl.update(tokens=len(data.eval_batches) * data.window, window=data.window, source=config.evaluation.source)
+    return ppl
+
+
+def compression_report(config: RunConfig, result, model, export_dtype: torch.dtype, dense_total: int,
+                       ppl: dict) -> dict:
+    """report.json's entries about the compression: recipe, realised ratio, parameters, per-matrix ranks and
+    losses, per-layer measurements."""
+    linears_dense, linears_after = result.linear_params()
+    budget = ({"budget": {"bytes": config.compression.budget_bytes, "weight_bytes": weight_bytes(model, export_dtype)}}
+              if config.compression.budget_bytes is not None else {})
+    return dict(
+        recipe=recipe_name(config.compression),
+        method=result.method, allocation=result.allocation, propagate=config.compression.propagation,
+        ratio=ratio_block(result.ratio, linears_dense, linears_after, dense_total, count_params(model)),
+        **budget,
+        params={"dense_total": dense_total, "compressed_total": count_params(model),
+                "linears_dense": linears_dense, "linears_compressed": linears_after},
+        perplexity=ppl or None,
+        dense_linears=len(result.matrices) - len(result.plan),
+        layer_similarity=result.layer_similarity,
+        layer_ratios=result.layer_ratios(),
+        layer_seconds=result.layer_seconds,
+        layers={name: {"rank": rec.rank, "ratio": 1.0 - rec.rank * sum(rec.shape) / (rec.shape[0] * rec.shape[1]),
+                       "loss": rec.loss, "loss_min": rec.loss_min, "shape": list(rec.shape)}
+                for name, rec in result.records.items()},
+        **({"method_details": result.extra} if result.extra else {}),
+    )
+
+
+def onnx_stage_of(config: RunConfig, out: Path, tmp: Path, export_dtype, quantization, resume: bool, progress: bool):
+    """--format onnx: the stage that writes the dense graph now (the baseline of parity and throughput) and the
+    compressed one after the loop; None without --format onnx."""
+    if "onnx" not in config.formats:
+        return None
+    from .onnx.stage import OnnxStage, onnx_dtype
+    stage = OnnxStage(out, onnx_dtype(export_dtype), config.opset, config.parity, config.onnx_graph, quantization,
+                      resumable_folder=tmp / DENSE_ONNX_FOLDER if resume else None)
+    stage.progress = progress
+    return stage
+
+
+def finish_onnx(config: RunConfig, onnx_stage, model, tmp: Path, report: dict, data: RunData, source, timer: Timer,
+                progress: bool, echo) -> None:
+    """The compressed graph and its checks, then (--validate throughput) its speed against the dense graph."""
+    ppl = report["perplexity"]
+    with timer("onnx"):
+        report["onnx"] = onnx_stage.finish(model, tmp, ppl, data.eval_ids, data.window, progress,
+                                           keep_dense="throughput" in config.validations, source=source)
+    if "throughput" in config.validations:  # against the dense graph exported before, then dropped
+        from .bench import measure_folder
+        with timer("throughput"):
+            try:
+                report["throughput"] = measure_folder(tmp, report, compressed_model=model,
+                                                      dense_onnx=onnx_stage.dense_path, echo=echo)
+            finally:
+                onnx_stage.cleanup()
+
+
+def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=print, resume: bool = False) -> dict:
+    quantization = check_run(config, overwrite)
+    out, timer = Path(config.out), Timer()
+    with timer("load"):
+        source, tokenizer, origin, export_dtype = open_source(config.model, config.dtype, config.device,
+                                                              whole_model=lambda c: whole_model_reason(config, c))
+    model = source.model
+    dense_total = count_params(model)
+    report: dict = {"tool": f"svd-export {__version__}", "model": config.model, "source": origin.describe(),
+                    "config": json.loads(config.to_json()), "streamed": source.streamed,
+                    "dtype": {"export": str(export_dtype).removeprefix("torch."),
+                              "compute": str(source.compute_dtype).removeprefix("torch.")}}
+    data = run_data(config, model, tokenizer, timer)
+    settings = run_settings(config)
+    key = run_key(settings)
+    if resume and not resume_folder(out, key).exists():
+        refuse_other_settings(sorted(out.parent.glob(f".{out.name}.partial-*")), settings)
+    with atomic_output(out, overwrite, resume_key=key, keep_on_interrupt=resume) as tmp:
+        if not resume:  # what a killed run of the same settings left: start afresh
+            empty_folder(tmp)
+        onnx_stage = onnx_stage_of(config, out, tmp, export_dtype, quantization, resume, progress)
+        if onnx_stage is not None:
+            with timer("onnx_export"):
+                onnx_stage.export_dense(model, tokenizer, source)
+        writer = ShardWriter(tmp, export_dtype)
+        with timer("compress"):
+            result, streams = compress_source(source, data.batches, config.compression, data.eval_batches, writer,
+                                              ResumeState(tmp, settings), export_dtype, progress=progress)
+        data.batches = []
+        ppl = {}
+        if data.eval_batches is not None:
+            with timer("perplexity"):
+                ppl = streamed_perplexity(config, source, streams, data, progress)
+        del streams
+        report.update(compression_report(config, result, model, export_dtype, dense_total, ppl))
+        meta = {"method": result.method, "allocation": result.allocation, "ratio": result.ratio,
+                "ranks": dict(result.plan)}
+        with timer("save_safetensors"):
+            files = finish_artifact(writer, model, source.arch.layers, tokenizer, tmp, meta, export_dtype)
+        shutil.rmtree(tmp / RESUME_FOLDER, ignore_errors=True)
+        try:
+            if onnx_stage is not None:
+                finish_onnx(config, onnx_stage, model, tmp, report, data, source, timer, progress, echo)
+        finally:
+            if onnx_stage is not None:
+                onnx_stage.cleanup()  # never part of the output
+        if "safetensors" not in config.formats:
+            for f in files + [tmp / "model.safetensors.index.json"]:
+                f.unlink(missing_ok=True)
+        report["timings_s"] = dict(timer.timings)
+        report["peak_memory"] = peak_memory()
+        write_json(report, tmp)
+        write_report_md(report, tmp)
+    echo(summary(report))
+    if "throughput" in report:
+        from .bench import summary_line
+        echo(summary_line(report["throughput"]))
+    echo(f"wrote {out}/")
+    return report
