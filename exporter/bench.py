@@ -50,9 +50,9 @@ def measure_folder(folder: Path, report: dict, *, provider: str = "auto", settin
                    dense_model=None, tokenizer=None, compressed_model=None, dense_onnx: Path | None = None,
                    export=export_model, echo=print) -> dict:
     """-> report.json's `throughput` block. The dense model is loaded from report['model'] unless given;
-    its ONNX graph is exported (with `export`) unless `dense_onnx` is given (the pipeline's own export)."""
-    from .output.artifact import load_compressed
+    its ONNX graph is exported (with `export`) unless `dense_onnx` is given (the run's own export)."""
     from .load.open import load
+    from .output.artifact import load_compressed
 
     provider = resolve_provider(provider)
     settings = settings or default_settings(provider)
@@ -117,8 +117,8 @@ def summary_line(t: dict) -> str:
 def main(folder, provider, batch, prefill, decode, warmup, repeats, threads, dense):
     """Benchmark an svd-export output FOLDER: ONNX Runtime tokens/s dense vs compressed."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .report.summary import write_json
     from .report.markdown import write_report_md
+    from .report.summary import write_json
     try:
         report_path = folder / "report.json"
         if not report_path.is_file():

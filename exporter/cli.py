@@ -1,4 +1,4 @@
-"""Command line: flags → one RunConfig → pipeline.run. Bad input: one line `svd-export: error: …`, exit 1
+"""Command line: flags → one RunConfig → run.run. Bad input: one line `svd-export: error: …`, exit 1
 (--debug adds the traceback). The run holds the output name's lock from start to end and runs in a worker
 thread, so SIGTERM (143) and SIGINT (130) are honoured at once and leave nothing beside --out."""
 from __future__ import annotations
@@ -11,10 +11,18 @@ import traceback
 
 import click
 
-from .config import (ALLOCATIONS, METHODS, ONNX_GRAPHS, REFINES, CalibrationConfig, CompressionConfig, EvalConfig,
-                     RunConfig)
-from .config import QUANTIZE_CHOICES
-from .config import DEFAULT_BLOCK_SIZE
+from .config import (
+    ALLOCATIONS,
+    DEFAULT_BLOCK_SIZE,
+    METHODS,
+    ONNX_GRAPHS,
+    QUANTIZE_CHOICES,
+    REFINES,
+    CalibrationConfig,
+    CompressionConfig,
+    EvalConfig,
+    RunConfig,
+)
 
 DEFAULT_OPSET = 18
 
@@ -27,12 +35,6 @@ def quiet_libraries() -> None:
     disable_progress_bars()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-def sane_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning (libgomp's default spins): on a shared machine spinning
-    threads steal the cores the work needs. Only a default: an explicit OMP_WAIT_POLICY wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def disk_full(exc: BaseException | None) -> bool:
@@ -182,17 +184,17 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if debug:
         logging.getLogger("exporter").setLevel(logging.DEBUG)
-    sane_threads()
     given = {name for name in ctx.params
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     try:
         if quiet:
             quiet_libraries()
-        from .output import folder as output_dir, signals
+        from .output import folder as output_dir
+        from .output import signals
         from .plan.budget import parse_size
-        from .run import run
         from .preflight import check_flags_apply
+        from .run import run
 
         if ratio is not None and budget is not None:
             raise ValueError("give either --ratio or --budget, not both")

@@ -8,7 +8,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-
 ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")

@@ -294,11 +294,11 @@ def check_budget(config: RunConfig, model_config) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .plan.budget import ratio_for_budget
+    from .load.open import parse_dtype
+    from .model.candidates import list_matrices
     from .model.discovery import linears_only
     from .model.experts import unfuse_experts
-    from .model.candidates import list_matrices
-    from .load.open import parse_dtype
+    from .plan.budget import ratio_for_budget
 
     # counted in the export dtype: --dtype, else the checkpoint's (a GGUF is de-quantized to float32)
     stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)

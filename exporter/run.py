@@ -19,22 +19,23 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .plan import needs as allocation_needs
-from .output.artifact import finish_artifact
-from .plan.budget import weight_bytes
-from .data.windows import calibration_batches, evaluation_tokens
-from .loop.compress import compress_source
 from .config import Quantization, RunConfig
+from .data.text import SOURCES
+from .data.windows import calibration_batches, evaluation_tokens
 from .load.open import open_source
-from .output.folder import atomic_output, empty_folder, resume_folder
-from .preflight import preflight
-from .recipe import recipe_name
-from .report.summary import count_params, ratio_block, summary, write_json
-from .report.markdown import write_report_md
-from .output.shards import ShardWriter
+from .loop.compress import compress_source
+from .model.head import stored_hidden_logits
+from .output.artifact import finish_artifact
+from .output.folder import atomic_output, check_out_path, empty_folder, resume_folder
 from .output.resume_state import FOLDER as RESUME_FOLDER
 from .output.resume_state import ResumeState, refuse_other_settings
-from .model.head import stored_hidden_logits
+from .output.shards import ShardWriter
+from .plan import needs as allocation_needs
+from .plan.budget import weight_bytes
+from .preflight import preflight
+from .recipe import recipe_name
+from .report.markdown import write_report_md
+from .report.summary import count_params, ratio_block, summary, write_json
 from .validate.perplexity import eval_windows, model_window, perplexity
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,20 @@ def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
         graph, why = choose_graph(config.onnx_graph, model_config, config.quantize is not None)
         if graph == "plain":  # the fused graph is written layer by layer; the plain one is traced whole
             return f"the plain ONNX export traces the whole model ({why})"
+    return None
+
+
+def in_sample(config: RunConfig) -> str | None:
+    """Why the perplexity would be measured on the calibration text (None: it is not): the same file given to
+    --calib-data and --eval-data. wikitext2 calibrates on its train split and evaluates on its test split, and
+    generated text is written with other seeds for each, so only a file can be both."""
+    if config.evaluation is None:
+        return None
+    calib, evaluation = config.calibration.source, config.evaluation.source
+    if calib in SOURCES or evaluation in SOURCES or not Path(calib).exists() or not Path(evaluation).exists():
+        return None
+    if Path(calib).resolve() == Path(evaluation).resolve():
+        return f"--eval-data is the calibration text ({evaluation}): the perplexity is in-sample"
     return None
 
 
@@ -142,6 +157,9 @@ def streamed_perplexity(config: RunConfig, source, streams, data: RunData, progr
         logits = stored_hidden_logits(source.model, source.arch, stream.hidden, source.device)
         ppl[kind] = perplexity(logits, data.eval_ids, data.window, f"perplexity ({kind})", progress)
     ppl.update(tokens=len(data.eval_batches) * data.window, window=data.window, source=config.evaluation.source)
+    why = in_sample(config)
+    if why:
+        ppl["in_sample"] = why
     return ppl
 
 
@@ -202,7 +220,9 @@ def finish_onnx(config: RunConfig, onnx_stage, model, tmp: Path, report: dict, d
 
 def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=print, resume: bool = False) -> dict:
     quantization = check_run(config, overwrite)
-    out, timer = Path(config.out), Timer()
+    if in_sample(config):
+        log.warning("%s: calibration saw every evaluated token", in_sample(config))
+    out, timer = check_out_path(config.out), Timer()  # a symbolic link: the folder it points to
     with timer("load"):
         source, tokenizer, origin, export_dtype = open_source(config.model, config.dtype, config.device,
                                                               whole_model=lambda c: whole_model_reason(config, c))

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models of every supported architecture, the real SmolLM2
-(marked slow), and the local wikitext-2 files."""
+(marked slow), and the public-domain texts under tests/data (calibration and evaluation text for the real
+model, so that a fresh clone runs every test)."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,7 +17,7 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+TEXTS = Path(__file__).resolve().parent / "data"  # calibration.txt, evaluation.txt: tests/data/README.md
 
 
 def tiny_config(arch: str):
@@ -66,10 +67,10 @@ def random_batches(n: int = 4, seqlen: int = 32, vocab: int = 128, seed: int = 0
 
 
 @pytest.fixture(scope="session")
-def wikitext():
-    if not (WIKITEXT / "wiki.test.raw").exists():
-        pytest.skip(f"local wikitext-2 not found at {WIKITEXT}")
-    return WIKITEXT
+def texts() -> Path:
+    """The folder of the real-model tests' text: calibration.txt (calibration) and evaluation.txt (perplexity),
+    two different public-domain texts (tests/data/README.md)."""
+    return TEXTS
 
 
 def smollm2_available() -> bool:

@@ -6,16 +6,16 @@ import torch
 from conftest import random_batches, tiny_model
 
 from exporter import CompressionConfig, compress_
-from exporter.model.candidates import Matrix
-from exporter.plan.profile import Profile
-from exporter.plan import adacr, allocate
-from exporter.plan.ranks import plan_params
-from exporter.plan.adacr import shift_to_budget
-from exporter.factorize.stats import InputStats
 from exporter.config import ALLOCATIONS, default_min_retention
-from exporter.factorize.base import MatrixInput, get_method
 from exporter.factorize.adasvd import adacomp, adacomp_loss, rebalance
+from exporter.factorize.base import MatrixInput, get_method
+from exporter.factorize.stats import InputStats
 from exporter.factorize.svd_llm_v2 import SVDLLMV2
+from exporter.model.candidates import Matrix
+from exporter.plan import adacr, allocate
+from exporter.plan.adacr import shift_to_budget
+from exporter.plan.profile import Profile
+from exporter.plan.ranks import plan_params
 
 
 def drifted_inputs(n_in=24, tokens=400, drift=0.3, seed=0):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from exporter.model.candidates import Matrix
-from exporter.plan.profile import Profile
 from exporter.plan import allocate
+from exporter.plan.profile import Profile
 from exporter.plan.ranks import break_even_rank, plan_params, rank_for_keep, saves_params
 from exporter.plan.v2 import exact_mean_ratios
 

@@ -8,19 +8,17 @@ import math
 
 import pytest
 import torch
-
-from exporter.model.candidates import Matrix
-from exporter.plan.profile import Profile
-from exporter.plan import allocate
-from exporter.plan.ranks import plan_params
-from exporter.plan.greedy import DENSE, chain, greedy_ranks
-from exporter.plan.sensitivity import output_gradient_sensitivity
-from exporter.loop.compress import compress_
-from exporter.model.candidates import list_matrices
-from exporter.model.discovery import architecture_of
-from exporter.config import CompressionConfig
-
 from conftest import random_batches, tiny_model
+
+from exporter.config import CompressionConfig
+from exporter.loop.compress import compress_
+from exporter.model.candidates import Matrix, list_matrices
+from exporter.model.discovery import architecture_of
+from exporter.plan import allocate
+from exporter.plan.greedy import DENSE, chain, greedy_ranks
+from exporter.plan.profile import Profile
+from exporter.plan.ranks import plan_params
+from exporter.plan.sensitivity import output_gradient_sensitivity
 
 
 def loss(matrices, spectra, weights, plan) -> float:

@@ -6,14 +6,14 @@ import torch
 from conftest import random_batches, tiny_model
 
 from exporter import CompressionConfig, compress_
+from exporter.factorize.asvd import column_scaled_svd
+from exporter.factorize.base import MatrixInput, get_method
+from exporter.factorize.fwsvd import fisher_columns
+from exporter.factorize.linalg import truncation_loss
 from exporter.factorize.stats import InputStats
 from exporter.model.candidates import list_matrices
 from exporter.model.discovery import architecture_of
-from exporter.factorize.linalg import truncation_loss
 from exporter.model.lowrank import LowRankLinear
-from exporter.factorize.base import MatrixInput, get_method
-from exporter.factorize.asvd import column_scaled_svd
-from exporter.factorize.fwsvd import fisher_columns
 
 
 def outlier_inputs(n_in=32, tokens=500, seed=0):

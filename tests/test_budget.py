@@ -6,15 +6,14 @@ import copy
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import random_batches, tiny_model
 
-from exporter.model.discovery import architecture_of
-from exporter.plan.budget import parse_size, ratio_for_budget, weight_bytes
 from exporter.cli import main
+from exporter.config import CompressionConfig
 from exporter.loop.compress import compress_
 from exporter.model.candidates import list_matrices
-from exporter.config import CompressionConfig
-
-from conftest import random_batches, tiny_model
+from exporter.model.discovery import architecture_of
+from exporter.plan.budget import parse_size, ratio_for_budget, weight_bytes
 
 
 @pytest.mark.parametrize("text, size", [("7GB", 7 * 10**9), ("7GiB", 7 * 2**30), ("500MB", 500 * 10**6),

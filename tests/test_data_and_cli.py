@@ -6,9 +6,10 @@ import torch
 from click.testing import CliRunner
 from conftest import tiny_model
 
-from exporter.data import windows as data
 from exporter.cli import main
 from exporter.config import CalibrationConfig, CompressionConfig, EvalConfig, RunConfig
+from exporter.data import generated, windows
+from exporter.data.text import DataError, read_text
 
 
 class CharTokenizer:
@@ -26,23 +27,23 @@ class CharTokenizer:
 
 def test_sampled_windows_are_seeded_and_sized():
     tokens = torch.arange(10_000)
-    a = data.sample_windows(tokens, 8, 64, seed=3)
-    assert a.shape == (8, 64) and torch.equal(a, data.sample_windows(tokens, 8, 64, seed=3))
-    assert not torch.equal(a, data.sample_windows(tokens, 8, 64, seed=4))
+    a = windows.sample_windows(tokens, 8, 64, seed=3)
+    assert a.shape == (8, 64) and torch.equal(a, windows.sample_windows(tokens, 8, 64, seed=3))
+    assert not torch.equal(a, windows.sample_windows(tokens, 8, 64, seed=4))
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 63, dtype=a.dtype))  # contiguous windows
-    with pytest.raises(data.DataError, match="fewer than --calib-seqlen"):
-        data.sample_windows(torch.arange(10), 1, 64, seed=0)
+    with pytest.raises(DataError, match="fewer than --calib-seqlen"):
+        windows.sample_windows(torch.arange(10), 1, 64, seed=0)
 
 
 def test_local_text_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("hello world " * 100)
-    batches = data.calibration_batches(None, CharTokenizer(), str(tmp_path / "a.txt"), 4, 32, 0, batch_size=2)
+    batches = windows.calibration_batches(None, CharTokenizer(), str(tmp_path / "a.txt"), 4, 32, 0, batch_size=2)
     assert [b.shape for b in batches] == [(2, 32), (2, 32)]
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "abc"}) + "\n" + json.dumps({"text": "def"}) + "\n")
-    assert data.read_text(str(tmp_path / "b.jsonl"), "train") == "abc\n\ndef"
+    assert read_text(str(tmp_path / "b.jsonl"), "train") == "abc\n\ndef"
     (tmp_path / "c.jsonl").write_text('{"content": "x"}\n')
-    with pytest.raises(data.DataError, match="text"):
-        data.read_text(str(tmp_path / "c.jsonl"), "train")
+    with pytest.raises(DataError, match="text"):
+        read_text(str(tmp_path / "c.jsonl"), "train")
 
 
 def test_offline_wikitext_is_one_clear_error(monkeypatch):
@@ -51,14 +52,14 @@ def test_offline_wikitext_is_one_clear_error(monkeypatch):
     def offline(*a, **k):
         raise ConnectionError("no network")
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(data.DataError, match="--calib-data generated"):
-        data.read_text("wikitext2", "train")
+    with pytest.raises(DataError, match="--calib-data generated"):
+        read_text("wikitext2", "train")
 
 
 def test_generated_calibration_is_seeded():
     model = tiny_model("llama")
-    a = data.calibration_batches(model, CharTokenizer(), "generated", 3, 16, seed=5)
-    b = data.calibration_batches(model, CharTokenizer(), "generated", 3, 16, seed=5)
+    a = windows.calibration_batches(model, CharTokenizer(), "generated", 3, 16, seed=5)
+    b = windows.calibration_batches(model, CharTokenizer(), "generated", 3, 16, seed=5)
     assert sum(x.shape[0] for x in a) == 3 and a[0].shape[1] == 16
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -68,15 +69,28 @@ def test_generation_with_the_kv_cache_matches_a_full_forward(arch):
     """Greedy (top-k 1): every token is the argmax of a full forward over the text before it, so the
     cached steps see the right positions and history, for every sample of the batch."""
     model = tiny_model(arch)
-    ids = data.generate_samples(model, CharTokenizer(), samples=3, seqlen=24, seed=1, progress=False, top_k=1)
+    ids = generated.generate_samples(model, CharTokenizer(), samples=3, seqlen=24, seed=1, progress=False, top_k=1)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :128]
     assert torch.equal(logits.argmax(-1), ids[:, 1:])
 
 
-def test_local_wikitext_files_tokenize(wikitext):
-    text = data.read_text(str(wikitext / "wiki.valid.tokens"), "train")
-    assert "<unk>" in text and len(text) > 100_000
+def test_a_wikitext_tokens_file_reads_as_plain_text(tmp_path):
+    """wikitext-2's .tokens files (headings, `@-@`, `<unk>`) are read as they are, like any UTF-8 text."""
+    text = " = Robert Boulter = \n\n Robert Boulter is an English film , television and theatre actor . He had a " \
+           "guest @-@ starring role on the <unk> series The Bill in 2000 .\n"
+    (tmp_path / "wiki.valid.tokens").write_text(text)
+    assert read_text(str(tmp_path / "wiki.valid.tokens"), "train") == text
+    ids = windows.calibration_batches(None, CharTokenizer(), str(tmp_path / "wiki.valid.tokens"), 2, 16, 0)
+    assert [b.shape for b in ids] == [(1, 16), (1, 16)]
+
+
+def test_the_test_texts_are_distinct_public_domain_prose(texts):
+    """tests/data: two texts with no passage in common (calibration never sees the evaluation text)."""
+    calibration, evaluation = (read_text(str(texts / name), "train") for name in ("calibration.txt", "evaluation.txt"))
+    assert len(calibration) > 24_000 and len(evaluation) > 24_000
+    lines = lambda s: {line for line in s.splitlines() if len(line) > 40}  # noqa: E731
+    assert not lines(calibration) & lines(evaluation)
 
 
 def test_run_config_json_roundtrip():
@@ -111,3 +125,29 @@ def test_cli_refuses_a_non_empty_output_folder(tmp_path):
     result = CliRunner().invoke(main, ["--out", str(tmp_path), "-q"])
     assert result.exit_code == 1 and "exists and is not empty" in result.output
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_evaluating_on_the_calibration_file_is_said_in_the_report(tmp_path, caplog):
+    """The same file as --calib-data and --eval-data: a warning, report.json records it, the summary and
+    report.md say the perplexity is in-sample; two different files: nothing of the kind."""
+    from onnx_helpers import tiny_model_dir
+
+    from exporter.report.summary import summary
+    from exporter.run import run
+    folder = tiny_model_dir("llama", tmp_path / "model")
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    (tmp_path / "b.txt").write_text("pack my box with five dozen liquor jugs! " * 60)
+
+    def report(calib, evaluation, out):
+        return run(RunConfig(model=str(folder), out=str(tmp_path / out),
+                             compression=CompressionConfig(method="svd", ratio=0.4, allocation="uniform"),
+                             calibration=CalibrationConfig(source=str(tmp_path / calib), samples=2, seqlen=64),
+                             evaluation=EvalConfig(str(tmp_path / evaluation), 256, 64)),
+                   progress=False, echo=lambda *_: None)
+    with caplog.at_level("WARNING", logger="exporter.run"):
+        same = report("a.txt", "a.txt", "same")
+    assert "in-sample" in same["perplexity"]["in_sample"] and "in-sample" in caplog.text
+    assert "IN-SAMPLE" in summary(same) and "**In-sample**" in (tmp_path / "same" / "report.md").read_text()
+    caplog.clear()
+    other = report("a.txt", "b.txt", "other")
+    assert "in_sample" not in other["perplexity"] and "IN-SAMPLE" not in summary(other) and not caplog.text

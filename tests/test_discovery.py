@@ -11,9 +11,8 @@ from families import family_model
 
 from exporter import CompressionConfig, compress_
 from exporter.model.architecture import ARCHITECTURES, Architecture, InputGroup
-from exporter.model.discovery import architecture_of, prepare
+from exporter.model.discovery import DiscoveryError, architecture_of, discover, discover_layer_groups, prepare
 from exporter.model.layer_inputs import capture_layer_inputs
-from exporter.model.discovery import DiscoveryError, discover, discover_layer_groups
 
 # The registry's entries before discovery replaced them (exporter/model/architecture.py at c0bcdb4).
 FORMER_REGISTRY = {

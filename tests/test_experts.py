@@ -8,9 +8,9 @@ from families import family_model
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.output.artifact import save_compressed
 from exporter.model.experts import ExpertList, UnsupportedExperts, probe_routing, unfuse_experts
 from exporter.model.lowrank import LowRankLinear
+from exporter.output.artifact import save_compressed
 
 
 def logits(model, ids):

@@ -15,10 +15,10 @@ from families import FAMILIES, UNNAMED, family_model
 from onnx_helpers import char_tokenizer
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.output.artifact import save_compressed
 from exporter.cli import main
 from exporter.model.lowrank import LowRankLinear
 from exporter.onnx.plain import GENAI_GENERIC, GENAI_TYPES, export_compressed, export_onnx
+from exporter.output.artifact import save_compressed
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.parity import genai_greedy, parity, torch_greedy
 
@@ -108,13 +108,13 @@ def test_the_unnamed_families_are_named_nowhere_in_the_exporter():
             assert not named, f"{family} is named in {named}"
 
 
-def test_cli_compresses_and_exports_an_moe_checkpoint(tmp_path, wikitext):
+def test_cli_compresses_and_exports_an_moe_checkpoint(tmp_path, texts):
     """The whole run from a saved Mixtral checkpoint (fused experts, hub key names): experts unfused before
     any work, every expert compressed, ONNX validated, genai's generic type reported, reload exact."""
     model_dir, out, text = tmp_path / "model", tmp_path / "out", tmp_path / "text.txt"
     family_model("mixtral").save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
-    text.write_text((wikitext / "wiki.test.raw").read_text()[:20000])
+    text.write_text((texts / "evaluation.txt").read_text()[:20000])
     result = CliRunner().invoke(main, [
         "--model", str(model_dir), "--ratio", "0.4", "--method", "svd-llm-v2", "--allocation", "uniform",
         "--format", "onnx", "--format", "safetensors", "--out", str(out), "--calib-data", str(text),

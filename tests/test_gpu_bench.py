@@ -1,22 +1,20 @@
-"""benchmarks/gpu.py's document: it only formats the measured rows (speedup = compressed / dense tokens/s
+"""benchmarks/speed/gpu.py's document: it only formats the measured rows (speedup = compressed / dense tokens/s
 of the same group: model, depth, rank rounding, protocol, device), and says which device and command printed
 them."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python -m pytest` in the root puts it there; a bare `pytest` does not
+    sys.path.insert(0, str(ROOT))
 
 
 def load_gpu_script():
-    if str(ROOT / "benchmarks") not in sys.path:  # as `python benchmarks/gpu.py` puts it there (command.py)
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks.speed.gpu, as `python -m benchmarks.speed.gpu` imports it."""
+    return importlib.import_module("benchmarks.speed.gpu")
 
 
 def speed(decode):
@@ -27,7 +25,7 @@ def speed(decode):
 def test_render_formats_measured_rows_only(tmp_path):
     gpu = load_gpu_script()
     env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "onnxruntime": "1.31.1", "date": "2026-11-23 15:00 UTC",
-           "command": "python benchmarks/gpu.py throughput --model llama-2-7b"}
+           "command": "python -m benchmarks.speed.gpu throughput --model llama-2-7b"}
     settings = {"batch": 4, "prefill": 1024, "decode": 256, "warmup": 1, "repeats": 3}
     rows = [
         {"part": "throughput", "model": "llama-2-7b", "layers": 32, "ratio": 0.0, "provider": "CUDAExecutionProvider",
@@ -50,7 +48,7 @@ def test_render_formats_measured_rows_only(tmp_path):
     # (10 + 12) / 2 + 9 = 20 s per layer, × 32 layers = 10.7 min
     assert ("| opt-6.7b | svd-llm-v2 + v2 | 32 | 256x2048 | 321.5 | 11.0 | 9.0 | 10.7 | 30,000 | 0.4012 | "
             "NVIDIA H100 80GB HBM3 |") in text
-    assert "python benchmarks/gpu.py throughput --model llama-2-7b" in text
+    assert "python -m benchmarks.speed.gpu throughput --model llama-2-7b" in text
     assert (tmp_path / "gpu_speedup.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -70,7 +68,9 @@ def test_throughput_part_runs_on_a_cpu_with_a_shrunk_shape(tmp_path, monkeypatch
     for graph in ("fused", "plain"):
         rows = list(gpu.part_throughput("llama-2-7b", argparse.Namespace(**base, graph=graph)))
         assert [(r["ratio"], r["graph"], r["cuda_graph"]) for r in rows] == [(0.0, graph, False), (0.4, graph, False)]
-        assert all(r["ort"]["decode_tokens_s"] > 0 and r["eager"]["decode_tokens_s"] > 0 for r in rows)
+        for r in rows:  # tokens/s are the protocol's 2 x 4 decoded tokens over the measured time
+            for row in (r["ort"], r["eager"]):
+                assert row["decode_tokens_s"] == pytest.approx(2 * 4 / row["decode_s"])
         assert rows[1]["bound_decode_speedup"] > 1.0
     with pytest.raises(ValueError, match="CUDA graphs need"):
         list(gpu.part_throughput("llama-2-7b", argparse.Namespace(**{**base, "ratios": [0.0], "cuda_graph": True},

@@ -8,10 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_rewrite.module_names import SCOPES_KEY, tag_linears
-from graph_rewrite.tags import MODULE_KEY
 from graph_rewrite.passes import RewriteError, rewrite_lowrank
 from graph_rewrite.rules.lowrank import LowRankFactors, LowRankMatMul
-from graph_rewrite.tags import LOWRANK_KEY
+from graph_rewrite.tags import LOWRANK_KEY, MODULE_KEY
 
 RNG = np.random.default_rng(0)
 IN, MID, OUT, RANK = 8, 12, 6, 3

@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import random_batches, tiny_model
+from onnx import numpy_helper
 from onnx_helpers import char_tokenizer, tiny_model_dir
 
 from exporter.cli import main
-from exporter.loop.compress import compress_
 from exporter.config import CompressionConfig
+from exporter.loop.compress import compress_
 from exporter.model.lowrank import LowRankLinear
 from exporter.onnx.plain import export_compressed, export_onnx
 from exporter.validate.ort_session import OrtDecoder
@@ -136,10 +136,10 @@ def cli(model_dir, text, out, *extra):
 
 
 @pytest.fixture
-def tiny_run(tmp_path, wikitext):
+def tiny_run(tmp_path, texts):
     model_dir = tiny_model_dir("llama", tmp_path / "model")
     text = tmp_path / "text.txt"
-    text.write_text((wikitext / "wiki.test.raw").read_text()[:20000])
+    text.write_text((texts / "evaluation.txt").read_text()[:20000])
     return model_dir, text
 
 
@@ -185,8 +185,8 @@ def test_fp16_rewrite_with_small_external_norm_weights(tmp_path):
     """Issue 13 item 5: an fp16 OPT whose norm weights (hidden 256 → 512 bytes) are saved as external data
     but are small enough that the checker is handed them inline; the checker then looked for
     model.onnx_data in the working directory and failed at step 0. The rewrite now succeeds and matches."""
-    from transformers import AutoModelForCausalLM
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
     config = tiny_config("opt")
     config.hidden_size = config.word_embed_proj_dim = 256
     torch.manual_seed(0)

@@ -17,18 +17,15 @@ import torch
 from conftest import random_batches, tiny_config, tiny_model
 from onnx_helpers import char_tokenizer
 
+from exporter.config import CompressionConfig, Quantization
 from exporter.loop.compress import compress_
-from exporter.config import CompressionConfig
 from exporter.model.lowrank import LowRankLinear
 from exporter.onnx.fused import FusedDecoderWriter, UnsupportedModel, build_onnx
-from exporter.onnx.fused.quantize import dequantize, quantize_weight, round_like_export
+from exporter.onnx.fused.quantize import dequantize, linear_bytes, nbits_bytes, quantize_weight, round_like_export
 from exporter.onnx.plain import io_names
-from exporter.config import Quantization
-from exporter.onnx.fused.quantize import linear_bytes, nbits_bytes
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.parity import genai_greedy, logits_parity, parity, torch_greedy
-from graph_rewrite.tags import MODULE_KEY
-from graph_rewrite.tags import LOWRANK_KEY
+from graph_rewrite.tags import LOWRANK_KEY, MODULE_KEY
 
 FUSED_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 TOLERANCE = 1e-4

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from exporter.output.artifact import load_compressed
 from exporter.cli import main
+from exporter.output.artifact import load_compressed
 from exporter.validate.parity import genai_greedy, prompt_ids, torch_greedy
 
 pytestmark = pytest.mark.slow
@@ -16,12 +16,12 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, wikitext):
+def run(tmp_path_factory, texts):
     out = tmp_path_factory.mktemp("smollm2") / "out"
     result = CliRunner().invoke(main, [
         "--model", "smollm2-135m", "--ratio", "0.4", "--method", "svd", "--allocation", "uniform", "--format", "onnx", "--format", "safetensors",
-        "--out", str(out), "--calib-data", str(wikitext / "wiki.valid.tokens"), "--calib-samples", "8",
-        "--calib-seqlen", "256", "--eval-data", str(wikitext / "wiki.test.raw"), "--eval-tokens", "2048",
+        "--out", str(out), "--calib-data", str(texts / "calibration.txt"), "--calib-samples", "8",
+        "--calib-seqlen", "256", "--eval-data", str(texts / "evaluation.txt"), "--eval-tokens", "2048",
         "--eval-seqlen", "512", "-q"])
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "report.json").read_text())
@@ -67,16 +67,16 @@ def test_genai_serves_the_dense_export_like_pytorch(smollm2, tmp_path):
 INT4_PPL_BOUND, INT8_PPL_BOUND = 1.35, 1.02
 
 
-def test_int4_and_int8_exports_perplexity_and_size(smollm2, wikitext, tmp_path):
+def test_int4_and_int8_exports_perplexity_and_size(smollm2, texts, tmp_path):
     """The fused float, int8 and int4 exports of SmolLM2 under ONNX Runtime: float equals PyTorch, int4 and int8
     perplexities within the stated bounds of the float export's, and int4 under 45% of the float size on disk."""
+    from exporter.config import Quantization
     from exporter.data.windows import evaluation_tokens
     from exporter.onnx.fused import build_onnx
-    from exporter.config import Quantization
     from exporter.validate.ort_session import OrtDecoder
     from exporter.validate.perplexity import perplexity, torch_logits
     model, tokenizer = smollm2
-    ids = evaluation_tokens(model, tokenizer, str(wikitext / "wiki.test.raw"), 2048, 512)
+    ids = evaluation_tokens(model, tokenizer, str(texts / "evaluation.txt"), 2048, 512)
     ppl, size = {}, {}
     for name, q in (("float", None), ("int8", Quantization(bits=8)), ("int4", Quantization(bits=4))):
         path = build_onnx(model, tokenizer, tmp_path / name, quantization=q)

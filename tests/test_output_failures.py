@@ -13,8 +13,8 @@ import pytest
 import torch
 from bad_inputs_helpers import FAST, assert_one_error, cli, save_tiny, snapshot
 
-from exporter.output import folder as output_dir
 from exporter.load.integrity import CorruptInput
+from exporter.output import folder as output_dir
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,27 @@ def hold_lock_in_another_process(out: Path) -> subprocess.Popen:
 
 
 # --- one output, one writer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target_state", ["missing", "empty", "full"])
+def test_a_symlinked_out_is_written_through_and_leaves_nothing_beside(llama, tmp_path, target_state):
+    """--out names a link: the output lands in the folder it points to (made when missing, replaced with
+    --overwrite when full), the link stays as it was, and no work or old folder is left beside either."""
+    target, link = tmp_path / "data" / "run7", tmp_path / "models" / "latest"
+    link.parent.mkdir()
+    target.parent.mkdir()
+    if target_state != "missing":
+        target.mkdir()
+    if target_state == "full":
+        (target / "stale.txt").write_text("from an earlier run")
+    link.symlink_to(target, target_is_directory=True)
+    code, output = cli(["-m", llama, *FAST, "-o", link, *(["--overwrite"] if target_state == "full" else [])])
+    assert code == 0, output
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "report.json").is_file() and not (target / "stale.txt").exists()
+    assert sorted(p.name for p in link.parent.iterdir()) == ["latest"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run7"]
+
+
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
 def test_a_second_run_on_a_locked_name_fails_at_once(llama, tmp_path, overwrite):

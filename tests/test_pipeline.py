@@ -7,11 +7,11 @@ import torch
 from conftest import random_batches, tiny_config, tiny_model
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.plan.ranks import plan_params
-from exporter.output.folder import atomic_output
-from exporter.output.artifact import save_compressed
-from exporter.model.lowrank import LowRankLinear
 from exporter.factorize.base import REGISTRY
+from exporter.model.lowrank import LowRankLinear
+from exporter.output.artifact import save_compressed
+from exporter.output.folder import atomic_output
+from exporter.plan.ranks import plan_params
 
 
 class NoTokenizer:

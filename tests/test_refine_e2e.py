@@ -11,12 +11,12 @@ from onnx_helpers import tiny_model_dir
 from test_streaming import TEXT, config
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.config import CalibrationConfig
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.load.names import ModelLoadError
-from exporter.run import run
 from exporter.refine.optimise import split_batches
 from exporter.report.summary import summary
+from exporter.run import run
 from exporter.validate.perplexity import perplexity, torch_logits
 
 V2 = dict(method="svd-llm-v2", ratio=0.6, allocation="uniform")

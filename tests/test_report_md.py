@@ -7,8 +7,8 @@ import pytest
 from conftest import random_batches, tiny_model
 
 from exporter import CompressionConfig, compress_
-from exporter.report.plots import rank_grid
 from exporter.report.markdown import render, write_report_md
+from exporter.report.plots import rank_grid
 
 
 def report_from_run(ratio: float = 0.4) -> dict:

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
-from onnx.numpy_helper import to_array
 import torch
 from conftest import Killed, die_after_layer
+from onnx.numpy_helper import to_array
 from onnx_helpers import tiny_model_dir
 from safetensors.torch import load_file
 from test_streaming import TEXT, config
@@ -70,6 +70,7 @@ def test_a_kept_dense_graph_is_reused_only_when_complete_and_written_with_the_sa
     """The dense graph a killed --resume run kept is reused with its checks when its record says it was
     complete and written with this run's ONNX settings; a partial one, or one of other settings, is removed."""
     import json
+
     from exporter.onnx.stage import DENSE_RECORD
     folder = tmp_path / ".dense-onnx"
 

@@ -10,12 +10,12 @@ from onnx_helpers import tiny_model_dir
 from safetensors.torch import load_file, save_file
 
 from exporter import CompressionConfig, compress_, load_compressed
-from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.config import CalibrationConfig, EvalConfig, RunConfig
-from exporter.run import run
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.load.checkpoint import CheckpointSource
 from exporter.load.files import CheckpointError
 from exporter.output.resume_state import ResumeError
+from exporter.run import run
 from exporter.validate.perplexity import perplexity, torch_logits
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs! " * 40)
@@ -99,8 +99,8 @@ def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(
     import onnx
     from onnx.numpy_helper import to_array
 
-    from exporter.model.discovery import find_decoder_layers
     from exporter.load.written import WrittenSource
+    from exporter.model.discovery import find_decoder_layers
 
     model_dir = tiny_model_dir(arch, tmp_path / "model")
     seen = []
@@ -126,8 +126,9 @@ def test_streamed_onnx_is_written_layer_by_layer_and_matches_the_resident_graph(
         assert report["perplexity"][f"onnx_{kind}"] == pytest.approx(report["perplexity"][kind], rel=1e-4)
     assert report["onnx"]["rewritten_linears"] == len(report["layers"])
 
-    from exporter.onnx.fused import build_onnx
     from transformers import AutoTokenizer
+
+    from exporter.onnx.fused import build_onnx
     model = load_compressed(tmp_path / "out")
     resident = build_onnx(model, AutoTokenizer.from_pretrained(model_dir), tmp_path / "resident")
     streamed, direct = (onnx.load(str(f)) for f in (tmp_path / "out" / "model.onnx", resident))

@@ -17,16 +17,24 @@ from conftest import random_batches, tiny_config, tiny_model
 from onnx_helpers import char_tokenizer, tiny_model_dir
 
 from exporter import CompressionConfig, compress_
-from exporter.output.artifact import save_compressed
 from exporter.bench import main as bench_main
 from exporter.bench import measure_folder
 from exporter.config import CalibrationConfig, RunConfig
 from exporter.onnx.plain import export_compressed, export_onnx
+from exporter.output.artifact import save_compressed
 from exporter.run import run
 from exporter.validate.bound import bound_decode_speedup, compressed_weight_bytes, decode_weight_bytes
 from exporter.validate.providers import CPU, CUDA, check_provider, open_session, resolve_provider
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, Timing, folder_config, ort_throughput,
-                                          rates, read_signature, shares_kv_buffer)
+from exporter.validate.throughput import (
+    OrtDecodeLoop,
+    ThroughputSettings,
+    Timing,
+    folder_config,
+    ort_throughput,
+    rates,
+    read_signature,
+    shares_kv_buffer,
+)
 
 ort = pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,14 +168,25 @@ def test_tiny_cpu_run_produces_the_report_keys(decoder, tmp_path):
     t = measure_folder(tmp_path, report, provider="cpu", settings=TINY, dense_model=dense_model,
                        tokenizer=char_tokenizer(), echo=lambda *_: None)  # exports the dense graph itself
     assert t["provider"] == CPU and t["settings"]["batch"] == 2
-    for variant in ("dense", "compressed"):
-        for key in ("prefill_tokens_s", "decode_tokens_s", "end_to_end_tokens_s"):
-            assert t[variant][key] > 0
-        assert t[variant]["peak_gpu_mb"] is None  # CPU: no GPU number is invented
+    for variant in (t["dense"], t["compressed"], t["eager"]["dense"], t["eager"]["compressed"]):
+        assert_rates_follow_the_protocol(variant, TINY)  # the eager compressed row: reloaded from the safetensors
+        assert variant["peak_gpu_mb"] is None  # CPU: no GPU number is invented
     assert t["speedup_decode"] == pytest.approx(t["compressed"]["decode_tokens_s"] / t["dense"]["decode_tokens_s"])
-    assert t["bound_decode_speedup"] > 1.0
-    assert t["eager"]["compressed"]["decode_tokens_s"] > 0  # reloaded from the folder's safetensors
+    # the bound: dense weight bytes over compressed ones, the latter counted here from the plan itself
+    saved = sum(m.dense_params - result.plan[m.name] * m.params_per_rank for m in result.matrices if m.name in result.plan)
+    weights = t["weight_bytes_per_token"]
+    assert weights["compressed"] == weights["dense"] - weights["element_size"] * saved
+    assert t["bound_decode_speedup"] == pytest.approx(weights["dense"] / weights["compressed"])
     json.dumps(t)  # report.json must be able to hold it
+
+
+def assert_rates_follow_the_protocol(row: dict, settings) -> None:
+    """Tokens/s are the protocol's token counts over the measured median times, not any positive number."""
+    assert row["prefill_s"] > 0 and row["decode_s"] > 0
+    assert row["prefill_tokens_s"] == pytest.approx(settings.batch * settings.prefill / row["prefill_s"])
+    assert row["decode_tokens_s"] == pytest.approx(settings.batch * settings.decode / row["decode_s"])
+    assert row["end_to_end_tokens_s"] == pytest.approx(settings.batch * settings.decode
+                                                       / (row["prefill_s"] + row["decode_s"]))
 
 
 def test_ort_throughput_refuses_a_graph_without_kv_cache(tmp_path):
@@ -194,16 +213,24 @@ def test_pipeline_validate_throughput_end_to_end(tmp_path):
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     t = written["throughput"]
     assert t == json.loads(json.dumps(report["throughput"]))
-    assert t["provider"] in (CPU, CUDA) and t["dense"]["decode_tokens_s"] > 0 and t["compressed"]["prefill_tokens_s"] > 0
-    assert t["speedup_decode"] > 0 and t["bound_decode_speedup"] > 1.0 and t["eager"]["compressed"] is not None
+    assert t["provider"] in (CPU, CUDA)
+    settings = ThroughputSettings(**t["settings"])
+    for row in (t["dense"], t["compressed"], t["eager"]["dense"], t["eager"]["compressed"]):
+        assert_rates_follow_the_protocol(row, settings)
+    assert t["speedup_decode"] == pytest.approx(t["compressed"]["decode_tokens_s"] / t["dense"]["decode_tokens_s"])
+    weights = t["weight_bytes_per_token"]  # the compressed bytes counted here from report.json's ranks
+    saved = sum(m * n - e["rank"] * (m + n) for e in written["layers"].values() for m, n in [e["shape"]])
+    assert weights["compressed"] == weights["dense"] - weights["element_size"] * saved
+    assert t["bound_decode_speedup"] == pytest.approx(weights["dense"] / weights["compressed"])
     assert "## Throughput" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "report.png").exists()
     assert any(line.startswith("throughput ") for line in lines)
     assert not list(tmp_path.glob(".out.dense-onnx-*")), "the dense work folder must be removed"
 
     # examples/serve_onnx.py on the same folder: its greedy text equals PyTorch's on the compressed model
-    from exporter import load_compressed
     from transformers import AutoTokenizer
+
+    from exporter import load_compressed
     out = tmp_path / "out"
     served = subprocess.run([sys.executable, str(ROOT / "examples" / "serve_onnx.py"), str(out), "abc",
                              "--max-new-tokens", "6"], capture_output=True, text=True, check=True).stdout.strip()

@@ -5,9 +5,9 @@ also when X Xᵀ is singular — where v1's Cholesky fails, needs a jitter, and 
 import pytest
 import torch
 
-from exporter.factorize.stats import InputStats
-from exporter.factorize.linalg import min_truncation_loss, truncation_loss, whiten
 from exporter.factorize.base import MatrixInput, get_method
+from exporter.factorize.linalg import min_truncation_loss, truncation_loss, whiten
+from exporter.factorize.stats import InputStats
 from exporter.factorize.svd_llm import cholesky_with_jitter
 
 IN, OUT, N = 48, 32, 400

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import torch
 
-from .stats import ROWS, InputStats
-from .linalg import symmetric
 from .base import MatrixInput, Method, register
+from .linalg import symmetric
+from .stats import ROWS, InputStats
 from .svd_llm_v2 import SVDLLMV2
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import split_factors
 from .base import MatrixInput, Method, register
+from .linalg import split_factors
 
 
 def column_scaled_svd(weight: torch.Tensor, scale: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from .stats import InputStats
 from .linalg import descending_eigh, descending_eigvalsh, output_gram, symmetric, truncation_loss
+from .stats import InputStats
 
 
 @dataclass
@@ -28,7 +28,7 @@ class MatrixInput:
     D = W S (m×n) with S Sᵀ = C shared by the linears of one input.
 
     The weight's dtype is the dtype of every product here: float64 to factorize; float32 where only the
-    spectrum is wanted (the allocation's profile pass: exporter/loop/compress.py, PROFILE_DTYPE). The statistics
+    spectrum is wanted (the allocation's profile pass: exporter/loop/profile.py, PROFILE_DTYPE). The statistics
     stay float64 sums and are cast to it."""
     name: str
     weight: torch.Tensor  # out×in, float64 (or float32 for a spectrum), on the compute device

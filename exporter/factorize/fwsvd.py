@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from ..model.discovery import architecture_of
 from ..model.architecture import decoder_layers
-from .gradients import grad_only_for, lm_loss_backward
+from ..model.discovery import architecture_of
 from .asvd import column_scaled_svd
 from .base import MatrixInput, Method, register
+from .gradients import grad_only_for, lm_loss_backward
 
 
 def fisher_columns(model, batches, names: list[str], device) -> dict[str, torch.Tensor]:

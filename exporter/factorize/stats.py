@@ -16,7 +16,6 @@ import torch
 
 from .linalg import Whitening, symmetric, whiten
 
-
 # Rows of XᵀY formed at a time when folding a batch: the float32 product and its float64 copy then stay
 # ROWS×n instead of two more n×n matrices (3 GiB at n = 16384) beside the running sum.
 ROWS = 2048

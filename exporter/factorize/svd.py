@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import split_factors
 from .base import MatrixInput, Method, register
+from .linalg import split_factors
 
 
 @register

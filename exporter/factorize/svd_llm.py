@@ -9,8 +9,8 @@ import logging
 
 import torch
 
-from .linalg import split_factors
 from .base import MatrixInput, Method, register
+from .linalg import split_factors
 
 log = logging.getLogger(__name__)
 

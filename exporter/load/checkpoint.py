@@ -20,12 +20,11 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from ..model.discovery import architecture_of
-from .integrity import check_checkpoint_files
-from ..model.discovery import check_causal_lm, find_decoder_layers
+from ..model.discovery import architecture_of, check_causal_lm, find_decoder_layers
 from ..model.experts import is_fused_experts
-from .source import LayerSource
 from .files import CheckpointError, TensorFiles
+from .integrity import check_checkpoint_files
+from .source import LayerSource
 
 
 def default_compute_dtype(device: torch.device, export_dtype: torch.dtype) -> torch.dtype:

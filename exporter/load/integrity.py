@@ -1,5 +1,5 @@
 """Refuse incomplete or corrupt inputs before they become a silently wrong model: each check names the file
-or tensor at fault. Used when loading a model (models.py) and when reloading a compressed one (artifacts.py).
+or tensor at fault. Used when loading a model (load/open.py) and when reloading a compressed one (output/artifact.py).
 """
 from __future__ import annotations
 

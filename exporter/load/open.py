@@ -3,10 +3,12 @@ time from its checkpoint (open_source); the name was resolved by names.py."""
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from .gguf_once import parsed_once
 from .names import ModelLoadError, ModelSource, resolve
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,11 @@ def load(spec: str, dtype: str | None = "float32", device: str | None = None):
     check_checkpoint_files(source.location, source.gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=parse_dtype(dtype) if dtype else ("float32" if source.gguf_file else "auto"),
-            output_loading_info=True, **kwargs)
+        with parsed_once() if source.gguf_file else nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=parse_dtype(dtype) if dtype else ("float32" if source.gguf_file else "auto"),
+                output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {spec!r} ({source.describe()}): {first}") from exc
@@ -93,11 +96,10 @@ def open_source(spec: str, dtype: str | None = None, device: str | None = None, 
     -> (LayerSource, tokenizer, ModelSource, export dtype)."""
     from transformers import AutoTokenizer
 
-    from .integrity import check_checkpoint_files
-    from .checkpoint import CheckpointSource
-    from .resident import ResidentSource
-    from .checkpoint import not_streamable, skeleton_of
+    from .checkpoint import CheckpointSource, not_streamable, skeleton_of
     from .files import TensorFiles
+    from .integrity import check_checkpoint_files
+    from .resident import ResidentSource
 
     source, target = resolve(spec), pick_device(device)
     if source.gguf_file:

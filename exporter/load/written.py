@@ -9,8 +9,8 @@ import torch.nn as nn
 from accelerate.utils import set_module_tensor_to_device
 
 from ..model.architecture import decoder_layers
-from .source import LayerSource
 from .files import CheckpointError, TensorFiles
+from .source import LayerSource
 
 
 class WrittenSource(LayerSource):

@@ -10,4 +10,3 @@
     forward.py      a plain forward through a source (the PyTorch reference of streamed validation)
     host_memory.py  freed heap returned to the OS between the forward passes and the factorization
 """
-from .compress import compress_, compress_source  # noqa: F401 — the loop's entry points

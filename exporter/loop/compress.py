@@ -17,22 +17,23 @@ from ..config import CompressionConfig, default_min_retention
 from ..factorize.base import get_method
 from ..load.resident import ResidentSource
 from ..load.source import LayerSource
-from .layer import compression_pass
-from .profile import profile_pass
-from .result import CompressionResult, restore_result
-from .streams import Streams
-from .walk import layer_by_layer
 from ..model.activations import Activations, advance
 from ..model.architecture import decoder_layers
 from ..model.candidates import Matrix, list_matrices
 from ..model.layer_inputs import capture_inputs
 from ..model.lowrank import build_skeleton
 from ..output.resume_state import ResumeState
-from ..plan import allocate, needs as allocation_needs
+from ..plan import allocate
+from ..plan import needs as allocation_needs
 from ..plan.budget import ratio_for_budget
 from ..plan.profile import Profile
 from ..plan.rounding import round_ranks
 from ..refine.e2e import refine_model
+from .layer import compression_pass
+from .profile import profile_pass
+from .result import CompressionResult, restore_result
+from .streams import Streams
+from .walk import layer_by_layer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def refine_end_to_end(source: LayerSource, streams: Streams, batches: list[torch
                       result: CompressionResult, writer=None) -> None:
     """--refine e2e after the layer loop (exporter/refine/e2e.py). The loop has written each layer and carried
     the evaluation windows through it: when refinement changed the factors, both are done again."""
-    if source.streamed:  # pipeline.whole_model_reason loads such a run whole, or refuses it
+    if source.streamed:  # run.whole_model_reason loads such a run whole, or refuses it
         raise RuntimeError("--refine e2e backpropagates through the whole model: it needs the model in memory")
     entry = refine_model(source.model, source.arch, batches, streams.calib.hidden, config.refinement, source.device,
                          export_dtype)

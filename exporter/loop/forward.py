@@ -6,8 +6,8 @@ import torch
 
 from ..load.source import LayerSource
 from ..model.activations import advance
-from ..model.layer_inputs import capture_inputs
 from ..model.head import head_logits
+from ..model.layer_inputs import capture_inputs
 from .walk import layer_by_layer
 
 

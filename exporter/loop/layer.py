@@ -11,18 +11,18 @@ import torch.nn as nn
 
 from ..config import CompressionConfig
 from ..factorize.base import MatrixInput
-from ..model.linears import linear_weight
 from ..load.source import LayerSource
+from ..model.activations import advance
+from ..model.architecture import Architecture
+from ..model.linears import linear_weight
+from ..model.lowrank import LowRankLinear, swap_module
+from ..output.resume_state import ResumeState
+from ..refine.block import refine_layer
 from .host_memory import release_free_heap
 from .observe import linears_with_stats, observe
 from .result import CompressionResult, MatrixRecord
 from .streams import Streams
 from .walk import layer_by_layer
-from ..model.activations import advance
-from ..model.architecture import Architecture
-from ..model.lowrank import LowRankLinear, swap_module
-from ..output.resume_state import ResumeState
-from ..refine.block import refine_layer
 
 
 def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan: dict[str, int], method,

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.architecture import Architecture, InputGroup
 from ..factorize.stats import InputStats
-from ..model.linears import linear_dims, linear_weight
 from ..model.activations import Activations, run_batch
+from ..model.architecture import Architecture, InputGroup
+from ..model.linears import linear_dims, linear_weight
 
 
 @contextmanager

@@ -10,16 +10,16 @@ import torch.nn as nn
 
 from .. import plan as allocation
 from ..factorize.base import MatrixInput
-from ..model.linears import linear_weight
+from ..load.resident import ResidentSource
 from ..load.source import LayerSource
-from .observe import linears_with_stats, observe
-from .walk import layer_by_layer
+from ..model.activations import Activations
 from ..model.candidates import list_matrices
 from ..model.layer_inputs import capture_inputs
-from ..load.resident import ResidentSource
+from ..model.linears import linear_weight
 from ..output.resume_state import ResumeState
 from ..plan.profile import Profile
-from ..model.activations import Activations
+from .observe import linears_with_stats, observe
+from .walk import layer_by_layer
 
 # The profile pass's spectra only feed the allocations, which read tail sums of σ(WX)²: float32 products and
 # eigenvalues keep those within 1e-4 wherever the tail holds 1e-3 of ‖WX‖² (tests/test_truncation_math.py)

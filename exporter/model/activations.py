@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 
-
 @dataclass
 class Activations:
     hidden: list[torch.Tensor]  # one [batch, seq, hidden] tensor per batch, on the host

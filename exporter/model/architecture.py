@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 
-
 @dataclass(frozen=True)
 class InputGroup:
     linears: tuple[str, ...]  # paths relative to the decoder layer, sharing one input

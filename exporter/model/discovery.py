@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from .architecture import ARCHITECTURES, Architecture, InputGroup
-from .layer_inputs import capture_layer_inputs
 from .experts import ExpertList, is_fused_experts, is_router, unfuse_experts
+from .layer_inputs import capture_layer_inputs
 from .linears import is_linear, linear_dims
 from .lowrank import LowRankLinear
 

@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .genai_config import write_genai_config
 from ..output.artifact import write_sidecars
+from .genai_config import write_genai_config
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx_data"
 GRAPH_KEY, QUANTIZE_KEY = "svd_export.graph", "svd_export.quantize"  # model metadata (the plain graph has neither)

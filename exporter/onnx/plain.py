@@ -26,9 +26,9 @@ from graph_rewrite.passes import rewrite_lowrank
 from graph_rewrite.rules.lowrank import LowRankFactors
 
 from ..model.discovery import prepare
-from .files import DATA_FILE, MODEL_FILE, copy_sidecars, write_onnx_sidecars
 from ..model.linears import is_linear, linear_weight
 from ..model.lowrank import LowRankLinear
+from .files import DATA_FILE, MODEL_FILE, copy_sidecars, write_onnx_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def export_onnx(model: nn.Module, tokenizer, folder: str | Path, dtype: str | to
                 opset: int = MIN_OPSET) -> Path:
     """Export `model` (dense or compressed) as a decoder with past into `folder`; returns the model.onnx path.
 
-    dtype: "float32" | "float16" (default: the model's). The pipeline loads the model in the export dtype,
+    dtype: "float32" | "float16" (default: the model's). A run loads the model in the export dtype,
     so the weights are in memory once; a different dtype exports from a converted copy (a cast there
     and back would round the caller's weights)."""
     arch = onnx_arch(model)

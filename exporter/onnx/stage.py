@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from ..model.lowrank import LowRankLinear
-from .plain import check_dtype, check_opset, export_compressed, export_onnx, onnx_arch
-from ..output.folder import ResumableWorkFolder, WorkFolder, empty_folder
 from ..config import Quantization
+from ..loop.walk import layer_by_layer
+from ..model.lowrank import LowRankLinear
+from ..output.folder import ResumableWorkFolder, WorkFolder, empty_folder
 from ..validate.ort_session import OrtDecoder
 from ..validate.parity import parity, prompt_ids
 from ..validate.perplexity import perplexity
-from ..loop.walk import layer_by_layer
+from .plain import check_dtype, check_opset, export_compressed, export_onnx, onnx_arch
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class OnnxStage:
         self.report["graph"] = self.graph
         if self.graph == "fused":
             self.dense_path = self._build(model, source if self.streamed else None, dense, None, "onnx (dense)")
-        elif self.streamed:  # pipeline.whole_model_reason loads the whole model for a plain graph
+        elif self.streamed:  # run.whole_model_reason loads the whole model for a plain graph
             raise RuntimeError("the plain ONNX export traces the whole model; it cannot run on a streamed source")
         else:
             arch = onnx_arch(model)  # an unsupported architecture is refused before the export starts
@@ -217,9 +217,9 @@ class OnnxStage:
         if q is None:
             self.report["parity"]["compressed"] = self._parity(model, written, compressed)
         elif self.streamed:  # the reference's layers are rounded as they are read, its lm_head for the pass
-            from .fused.quantize import round_layer_, rounded_head
             from ..load.written import WrittenSource
             from ..validate.streamed_parity import streamed_parity
+            from .fused.quantize import round_layer_, rounded_head
             rounded = WrittenSource(written, written.files.folder, transform=lambda layer: round_layer_(layer, q))
             with rounded_head(model, q):
                 self.report["parity"]["compressed"] = streamed_parity(

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ..load.key_renaming import to_model_keys
 from ..load.integrity import CorruptInput, check_finite, check_safetensors_file, safetensors_files
+from ..load.key_renaming import to_model_keys
 from ..model.discovery import find_decoder_layers
 from ..model.experts import unfuse_experts
 from ..model.lowrank import build_skeleton

@@ -34,12 +34,18 @@ class OutputPathError(ValueError):
 
 
 def check_out_path(out: str | Path) -> Path:
-    """--out must name a folder of its own: not '.', '..', '/', nor an existing file."""
+    """--out must name a folder of its own: not '.', '..', '/', nor an existing file. A symbolic link stands
+    for the folder it points to: the output is written there (its work folders beside it) and the link is
+    left as it was, still pointing to it."""
     raw = str(out)
     path = Path(out)
     if raw.strip() == "" or path.name in ("", ".", "..") or raw.rstrip("/").endswith(("/.", "/..")):
         raise OutputPathError(f"--out {raw!r} must name a new folder (e.g. {Path.cwd().name}-out), "
                               "not the current, parent or root folder")
+    if path.is_symlink():
+        path = path.resolve()
+        if path.name in ("", ".", ".."):
+            raise OutputPathError(f"--out {raw} is a link to {path}, not to a folder of its own")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"--out {raw}: exists and is a file, not a folder")
     return path

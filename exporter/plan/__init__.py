@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from ..model.candidates import Matrix
 from .adacr import adacr
 from .greedy import global_fisher, global_fisher_per_type, global_relative
-from ..model.candidates import Matrix
 from .profile import Profile
 from .ranks import plan_params
 from .uniform import uniform

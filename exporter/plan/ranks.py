@@ -8,6 +8,7 @@ the plan). Every allocation keeps Σ r_i (m_i + n_i) ≤ k · Σ m_i n_i.
 from __future__ import annotations
 
 import math
+
 from ..model.candidates import Matrix
 
 

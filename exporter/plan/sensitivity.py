@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model.candidates import Matrix
 from ..factorize.gradients import grad_only_for, lm_loss_backward
+from ..model.candidates import Matrix
 
 
 def output_gradient_sensitivity(model: nn.Module, batches: list[torch.Tensor], matrices: list[Matrix],

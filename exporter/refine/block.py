@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from ..config import Refinement
-from .optimise import mean_error, optimise, split_batches
 from ..model.activations import Activations, run_batch
+from .optimise import mean_error, optimise, split_batches
 
 
 def _squared_error(index: int, layer, inputs: Activations, targets: Activations, b: int,

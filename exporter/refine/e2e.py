@@ -6,12 +6,12 @@ next-token distribution matches the dense model's on the calibration batches:
 
 The dense distribution needs no copy of the dense model: the layer loop has already carried the calibration
 batches through the dense layers (the original stream), and the final norm and lm_head are not compressed,
-so p_dense is the model's own head applied to that stream's last hidden states (stream/head.py).
+so p_dense is the model's own head applied to that stream's last hidden states (model/head.py).
 
 The optimisation is refine.optimise, as for block refinement: Adam in float32, held-out calibration batches
 for early stopping, the closed-form (or block-refined) factors restored exactly unless both the training and
 the held-out objective went down. It backpropagates through the whole model, so it needs the model in memory
-(pipeline.whole_model_reason): a float32 copy of the model, a gradient and Adam's two moments per factor, and
+(run.whole_model_reason): a float32 copy of the model, a gradient and Adam's two moments per factor, and
 one calibration batch's autograd activations through every layer plus its logits (batch × seqlen × vocab,
 float32, about three times over for the softmax and its gradient).
 """
@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.architecture import Architecture, decoder_layers
 from ..config import Refinement
-from .optimise import optimise, split_batches
+from ..model.architecture import Architecture, decoder_layers
 from ..model.head import head_logits
+from .optimise import optimise, split_batches
 
 
 def kl_to_dense(model: nn.Module, arch: Architecture, ids: torch.Tensor, dense_hidden: torch.Tensor,

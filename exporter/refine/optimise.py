@@ -80,18 +80,36 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     (summed error of batch b, its count) over the `train` batches, early stopping on the `held` ones; the
     factors end as the best held-out state rounded to `export_dtype`, or exactly as they were when that is not
     better on both sets. Shared by block (one decoder layer) and end-to-end (the whole model) refinement.
+    Exception-safe: whatever stops it (an error, an interrupt), the module is left as it came in: its factors
+    and the dtype and gradient flag of every parameter and buffer.
     -> the report entry: losses before/after, steps run, whether the new factors were kept, seconds."""
     began = time.perf_counter()
-    params = factors(module)
     entry = {"steps": settings.steps, "lr": settings.lr}
-    if settings.steps == 0 or not params:
+    if settings.steps == 0 or not factors(module):
         return {**entry, "steps_run": 0, "kept": False, "seconds": time.perf_counter() - began}
+    flags = {p: p.requires_grad for p in module.parameters()}
     restore_dtypes = _float32(module)  # the optimisation runs in float32 whatever the compute dtype
     params = factors(module)
     closed_form = _snapshot(params)
-    flags = {p: p.requires_grad for p in module.parameters()}
-    for p in module.parameters():
-        p.requires_grad_(False)
+    try:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        outcome = _descend(params, closed_form, error, train, held, settings, seed, export_dtype)
+    except BaseException:
+        _load(params, closed_form)
+        raise
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        restore_dtypes()
+    return {**entry, **outcome, "seconds": time.perf_counter() - began}
+
+
+def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error, train: list[int], held: list[int],
+             settings: Refinement, seed: int, export_dtype: torch.dtype) -> dict:
+    """optimise's loop on float32 `params` (starting at `closed_form`): Adam steps, held-out checks every
+    `eval_every` steps, then the best state rounded to the export dtype, kept only if better on both sets
+    (else the closed form, exactly)."""
     train_before = mean_error(error, train)
     held_before = best_held = mean_error(error, held)
     best, best_step, since_best, step = closed_form, 0, 0, 0
@@ -101,28 +119,22 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     optimiser = torch.optim.Adam(groups, fused=True)
     for p in params:
         p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            while step < settings.steps:
-                for b in torch.randperm(len(train), generator=order).tolist():
-                    err, n = error(train[b])
-                    optimiser.zero_grad(set_to_none=True)
-                    (err / n).backward()
-                    optimiser.step()
-                    step += 1
-                    if step % settings.eval_every == 0 or step == settings.steps:
-                        held_loss = mean_error(error, held)
-                        if held_loss < best_held:
-                            best, best_held, best_step, since_best = _snapshot(params), held_loss, step, 0
-                        else:
-                            since_best += 1
-                    if step == settings.steps or since_best >= settings.patience:
-                        break
-                if since_best >= settings.patience:
+    with torch.enable_grad():
+        while step < settings.steps and since_best < settings.patience:
+            for b in torch.randperm(len(train), generator=order).tolist():
+                err, n = error(train[b])
+                optimiser.zero_grad(set_to_none=True)
+                (err / n).backward()
+                optimiser.step()
+                step += 1
+                if step % settings.eval_every == 0 or step == settings.steps:
+                    held_loss = mean_error(error, held)
+                    if held_loss < best_held:
+                        best, best_held, best_step, since_best = _snapshot(params), held_loss, step, 0
+                    else:
+                        since_best += 1
+                if step == settings.steps or since_best >= settings.patience:
                     break
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     _load(params, best)
     with torch.no_grad():  # the factors as they will be stored
         for p in params:
@@ -133,8 +145,6 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     if not kept:  # nothing better than the closed form: restore it exactly
         _load(params, closed_form)
         train_after, held_after = train_before, held_before
-    restore_dtypes()
-    return {**entry, "steps_run": step, "best_step": best_step if kept else 0, "kept": kept,
+    return {"steps_run": step, "best_step": best_step if kept else 0, "kept": kept,
             "loss_before": train_before, "loss_after": train_after,
-            "holdout_before": held_before, "holdout_after": held_after,
-            "seconds": time.perf_counter() - began}
+            "holdout_before": held_before, "holdout_after": held_after}

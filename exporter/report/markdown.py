@@ -40,8 +40,9 @@ def _perplexity_section(ppl: dict | None) -> list[str]:
         value = ppl.get(f"onnx_{variant}")
         if value is not None:
             rows.append([f"{variant} (ONNX Runtime)", f"{value:.3f}", f"{value / ppl['dense']:.3f}×"])
+    note = [f"**In-sample**: {ppl['in_sample']}.", ""] if ppl.get("in_sample") else []
     return [f"## Perplexity ({ppl.get('source', '?')}, {ppl.get('tokens', '?')} tokens, window {ppl.get('window', '?')})",
-            "", *_table(["model", "perplexity", "vs dense"], rows), ""]
+            "", *note, *_table(["model", "perplexity", "vs dense"], rows), ""]
 
 
 def _speed_row(label: str, m: dict | None) -> list:

@@ -40,7 +40,8 @@ def summary(report: dict) -> str:
     ppl = report.get("perplexity") or {}
     if "dense" in ppl:
         lines.append(f"perplexity   dense {ppl['dense']:.3f} -> compressed {ppl['compressed']:.3f}"
-                     f"  ({ppl.get('tokens', '?')} tokens, window {ppl.get('window', '?')})")
+                     f"  ({ppl.get('tokens', '?')} tokens, window {ppl.get('window', '?')})"
+                     + ("  IN-SAMPLE: evaluated on the calibration text" if ppl.get("in_sample") else ""))
     loss = [v["loss"] / v["loss_min"] for v in report["layers"].values() if v["loss_min"] > 0]
     if loss:
         lines.append(f"trunc. loss  achieved / theoretical minimum: median {sorted(loss)[len(loss) // 2]:.4f}, "

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ...model.discovery import architecture_of
-from ...model.architecture import decoder_layers
 from ...config import Quantization
+from ...model.architecture import decoder_layers
+from ...model.discovery import architecture_of
 from .family import FAMILIES, UnsupportedModel, family_of
 from .writer import FusedDecoderWriter
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from graph_rewrite.tags import LOWRANK_KEY, MODULE_KEY
 
-from ...model.lowrank import LowRankLinear
 from ...config import Quantization
+from ...model.lowrank import LowRankLinear
 from .graph import MS, GraphBuilder, to_numpy
 from .quantize import quantize_weight
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import torch.nn as nn
 
-from .graph import MS, GraphBuilder
+from .graph import MS, GraphBuilder, to_numpy
 from .linear import Precision
-from .graph import to_numpy
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,7 @@ class NBitsWeight:
 
 def quantize_weight(weight_kn: np.ndarray, q: Quantization, scale_dtype) -> NBitsWeight:
     """weight_kn: the MatMul's B (K×N, float). Quantized from float32; scales in `scale_dtype` (the graph's)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                  DefaultWeightOnlyQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
     config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=q.symmetric,
                                           accuracy_level=q.accuracy_level or None, bits=q.bits)
     packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(

@@ -32,13 +32,12 @@ import torch.nn as nn
 
 from graph_rewrite.tags import MODULE_KEY
 
-from ..files import GRAPH_KEY, MODEL_FILE, QUANTIZE_KEY, write_onnx_sidecars
 from ...config import Quantization
+from ..files import GRAPH_KEY, MODEL_FILE, QUANTIZE_KEY, write_onnx_sidecars
 from .attention import AttentionInputs, AttentionShape, attention
 from .family import activation_of, family_of
-from .graph import GraphBuilder
+from .graph import GraphBuilder, to_numpy
 from .linear import Precision, linear
-from .graph import to_numpy
 from .mlp import mlp
 from .norms import normalize, skip_normalize, write_norm
 from .rotary import rotary_caches

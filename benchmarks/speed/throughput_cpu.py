@@ -1,6 +1,6 @@
 """ONNX Runtime CPU throughput of SmolLM2-135M against its weight-bytes bound, with perplexity beside each row.
 
-    OMP_NUM_THREADS=1 python benchmarks/throughput_cpu.py
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.throughput_cpu
 
 Rows (every graph is the fused one, exporter/onnx/fused, unless it says plain):
   dense float32 / compressed at each --ratios (float32) / int4 / compressed + int4 / int8;
@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -40,16 +39,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from benchmarks.common import RESULTS, calibration, command_line, smollm2, wiki_test_tokens
 from exporter import CompressionConfig, compress_
-from exporter.data.windows import calibration_batches, evaluation_tokens
-from exporter.load.open import load
+from exporter.config import Quantization
 from exporter.onnx.fused import build_onnx
 from exporter.onnx.plain import export_compressed, export_onnx
-from exporter.config import Quantization
 from exporter.validate.bound import graph_decode_weight_bytes
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.perplexity import perplexity
@@ -57,8 +51,6 @@ from exporter.validate.providers import CPU, open_session
 from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates, read_signature,
                                           shares_kv_buffer)
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-RESULTS = ROOT / "docs" / "results"
 INT4 = Quantization(bits=4)
 SETTINGS_ROWS = {  # dense model, one quantization setting changed from the default int4
     "int4 block 64": replace(INT4, block_size=64),
@@ -152,21 +144,24 @@ def fmt(value, digits=2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
-    main = [r for r in rows if r["graph"] == "fused" and r["label"] not in SETTINGS_ROWS]
+def row_table(rows: list[dict], batches: list[int]) -> list[str]:
+    """The table of `rows`: bytes, bound, each batch's rates and speedups, perplexity, size on disk."""
     head = "| row | weights | MB read / token | bound | " + " | ".join(
         f"b{b} prefill tok/s | b{b} decode tok/s | b{b} speedup | b{b} speedup / bound" for b in batches) + \
         " | ORT perplexity | disk MB |"
-    sep = "|" + "---|" * (4 + 4 * len(batches) + 2)
-
-    def line(r):
+    lines = [head, "|" + "---|" * (4 + 4 * len(batches) + 2)]
+    for r in rows:
         cells = [r["label"], r["weights"], fmt(r["weight_bytes"] / 1e6, 1), f"×{r['bound']:.2f}"]
         for b in batches:
             t = r[f"b{b}"]
             cells += [fmt(t["prefill_tokens_s"], 1), fmt(t["decode_tokens_s"]), f"×{t['speedup']:.2f}",
                       fmt(t["of_bound"])]
-        return "| " + " | ".join(cells + [fmt(r.get("perplexity")), fmt(r["disk_bytes"] / 1e6, 0)]) + " |"
+        lines.append("| " + " | ".join(cells + [fmt(r.get("perplexity")), fmt(r["disk_bytes"] / 1e6, 0)]) + " |")
+    return lines
 
+
+def fused_versus_plain(rows: list[dict], batches: list[int]) -> list[str]:
+    """Each ratio with a plain row: its decode and prefill rates beside the fused float32 row's."""
     plain = {r["ratio"]: r for r in rows if r["graph"] == "plain"}
     fused = {r["ratio"]: r for r in rows if r["graph"] == "fused" and r["weights"] == "float32"}
     versus = ["| ratio | batch | plain decode tok/s | fused decode tok/s | fused / plain | plain prefill | fused prefill |",
@@ -178,8 +173,11 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
             versus.append(f"| {ratio} | {b} | {fmt(q['decode_tokens_s'])} | {fmt(f['decode_tokens_s'])} | "
                           f"×{fused_over_plain:.2f} | {fmt(q['prefill_tokens_s'], 1)} | "
                           f"{fmt(f['prefill_tokens_s'], 1)} |")
-    settings = [r for r in rows if r["label"] in SETTINGS_ROWS or r["label"] in ("dense int4", "dense int8")]
-    int4 = [r for r in main if r["weights"] == "int4"]
+    return versus
+
+
+def over_dense_int4(int4: list[dict], batches: list[int]) -> list[str]:
+    """The int4 rows against dense int4 (ratio 0): their own bound and decode speedup."""
     base4 = next((r for r in int4 if r["ratio"] == 0), None)
     on_int4 = ["| ratio | MB read / token | bound over dense int4 | " + " | ".join(
         f"b{b} decode speedup over dense int4 | b{b} speedup / bound" for b in batches) + " |",
@@ -191,7 +189,12 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
             speedup = statistics.median(round_ratios(r, base4, b))
             cells += [f"×{speedup:.2f}", fmt(speedup / bound)]
         on_int4.append("| " + " | ".join(cells) + " |")
-    text = [
+    return on_int4
+
+
+def protocol(meta: dict, batches: list[int]) -> list[str]:
+    """The document's head: the command, the machine, the protocol and what the columns mean."""
+    return [
         "# ONNX Runtime CPU throughput of SmolLM2-135M against the weight-bytes bound",
         "",
         "Made by one command (the whole file, the JSON and the PNG):",
@@ -216,14 +219,22 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
         f"- Between the first and the last round the dense float32 row's batch-{batches[0]} decode rate ranged "
         f"{meta['dense_range'][0]:.2f}–{meta['dense_range'][1]:.2f} tokens/s: the shared machine's own drift, which "
         f"the ratios within a round cancel.",
+    ]
+
+
+def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
+    main = [r for r in rows if r["graph"] == "fused" and r["label"] not in SETTINGS_ROWS]
+    settings = [r for r in rows if r["label"] in SETTINGS_ROWS or r["label"] in ("dense int4", "dense int8")]
+    text = [
+        *protocol(meta, batches),
         "",
         "## Every ratio, float32 and int4 (fused graph)",
         "",
-        head, sep, *[line(r) for r in main],
+        *row_table(main, batches),
         "",
         "Low rank on top of int4: the compressed int4 rows against dense int4 (the bound counted the same way).",
         "",
-        *on_int4,
+        *over_dense_int4([r for r in main if r["weights"] == "int4"], batches),
         "",
         "## Fused graph against the plain one",
         "",
@@ -231,14 +242,14 @@ def write_markdown(rows: list[dict], meta: dict, batches: list[int]) -> None:
         "the fused graph is built from the weights with ORT's fused ops (`--onnx-graph fused`, the default). "
         "Same weights, same protocol. The issue's goal: fused ≥ 1.5× plain decode.",
         "",
-        *versus,
+        *fused_versus_plain(rows, batches),
         "",
         "## Quantization settings",
         "",
         "The dense model under the default int4 setting (symmetric, block 32, accuracy level 4 = int8 activations "
         "inside MatMulNBits, lm_head int8) and with one setting changed; int8 beside them.",
         "",
-        head, sep, *[line(r) for r in settings],
+        *row_table(settings, batches),
         "",
         "![speedup against the bound, perplexity against bytes](throughput-cpu.png)",
         "",
@@ -284,7 +295,7 @@ def plot(rows: list[dict], batches: list[int]) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
     p.add_argument("--plain-ratio", type=float, default=0.6)
@@ -302,16 +313,14 @@ def main():
     p.add_argument("--work", default=None, help="scratch folder for the graphs (default: a temporary one)")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
-    ratios = [float(r) for r in args.ratios.split(",")]
-    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-    torch.set_num_threads(threads)
-    command = command_line()
+    return args
 
-    model, tokenizer, _ = load("smollm2-135m", "float32", "cpu")
-    eval_ids = evaluation_tokens(model, tokenizer, str(DATA / "wiki.test.raw"), args.eval_tokens, args.window)
-    batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), args.calib_samples,
-                                  args.calib_seqlen, 0, 1)
-    work = Path(args.work or tempfile.mkdtemp(prefix="throughput-cpu-"))
+
+def write_graphs(model, tokenizer, batches, ratios: list[float], eval_ids, args, threads: int,
+                 work: Path) -> tuple[list[dict], dict]:
+    """Every row's graph written under `work` and described (bytes, size, perplexity), untimed: the dense
+    rows, the quantization settings, then each ratio compressed (float32, int4, plain at --plain-ratio).
+    -> (the rows, {ratio: the compression's allocation and seconds})."""
     rows: list[dict] = []
 
     def run(label, variant_model, ratio, quant: Quantization | None, graph="fused", dense_plain=None):
@@ -344,19 +353,19 @@ def main():
         if ratio == args.plain_ratio:
             run(f"compressed {ratio} plain", compressed, ratio, None, graph="plain", dense_plain=dense_plain)
         del compressed
-    del model
-    loads = time_rounds(rows, args, threads)  # every graph is on disk: now the timings, interleaved
-    add_ratios(rows, args.batches)
+    return rows, compression
 
+
+def metadata(command: str, rows: list[dict], loads: list[list[float]], compression: dict, eval_ids, args,
+             threads: int) -> dict:
+    """The JSON's `meta`: the command, machine, versions, date, protocol and the load during the rounds."""
     import onnxruntime
     loads = [x for pair in loads for x in pair]
     dense = next(r for r in rows if r["label"] == "dense")
     dense_rates = [rate["decode_tokens_s"] for rate in dense["rounds"][f"b{args.batches[0]}"]]
-    for row in rows:
-        del row["path"]  # a scratch folder, gone after the run
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    meta = {"command": command, "machine": cpu, "cpus": os.cpu_count(), "threads": threads,
+    return {"command": command, "machine": cpu, "cpus": os.cpu_count(), "threads": threads,
             "onnxruntime": onnxruntime.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "prefill": args.prefill, "decode": args.decode, "repeats": args.repeats, "rounds": args.rounds,
             "dense_range": [min(dense_rates), max(dense_rates)], "eval_tokens": int(eval_ids.numel()),
@@ -364,6 +373,26 @@ def main():
             "allocation": next(iter(compression.values()))["allocation"] if compression else None,
             "calib": f"{args.calib_samples}×{args.calib_seqlen}", "load_min": min(loads), "load_max": max(loads),
             "compression": compression, "int4_default": asdict(INT4)}
+
+
+def main():
+    args = parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    command = command_line()
+
+    model, tokenizer = smollm2()
+    eval_ids = wiki_test_tokens(model, tokenizer, args.eval_tokens)
+    batches = calibration(model, tokenizer, args.calib_samples, args.calib_seqlen)
+    work = Path(args.work or tempfile.mkdtemp(prefix="throughput-cpu-"))
+    rows, compression = write_graphs(model, tokenizer, batches, ratios, eval_ids, args, threads, work)
+    del model
+    loads = time_rounds(rows, args, threads)  # every graph is on disk: now the timings, interleaved
+    add_ratios(rows, args.batches)
+    meta = metadata(command, rows, loads, compression, eval_ids, args, threads)
+    for row in rows:
+        del row["path"]  # a scratch folder, gone after the run
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     write_markdown(rows, meta, args.batches)

@@ -2,28 +2,22 @@
 the machine's load: why the throughput rows must run with one stated thread count (docs/throughput.md,
 "Threads"; issue 13's 10× slower eager row).
 
-    python benchmarks/eager_threads.py
+    python -m benchmarks.speed.eager_threads
 
 Writes docs/results/eager-threads.md.
 """
 from __future__ import annotations
 
 import os
-import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter.load.open import load
+from benchmarks.common import RESULTS, command_line, smollm2
 from exporter.validate.throughput import ThroughputSettings, eager_throughput
 
 
 def main():
     command = command_line()
-    model, _, _ = load("smollm2-135m", "float32", "cpu")
+    model, _ = smollm2()
     lines = ["| round | threads | prefill tok/s | decode tok/s | load before | load after |", "|---|---|---|---|---|---|"]
     for round_ in range(2):
         for threads in (1, 2):
@@ -38,7 +32,7 @@ def main():
             f"SmolLM2-135M float32, `generate` with its KV cache, batch 1, prefill 64, decode 16, median of 2 "
             f"after one warm-up; {os.cpu_count()} CPUs shared with other jobs (load = 1-minute load average), "
             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.", "", *lines, ""]
-    out = ROOT / "docs" / "results" / "eager-threads.md"
+    out = RESULTS / "eager-threads.md"
     out.write_text("\n".join(text))
     print(f"wrote {out}")
 

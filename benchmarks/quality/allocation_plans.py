@@ -1,31 +1,23 @@
 """Where each allocation puts the ranks on SmolLM2-135M: the kept fraction of parameters per matrix type and
 per decoder layer, for every allocation and ratio asked, from one profile and one gradient pass (no
-compression, no evaluation). Same calibration as benchmarks/quality_smollm2.py. Writes
+compression, no evaluation). Same calibration as benchmarks/quality/smollm2.py. Writes
 docs/results/allocation-plans.md.
 
-    python benchmarks/allocation_plans.py --ratios 0.2,0.8 --allocations adacr,global-fisher,global-fisher-per-type
+    python -m benchmarks.quality.allocation_plans --ratios 0.2,0.8 --allocations adacr,global-fisher,global-fisher-per-type
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from benchmarks.common import RESULTS, calibration, command_line, smollm2
+from exporter.loop.profile import measure_profile
+from exporter.model.candidates import list_matrices
+from exporter.model.discovery import architecture_of
 from exporter.plan import allocate
 from exporter.plan.ranks import plan_params
-from exporter.model.discovery import architecture_of
-from exporter.data.windows import calibration_batches
-from exporter.model.candidates import list_matrices
-from exporter.loop.profile import measure_profile
-from exporter.load.open import load
-
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def kept(matrices, plan) -> float:
@@ -40,14 +32,13 @@ def main():
     p.add_argument("--allocations", default="adacr,global-fisher,global-fisher-per-type")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "allocation-plans.md"))
+    p.add_argument("--out", default=str(RESULTS / "allocation-plans.md"))
     a = p.parse_args()
     command = command_line()
 
-    model, tokenizer, _ = load("smollm2-135m", device="cpu")
+    model, tokenizer = smollm2()
     arch = architecture_of(model)
-    batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), a.calib_samples,
-                                  a.calib_seqlen, seed=0)
+    batches = calibration(model, tokenizer, a.calib_samples, a.calib_seqlen, seed=0)
     matrices = list_matrices(model, arch)
     allocations = a.allocations.split(",")
     profile = measure_profile(model, batches, allocations, "cpu")  # what these allocations need, measured once

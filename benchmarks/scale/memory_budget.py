@@ -2,7 +2,7 @@
 what sits on the compute device (GPU) and what the host keeps. Prints a Markdown table; writes
 docs/results/memory-budget.md.
 
-    python benchmarks/memory_budget.py
+    python -m benchmarks.scale.memory_budget
 
 The formulas follow the code: one decoder layer materialised in the compute dtype; its input statistics
 (X Xᵀ in float64 per distinct input, or the tokens themselves while fewer than the input features);
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.common import RESULTS, module_name
 
 GB = 1e9
 F64 = 8
@@ -106,12 +108,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calib", default="256x2048", help="samples x seqlen (the papers' default)")
     p.add_argument("--eval-tokens", type=int, default=300_000, help="wikitext-2 test is ~300k tokens")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "memory-budget.md"))
+    p.add_argument("--out", default=str(RESULTS / "memory-budget.md"))
     a = p.parse_args()
     samples, seqlen = (int(x) for x in a.calib.split("x"))
     tokens = samples * seqlen
     lines = [f"# Peak memory of the compression pass (formulas; calibration {a.calib}, GPU in bf16)", "",
-             f"Command: `python benchmarks/memory_budget.py --calib {a.calib} --eval-tokens {a.eval_tokens}`", "",
+             f"Command: `python -m {module_name()} --calib {a.calib} --eval-tokens {a.eval_tokens}`", "",
              "Device = one layer (bf16) + its statistics (float64) + the matrix in flight (float64 work) + one "
              "calibration batch; host = the activation streams (bf16). The gradient allocations and FWSVD need "
              "the whole model on the device instead.", "",

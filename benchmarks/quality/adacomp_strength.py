@@ -3,29 +3,21 @@ seed, ratio and β, beside SVD-LLM on the same calibration set; every other sett
 allocation, 1 iteration, adasvd propagating through the compressed layers). Writes
 docs/results/adacomp-strength.md.
 
-    python benchmarks/adacomp_strength.py --seeds 0,1 --ratios 0.6 --strengths 0,0.25,0.5,1
+    python -m benchmarks.quality.adacomp_strength --seeds 0,1 --ratios 0.6 --strengths 0,0.25,0.5,1
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from benchmarks.common import RESULTS, calibration, command_line, smollm2, wiki_test_tokens
 from exporter import CompressionConfig, compress_
-from exporter.data.windows import calibration_batches, evaluation_tokens
-from exporter.load.open import load
 from exporter.validate.perplexity import perplexity, torch_logits
-
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def main():
@@ -38,17 +30,16 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--allocation", default="uniform")
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "adacomp-strength.md"))
+    p.add_argument("--out", default=str(RESULTS / "adacomp-strength.md"))
     a = p.parse_args()
     command = command_line()
 
-    model, tokenizer, _ = load("smollm2-135m", device="cpu")
-    tokens = evaluation_tokens(model, tokenizer, str(DATA / "wiki.test.raw"), a.eval_tokens)
+    model, tokenizer = smollm2()
+    tokens = wiki_test_tokens(model, tokenizer, a.eval_tokens)
     rows = []
     for samples in [int(s) for s in a.calib_samples.split(",")]:
         for seed in [int(s) for s in a.seeds.split(",")]:
-            batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), samples,
-                                          a.calib_seqlen, seed=seed)
+            batches = calibration(model, tokenizer, samples, a.calib_seqlen, seed=seed)
             for ratio in [float(r) for r in a.ratios.split(",")]:
                 # the reference each strength is judged against: SVD-LLM, same calibration, same ranks
                 runs = [("svd-llm", None)] + [("adasvd", float(b)) for b in a.strengths.split(",")]

@@ -11,30 +11,23 @@ over the decoder layers. Split ranks: `uniform` gives every part the ratio (what
 allocation would do); `best` spends the budget greedily on the largest σ²/(m_j + n) across the parts.
 Writes docs/results/fused-split.md.
 
-    OMP_NUM_THREADS=1 python benchmarks/fused_split.py --ratios 0.2,0.4,0.6,0.8
+    OMP_NUM_THREADS=1 python -m benchmarks.quality.fused_split --ratios 0.2,0.4,0.6,0.8
 """
 from __future__ import annotations
 
 import argparse
 import heapq
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-from exporter.data.windows import calibration_batches
+from benchmarks.common import RESULTS, calibration, command_line, smollm2
 from exporter.factorize.base import MatrixInput
 from exporter.load.resident import ResidentSource
-from exporter.model.layer_inputs import capture_inputs
 from exporter.loop.observe import observe
-from exporter.load.open import load
+from exporter.model.layer_inputs import capture_inputs
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "gate_up": ("mlp.gate_proj", "mlp.up_proj")}
 
 
@@ -74,14 +67,13 @@ def main():
     p.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "fused-split.md"))
+    p.add_argument("--out", default=str(RESULTS / "fused-split.md"))
     a = p.parse_args()
     command = command_line()
     ratios = [float(r) for r in a.ratios.split(",")]
 
-    model, tokenizer, _ = load("smollm2-135m", device="cpu")
-    batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), a.calib_samples,
-                                  a.calib_seqlen, seed=0)
+    model, tokenizer = smollm2()
+    batches = calibration(model, tokenizer, a.calib_samples, a.calib_seqlen, seed=0)
     # (fused type, ratio) -> [Σ loss² fused, split uniform, split best, per-layer min(fused, split best),
     #                         layers where split best < fused]
     totals = {(kind, r): [0.0, 0.0, 0.0, 0.0, 0] for kind in FUSED for r in ratios}

@@ -7,32 +7,25 @@ minimum (both measured in float64 on the same statistics):
 The scale issue allows float32 "where the measured loss/min stays ≤ 1 + 1e-4". Writes
 docs/results/factor-precision.md.
 
-    python benchmarks/factor_precision.py --calib-samples 2,16 --ratios 0.4,0.6
+    python -m benchmarks.quality.factor_precision --calib-samples 2,16 --ratios 0.4,0.6
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
-import exporter.factorize.base as base  # noqa: E402
-from exporter.model.architecture import decoder_layers
-from exporter.data.windows import calibration_batches
-from exporter.model.linears import linear_weight
+import exporter.factorize.base as base
+from benchmarks.common import RESULTS, calibration, command_line, smollm2
 from exporter.factorize.svd_llm_v2 import SVDLLMV2
-from exporter.load.open import load
 from exporter.load.resident import ResidentSource
-from exporter.model.layer_inputs import capture_inputs
 from exporter.loop.observe import observe
+from exporter.model.architecture import decoder_layers
+from exporter.model.layer_inputs import capture_inputs
+from exporter.model.linears import linear_weight
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 VARIANTS = ("float64", "float32 eigh", "float32")
 EIGH = base.descending_eigh
 
@@ -90,10 +83,10 @@ def main():
     p.add_argument("--calib-samples", default="2,16", help="comma-separated: one calibration set per value")
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--ratios", default="0.4,0.6")
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "factor-precision.md"))
+    p.add_argument("--out", default=str(RESULTS / "factor-precision.md"))
     a = p.parse_args()
     command = command_line()
-    model, tokenizer, _ = load("smollm2-135m", device="cpu")
+    model, tokenizer = smollm2()
     source = ResidentSource(model)
     ratios = [float(r) for r in a.ratios.split(",")]
     lines = ["# Float32 or float64 factorization: SVD-LLM V2 on SmolLM2-135M's real activations", "",
@@ -104,8 +97,7 @@ def main():
              "products, eigendecomposition of the Gram rounded to float32. `float32`: products and "
              "eigendecomposition in float32. The tokens are float32 activations either way.", ""]
     for samples in [int(s) for s in a.calib_samples.split(",")]:
-        batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), samples, a.calib_seqlen,
-                                      seed=0)
+        batches = calibration(model, tokenizer, samples, a.calib_seqlen, seed=0)
         rows = measure(source, batches, ratios)
         kept = sum(r["tokens"] for r in rows)
         lines += [f"## {samples} × {a.calib_seqlen} = {samples * a.calib_seqlen} calibration tokens "

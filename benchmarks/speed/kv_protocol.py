@@ -3,7 +3,7 @@ buffer shared by past and present (static decode shapes: what onnxruntime-genai 
 need) against two buffers used in turn (past read from one, present written whole into the other each step).
 SmolLM2-135M fused graphs, dense and compressed at --ratios (SVD-LLM V2, uniform ranks), float32.
 
-    OMP_NUM_THREADS=1 python benchmarks/kv_protocol.py
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.kv_protocol
 
 Every graph and loop is opened once; then --rounds interleaved rounds each time every (graph, protocol) once,
 so a change of the shared machine's speed falls on all of them alike. Per graph: decode tokens/s of each
@@ -17,26 +17,19 @@ import copy
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from benchmarks.common import RESULTS, calibration, command_line, smollm2
 from exporter import CompressionConfig, compress_
-from exporter.data.windows import calibration_batches
-from exporter.load.open import load
 from exporter.onnx.fused import build_onnx
 from exporter.validate.providers import CPU, open_session
 from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates, read_signature,
                                           shares_kv_buffer)
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 PROTOCOLS = {"shared": True, "alternating": False}
 
 
@@ -49,14 +42,13 @@ def main():
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "kv-protocol-cpu.md"))
+    p.add_argument("--out", default=str(RESULTS / "kv-protocol-cpu.md"))
     args = p.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     command = command_line()
-    model, tokenizer, _ = load("smollm2-135m", "float32", "cpu")
-    batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), args.calib_samples,
-                                  args.calib_seqlen, 0, 1)
+    model, tokenizer = smollm2()
+    batches = calibration(model, tokenizer, args.calib_samples, args.calib_seqlen)
     work = Path(tempfile.mkdtemp(prefix="kv-protocol-"))
     graphs = {"dense": build_onnx(model, tokenizer, work / "dense", "float32")}
     for ratio in (float(r) for r in args.ratios.split(",")):

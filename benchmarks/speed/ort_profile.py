@@ -1,6 +1,6 @@
 """Where ONNX Runtime's CPU decode time goes, per op type: SmolLM2-135M dense and compressed, fused and plain graph.
 
-    OMP_NUM_THREADS=1 python benchmarks/ort_profile.py
+    OMP_NUM_THREADS=1 python -m benchmarks.speed.ort_profile
 
 For each graph: one prefill of --prefill random tokens, then --decode single-token steps, with ORT's profiler on.
 Per decoded token: the kernel time of each op type (the profiler's `*_kernel_time` events of the decode runs),
@@ -19,7 +19,6 @@ import collections
 import copy
 import json
 import os
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,19 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from benchmarks.common import RESULTS, calibration, command_line, smollm2
 from exporter import CompressionConfig, compress_
-from exporter.data.windows import calibration_batches
-from exporter.load.open import load
 from exporter.onnx.fused import build_onnx
 from exporter.onnx.plain import export_compressed, export_onnx
 from exporter.validate.ort_session import OrtDecoder
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-RESULTS = ROOT / "docs" / "results"
 MATMULS = {"MatMul", "Gemm", "MatMulNBits", "FusedMatMul"}
 WEIGHTS = " × weights"  # suffix of a matmul op type whose node reads an initializer (the plain graph's attention
 #                         products are MatMuls too, on activations only)
@@ -131,9 +123,8 @@ def main():
         p.error("--prefill and --decode must be at least 1")
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
-    model, tokenizer, _ = load("smollm2-135m", "float32", "cpu")
-    batches = calibration_batches(model, tokenizer, str(DATA / "wiki.valid.tokens"), args.calib_samples,
-                                  args.calib_seqlen, 0, 1)
+    model, tokenizer = smollm2()
+    batches = calibration(model, tokenizer, args.calib_samples, args.calib_seqlen)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as work:
         work = Path(work)

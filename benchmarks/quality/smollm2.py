@@ -3,7 +3,7 @@
 validation` evaluates on the rest of wiki.valid.tokens (every choice of a hyperparameter is made there),
 `--split test` on wiki.test.raw (reported only).
 
-    python benchmarks/quality_smollm2.py --split validation --eval-tokens 8192 --ratios 0.4 --seeds 0 \
+    python -m benchmarks.quality.smollm2 --split validation --eval-tokens 8192 --ratios 0.4 --seeds 0 \
         --rows svd-llm-v2:uniform,svd-llm-v2:uniform:refine=block:refine_steps=64
 
 A row is `method:allocation[:option=value...]`, the options being CompressionConfig fields; `default` is the
@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,20 +29,14 @@ from pathlib import Path
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from command import command_line  # noqa: E402 (benchmarks/, the script's folder, is on sys.path)
+from benchmarks.common import RESULTS, WIKITEXT, command_line, smollm2
 from exporter import CompressionConfig, compress_
-from exporter.data.text import read_text, tokenize
 from exporter.data.splits import CALIBRATION_SHARE, calibration_windows, validation_tokens
+from exporter.data.text import read_text, tokenize
 from exporter.loop.profile import measure_profile
-from exporter.load.open import load
 from exporter.recipe import default_compression
 from exporter.validate.perplexity import perplexity, torch_logits
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-RESULTS = ROOT / "docs" / "results"
 STORE = RESULTS / "quality-smollm2.json"
 
 
@@ -223,8 +216,8 @@ def main():
     p.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
     p.add_argument("--seeds", default="0", help="comma-separated calibration seeds")
     p.add_argument("--split", choices=("validation", "test"), required=True)
-    p.add_argument("--calib-data", default=str(DATA / "wiki.valid.tokens"))
-    p.add_argument("--test-data", default=str(DATA / "wiki.test.raw"))
+    p.add_argument("--calib-data", default=str(WIKITEXT / "wiki.valid.tokens"))
+    p.add_argument("--test-data", default=str(WIKITEXT / "wiki.test.raw"))
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--calib-batch-size", type=int, default=2)
@@ -242,7 +235,7 @@ def main():
     def stored() -> set[tuple]:  # re-read each time: other processes may be adding rows
         return {key(r) for r in json.loads(STORE.read_text())} if STORE.exists() else set()
 
-    model, tokenizer, _ = load("smollm2-135m", device="cpu")
+    model, tokenizer = smollm2()
     calib_text = tokenize(tokenizer, read_text(a.calib_data, "train"))
     tokens = (validation_tokens(calib_text, a.eval_tokens) if a.split == "validation"
               else tokenize(tokenizer, read_text(a.test_data, "test"))[:a.eval_tokens])

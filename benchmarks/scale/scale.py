@@ -2,10 +2,14 @@
 a time, then compressed by the CLI as a user would; peak host RSS, wall time per stage and per layer, output
 sizes. Results accumulate in docs/results/scale.json; `render` writes docs/results/scale.md.
 
-    python benchmarks/scale.py make   --shape opt-6.7b --layers 32 --out /tmp/opt-6.7b
-    python benchmarks/scale.py run    --name NAME --model /tmp/opt-6.7b -- --ratio 0.4 ...   (CLI options)
-    python benchmarks/scale.py resume --name NAME --model /tmp/opt-6.7b --kill-after 2,4 -- ...
-    python benchmarks/scale.py render
+    python -m benchmarks.scale.scale make   --shape opt-6.7b --layers 32 --out /tmp/opt-6.7b
+    python -m benchmarks.scale.scale run    --name NAME --model /tmp/opt-6.7b -- --ratio 0.4 ...   (CLI options)
+    python -m benchmarks.scale.scale resume --name NAME --model /tmp/opt-6.7b --kill-after 2,4 -- ...
+    python -m benchmarks.scale.scale render
+
+The commands stored and rendered name no path of this machine: a checkpoint of SHAPES is
+CHECKPOINT/<shape>-<n>-layers (any other CHECKPOINT/<folder>), the output folder OUT/<name>, the local
+wikitext-2 folder WIKITEXT.
 
 Random weights give the time and memory of real shapes (they depend on the shapes only), not quality.
 """
@@ -24,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
+from benchmarks.common import RESULTS, ROOT, WIKITEXT, module_name
+
 STORE = RESULTS / "scale.json"
-sys.path.insert(0, str(ROOT))
 
 # The tokenizer is SmolLM2's (the only one on this machine): vocabularies are sized to hold its ids.
 SHAPES = {
@@ -109,6 +112,40 @@ def cli_command(model: str, out: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "exporter.cli", "--model", model, "--out", out, "-q", *extra]
 
 
+def checkpoint_placeholder(model: Path) -> str:
+    """CHECKPOINT/<shape>-<n>-layers for a folder `make` wrote (its config.json has the dimensions of a SHAPES
+    entry), else CHECKPOINT/<folder name>."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"CHECKPOINT/{model.name}"
+    layers = config.get("num_hidden_layers")
+    for shape, (family, dims) in SHAPES.items():
+        if config.get("model_type") == family and all(config.get(k) == v for k, v in dims.items()
+                                                      if k != "num_hidden_layers"):
+            return f"CHECKPOINT/{shape}-{layers}-layer{'' if layers == 1 else 's'}"
+    return f"CHECKPOINT/{model.name}"
+
+
+def quoted_command(cmd: list[str], model: str, out: Path) -> str:
+    """The CLI command as scale.json keeps it: the checkpoint, the output folder and the wikitext-2 folder as
+    placeholders (CHECKPOINT/…, OUT/<name>, WIKITEXT/…), not as this machine's paths."""
+    folders = {WIKITEXT.resolve(): "WIKITEXT", out.resolve(): f"OUT/{out.name.removeprefix('scale-out-')}"}
+    if Path(model).is_dir():
+        folders[Path(model).resolve()] = checkpoint_placeholder(Path(model))
+
+    def placeholder(arg: str) -> str:
+        if "/" not in arg:  # options, numbers, hub names
+            return arg
+        path = (ROOT / arg).resolve()  # the CLI runs in ROOT: relative paths are relative to it
+        for folder, name in folders.items():
+            if path == folder or folder in path.parents:
+                return "/".join([name, *path.relative_to(folder).parts])
+        return arg
+
+    return " ".join(shlex.quote(placeholder(c)) for c in cmd[1:]).replace(sys.executable, "python")
+
+
 def checkpoint_state(out: Path) -> dict | None:
     for state in out.parent.glob(f".{out.name}.partial-*/.resume/state.json"):
         try:
@@ -147,7 +184,7 @@ def run_cli(name: str, model: str, extra: list[str], kill_at: tuple[str, int] | 
             killed = {"pass": state["pass"], "next": state["next"], "layer_seconds": state.get("layer_seconds") or
                       {"profile": state.get("seconds")}}
     wall = time.perf_counter() - began
-    row = {"name": name, "command": " ".join(shlex.quote(c) for c in cmd[1:]).replace(sys.executable, "python"),
+    row = {"name": name, "command": quoted_command(cmd, model, out),
            "wall_s": wall, "exit": proc.returncode, "load_avg_1m": os.getloadavg()[0],
            "threads": os.environ.get("OMP_NUM_THREADS")}
     if killed:
@@ -191,7 +228,7 @@ def render() -> None:
     """docs/results/scale.md from every stored row (each row keeps the command that made it)."""
     rows = json.loads(STORE.read_text())
     lines = ["# Real sizes on a 2-core, 24 GB machine without a GPU", "",
-             "Made by `benchmarks/scale.py` (random-weight checkpoints of real shapes; time and memory depend on "
+             "Made by `benchmarks/scale/scale.py` (random-weight checkpoints of real shapes; time and memory depend on "
              "the shapes only). Every row: the exact command, exit code, wall time, the run's own peak RSS "
              "(report.json), seconds per decoder layer of each pass, the PyTorch threads (OMP_NUM_THREADS; all: both cores) and the 1-minute load average at the end "
              "(other jobs shared the 2 cores when it is above 2).", "",
@@ -217,20 +254,24 @@ def render() -> None:
                      f"{_mean(seconds.get('compress'))} | {_mean(seconds.get('observe'))} | {_mean(seconds.get('factorize'))} | "
                      f"{_mean(seconds.get('refine'))} | {out:.2f} | "
                      f"{r.get('threads') or 'all'} | {r['load_avg_1m']:.1f} |")
-    lines += ["", "## Commands", "", "Checkpoints: `python benchmarks/scale.py make --shape opt-6.7b --layers 32 --out "
-              "/tmp/opt-6.7b` (13.32 GB float16), `--layers 2 --out /tmp/opt67-2`, and `--shape opt-1.3b --layers 2|4|8`. "
-              "The two `-kill` rows are `python benchmarks/scale.py resume --name opt-6.7b-32-layers --model "
-              "/tmp/opt-6.7b --pass profile --kill-after 2,4 -- …` (each run SIGKILLed once its checkpoint reaches "
-              "layer 2, then 4; the second resumes the first). The `opt-6.7b-32-layers-default-kill1…5` rows (the "
-              "default recipe) are `python benchmarks/scale.py resume --name opt-6.7b-32-layers-default --model "
-              "/tmp/opt-6.7b --pass compress --kill-after 2,4 -- …`, then `--kill-after 5 --first-row 3`, "
+    lines += ["", "## Commands", "",
+              "Paths are placeholders, not this machine's: `CHECKPOINT/<shape>-<n>-layers` is a checkpoint written by "
+              "`make`, `OUT/<name>` the run's output folder, `WIKITEXT` the local wikitext-2 folder.", "",
+              "Checkpoints: `python -m benchmarks.scale.scale make --shape opt-6.7b --layers 32 --out "
+              "CHECKPOINT/opt-6.7b-32-layers` (13.32 GB float16), `--layers 2 --out CHECKPOINT/opt-6.7b-2-layers`, and "
+              "`--shape opt-1.3b --layers 2|4|8`. "
+              "The two `-kill` rows are `python -m benchmarks.scale.scale resume --name opt-6.7b-32-layers --model "
+              "CHECKPOINT/opt-6.7b-32-layers --pass profile --kill-after 2,4 -- …` (each run SIGKILLed once its checkpoint "
+              "reaches layer 2, then 4; the second resumes the first). The `opt-6.7b-32-layers-default-kill1…5` rows (the "
+              "default recipe) are `python -m benchmarks.scale.scale resume --name opt-6.7b-32-layers-default --model "
+              "CHECKPOINT/opt-6.7b-32-layers --pass compress --kill-after 2,4 -- …`, then `--kill-after 5 --first-row 3`, "
               "`--kill-after 6 --first-row 4` and `--kill-after 7 --first-row 5` (killed once the compression pass "
               "reaches layer 2, 4, 5, 6, then 7, each run resuming the one before, with the code of its day; their "
               "s/layer columns average every layer done so far, dense ones included). The "
-              "`opt-6.7b-32-layers-fresh-kill1` row is `python benchmarks/scale.py resume --name "
-              "opt-6.7b-32-layers-fresh --model /tmp/opt-6.7b --pass compress --kill-after 4 -- …`: a fresh run "
-              "killed once the compression pass reaches layer 4 (its columns average layers 0–3, the three dense "
-              "ones included; docs/scale.md gives layer 3 alone).", ""]
+              "`opt-6.7b-32-layers-fresh-kill1` row is `python -m benchmarks.scale.scale resume --name "
+              "opt-6.7b-32-layers-fresh --model CHECKPOINT/opt-6.7b-32-layers --pass compress --kill-after 4 -- …`: a "
+              "fresh run killed once the compression pass reaches layer 4 (its columns average layers 0–3, the three "
+              "dense ones included; docs/scale.md gives layer 3 alone).", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
     for r in rows:
         if "eigh" in r:
@@ -277,7 +318,7 @@ def main():
             run_cli(f"{a.name}-kill{k + a.first_row}", a.model, extra, kill_at=(a.pass_, layer),
                     out=Path(f"/tmp/scale-out-{a.name}"))
     elif a.cmd == "eigh":
-        store({"name": "eigh-float64", "command": "python benchmarks/scale.py eigh --sizes " + a.sizes,
+        store({"name": "eigh-float64", "command": f"python -m {module_name()} eigh --sizes " + a.sizes,
                "threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1m": os.getloadavg()[0],
                "eigh": time_eigh([int(x) for x in a.sizes.split(",")], a.limit_s)})
     else:

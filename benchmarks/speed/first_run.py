@@ -1,9 +1,9 @@
-"""The README's first command, timed; the OpenMP wait policy's effect on text generation with 2 threads on a
-shared machine; and the signal latency of a run stuck in a long LAPACK call. Writes docs/results/first-run.md
-with the command, the machine's load average and what each printed.
+"""The README's first command, timed; the same command under each OpenMP wait policy (libgomp's default,
+PASSIVE, ACTIVE) in interleaved rounds; and the signal latency of a run stuck in a long LAPACK call. Writes
+docs/results/first-run.md with the command, the machine's load average and what each printed.
 
-    python benchmarks/first_run.py                # both
-    python benchmarks/first_run.py --skip-readme  # only the signal latency (a tiny random model)
+    python -m benchmarks.speed.first_run                     # all three
+    python -m benchmarks.speed.first_run --skip-readme --skip-wait-policy  # only the signal latency
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from benchmarks.common import RESULTS, ROOT, module_name, tests_module
 
 
 def readme_command() -> list[str]:
@@ -29,59 +28,51 @@ def readme_command() -> list[str]:
     return shlex.split(line[line.index("svd-export --model"):])
 
 
-def time_readme(work: Path) -> dict:
+def time_readme(work: Path, env: dict | None = None) -> dict:
     command = readme_command()
     command[command.index("--out") + 1] = str(work / "first-run")
     load_before = os.getloadavg()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "exporter.cli", *command[1:]], cwd=ROOT, capture_output=True,
-                          text=True)
+                          text=True, env=env)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     report = json.loads((work / "first-run" / "report.json").read_text())
-    return {"command": shlex.join(command), "wall_s": wall, "load_before": load_before, "load_after": os.getloadavg(),
-            "timings_s": report["timings_s"], "threads": os.environ.get("OMP_NUM_THREADS", "(unset)"),
-            "summary": proc.stdout.strip()}
+    scratch = str(work)  # quoted as OUT: the results file names no path of this machine
+    return {"command": shlex.join(command).replace(scratch, "OUT"), "wall_s": wall, "load_before": load_before,
+            "load_after": os.getloadavg(), "timings_s": report["timings_s"],
+            "threads": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+            "summary": proc.stdout.strip().replace(scratch, "OUT")}
 
 
-WAIT_POLICY_PROBE = """
-import os, time, torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-from exporter.data.windows import generate_samples
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)  # SmolLM2-135M's shape
-model = AutoModelForCausalLM.from_config(config).eval()
-class Vocab:
-    def __len__(self):
-        return 49152
-start, cpu = time.monotonic(), time.process_time()
-generate_samples(model, Vocab(), 8, 64, 0, progress=False)
-print(torch.get_num_threads(), time.monotonic() - start, time.process_time() - cpu, *os.getloadavg())
-"""
+POLICIES = ("(unset)", "PASSIVE", "ACTIVE")  # (unset): libgomp's default, a bounded spin, then sleep
 
 
-def wait_policy(rounds: int = 2) -> list[tuple[str, int, float, float, float]]:
-    """8 samples x 64 tokens of SmolLM2-shaped random weights, 2 threads, libgomp spinning or sleeping."""
+def wait_policy(work: Path, rounds: int) -> list[tuple[int, str, float, float, float]]:
+    """The README's first command under each OMP_WAIT_POLICY, the policies interleaved within a round so that
+    a change of the shared machine's speed falls on all of them. -> (round, policy, wall s, compress s, load)."""
     rows = []
-    for _ in range(rounds):
-        for policy in ("ACTIVE", "PASSIVE"):
-            env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-            env.update(OMP_WAIT_POLICY=policy, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-            out = subprocess.run([sys.executable, "-c", WAIT_POLICY_PROBE], env=env, capture_output=True, text=True,
-                                 check=True).stdout.split()
-            rows.append((policy, int(out[0]), float(out[1]), float(out[2]), float(out[3])))
+    for round_ in range(1, rounds + 1):
+        for policy in POLICIES:
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy != "(unset)":
+                env["OMP_WAIT_POLICY"] = policy
+            load = os.getloadavg()[0]
+            shutil.rmtree(work / "first-run", ignore_errors=True)
+            r = time_readme(work, env)
+            rows.append((round_, policy, r["wall_s"], r["timings_s"]["compress"], load))
     return rows
 
 
 def signal_latency(work: Path) -> list[tuple[str, int, float]]:
-    from bad_inputs_helpers import FAST, save_tiny, spawn
-    model = save_tiny(work / "tiny-llama")
+    helpers = tests_module("bad_inputs_helpers")  # tests/: tiny models, the CLI run with a stand-in stage
+    model = helpers.save_tiny(work / "tiny-llama")
     rows = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         ready = work / f"ready-{sig.name}"
-        proc = spawn(["-m", model, *FAST, "-o", work / "out"], stage="compress", gate=work / "never", ready=ready)
+        proc = helpers.spawn(["-m", model, *helpers.FAST, "-o", work / "out"], stage="compress", gate=work / "never",
+                             ready=ready)
         while not ready.exists():
             time.sleep(0.05)
         time.sleep(3)  # inside the stand-in's 3000x3000 float64 SVD
@@ -96,12 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-readme", action="store_true")
     parser.add_argument("--skip-wait-policy", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "first-run.md")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the wait-policy comparison")
+    parser.add_argument("--out", type=Path, default=RESULTS / "first-run.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="first-run-"))
     try:
         lines = ["# The first run and signal latency", "",
-                 f"`{shlex.join(['python', 'benchmarks/first_run.py', *sys.argv[1:]])}` on {os.cpu_count()} cores "
+                 f"`{shlex.join(['python', '-m', module_name(), *sys.argv[1:]])}` on {os.cpu_count()} cores "
                  f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}). The machine is shared: its load "
                  "average is printed with each number.", ""]
         if not args.skip_readme:
@@ -113,11 +105,14 @@ def main() -> None:
                       "| stage | seconds |", "|---|---|",
                       *[f"| {k} | {v:.1f} |" for k, v in r["timings_s"].items()], "", "```", r["summary"], "```", ""]
         if not args.skip_wait_policy:
-            lines += ["## OpenMP threads: spinning (ACTIVE) or sleeping (PASSIVE) between parallel regions", "",
-                      "Generated text, 8 samples x 64 tokens, SmolLM2-135M-shaped random weights, 2 threads. "
-                      "The CLI sets OMP_WAIT_POLICY=PASSIVE unless the user set it.", "",
-                      "| OMP_WAIT_POLICY | threads | wall s | cpu s | load average (1 min) before |", "|---|---|---|---|---|",
-                      *[f"| {p} | {n} | {w:.1f} | {c:.1f} | {l:.2f} |" for p, n, w, c, l in wait_policy()], ""]
+            lines += ["## OpenMP threads between parallel regions: spin a while (libgomp's default), sleep "
+                      "(PASSIVE) or spin (ACTIVE)", "",
+                      "The README's first command again under each OMP_WAIT_POLICY, interleaved within each round. "
+                      "The CLI leaves the policy to the user (libgomp's default when unset).", "",
+                      "| round | OMP_WAIT_POLICY | wall s | compress s | load average (1 min) before |",
+                      "|---|---|---|---|---|",
+                      *[f"| {n} | {p} | {w:.1f} | {c:.1f} | {lo:.2f} |" for n, p, w, c, lo in wait_policy(work, args.rounds)],
+                      ""]
         load = os.getloadavg()
         rows = signal_latency(work)
         lines += ["## Signal to exit, inside a long LAPACK call", "",

@@ -2,27 +2,25 @@
 cos (the paper's formula as written), with uniform ratios as the reference. Same model, calibration and
 evaluation tokens for every run; prints a markdown table and writes it to docs/results/adacr-importance.md.
 
-    PYTHONPATH=$PWD python3 benchmarks/adacr_importance.py --ratio 0.4
+    python -m benchmarks.quality.adacr_importance --ratio 0.4
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
-import sys
 import time
 from pathlib import Path
 
 import click
 
+from benchmarks.common import WIKITEXT, command_line
 from exporter import plan as allocation
-from exporter.data.windows import calibration_batches, evaluation_tokens
-from exporter.loop.compress import compress_
 from exporter.config import CompressionConfig
+from exporter.data.windows import calibration_batches, evaluation_tokens
 from exporter.load.open import load
+from exporter.loop.compress import compress_
 from exporter.validate.perplexity import model_window, perplexity, torch_logits
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
 
 @click.command()
@@ -30,10 +28,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 @click.option("--method", default="adasvd")
 @click.option("--ratio", type=float, default=0.4)
 @click.option("--min-retention", type=float, default=0.4)
-@click.option("--calib", default=str(DATA / "wiki.valid.tokens"))
+@click.option("--calib", default=str(WIKITEXT / "wiki.valid.tokens"))
 @click.option("--calib-samples", type=int, default=16)
 @click.option("--calib-seqlen", type=int, default=256)
-@click.option("--eval", "eval_source", default=str(DATA / "wiki.test.raw"))
+@click.option("--eval", "eval_source", default=str(WIKITEXT / "wiki.test.raw"))
 @click.option("--eval-tokens", type=int, default=16384)
 @click.option("--variants", default="uniform,1-cos,cos", show_default=True, help="Comma-separated subset.")
 @click.option("--dense/--no-dense", "dense_ppl", default=True, help="Also evaluate the dense model.")
@@ -64,7 +62,7 @@ def main(model, method, ratio, min_retention, calib, calib_samples, calib_seqlen
         del model_copy
     allocation.ALLOCATORS["adacr"] = adacr
 
-    command = "PYTHONPATH=$PWD python3 " + " ".join(sys.argv)
+    command = command_line()
     lines = [f"# adaCR importance: {model}, {method}, ratio {ratio}, min retention {min_retention}", "",
              f"Command: `{command}`", "",
              f"Calibration {calib_samples} x {calib_seqlen} tokens from `{Path(calib).name}`, perplexity on "
