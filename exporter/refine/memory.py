@@ -1,0 +1,80 @@
+"""What end-to-end refinement holds on its device, as a formula of the shapes, so that a run that cannot fit is
+refused before it starts, with the numbers (and docs/e2e-memory.md can say what fits where).
+
+    weights      frozen parameters in the compute dtype + the factors in float32 (the master copies) and, when
+                 the compute dtype is a half type, their autocast copies in it
+    gradients    float32, one per factor element (DDP adds its reduction buckets: one more)
+    optimizer    Adam's two moments, float32
+    snapshots    the factors it started from and the best held-out state, float32 (refine/optimise.py)
+    activations  every decoder layer's input, kept for the backward (activation checkpointing), plus one
+                 layer's own activations while it is recomputed
+    logits       one chunk of positions: the teacher's log-probabilities, the student's logits, log-probabilities
+                 and their gradient, float32
+    teacher      one batch of the dense model's final hidden states (the rest stays memory-mapped on disk)
+
+Sharded (FSDP2, `fully_shard` per decoder layer): weights, gradients, optimizer state and snapshots are divided
+by the world size, plus one decoder layer gathered whole at a time. Data-parallel (DDP): every rank holds all
+of it. The constants of one layer's recomputed activations are those of a Llama-style layer (attention
+scores materialised: the CPU kernels do); they are checked against a measured peak
+(benchmarks/scale/e2e_memory.py).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class E2EShape:
+    """What the formula reads of a model and a run."""
+    frozen_params: int  # everything that is not a factor: embeddings, lm_head, norms, biases, dense linears
+    factor_params: int  # every up and down of every LowRankLinear
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    largest_layer_params: int  # the decoder layer FSDP gathers whole (compressed)
+    batch: int  # calibration sequences per step
+    seqlen: int
+    chunk: int  # positions per KL chunk
+    compute_bytes: int  # 2 (bfloat16/float16 on a GPU) or 4 (float32: CPUs)
+
+
+@dataclass(frozen=True)
+class E2EMemory:
+    weights: int
+    gradients: int
+    optimizer: int
+    snapshots: int
+    activations: int
+    logits: int
+    teacher: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in asdict(self).items())
+        return f"{self.total / GiB:.2f} GiB ({parts})"
+
+
+def e2e_memory(s: E2EShape, world_size: int = 1, sharded: bool = False) -> E2EMemory:
+    """Bytes one rank holds on its device during an end-to-end refinement step."""
+    half = s.compute_bytes < 4
+    factor_weight = 4 + (s.compute_bytes if half else 0)  # float32 masters (+ autocast copies)
+    share = world_size if sharded else 1
+    gathered = s.largest_layer_params * s.compute_bytes if sharded and world_size > 1 else 0
+    tokens = s.batch * s.seqlen
+    recompute = tokens * (10 * s.hidden + 4 * s.intermediate) * 4 + s.batch * s.heads * s.seqlen ** 2 * 4
+    return E2EMemory(
+        weights=(s.frozen_params * s.compute_bytes + s.factor_params * factor_weight) // share + gathered,
+        gradients=s.factor_params * 4 * (2 if world_size > 1 and not sharded else 1) // share,
+        optimizer=s.factor_params * 8 // share,
+        snapshots=s.factor_params * 8 // share,
+        activations=s.layers * tokens * s.hidden * s.compute_bytes + recompute,
+        logits=s.batch * s.chunk * s.vocab * 4 * 4,
+        teacher=tokens * s.hidden * s.compute_bytes,
+    )
