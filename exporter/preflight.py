@@ -1,6 +1,7 @@
 """Everything that can be checked before a weight is loaded, so that a bad argument costs seconds, not the
 run: output path, data files, options that do not apply, opset, device, network, and — from the model's
-config.json alone — its architecture, positions and (for --budget) its dense size."""
+config.json alone — its architecture, positions, (for --budget) its dense size and (for --refine e2e) the
+memory end-to-end refinement will need."""
 from __future__ import annotations
 
 import os
@@ -286,6 +287,31 @@ def check_model_config(config: RunConfig, model_config) -> None:
                              f"{positions} positions (max_position_embeddings)")
     if config.compression.budget_bytes is not None:
         check_budget(config, model_config)
+    if config.compression.refine_e2e and not isinstance(model_config, SimpleNamespace):
+        check_e2e_memory(config, model_config)
+
+
+def check_e2e_memory(config: RunConfig, model_config) -> None:
+    """--refine e2e holds the whole compressed model and its factors' optimiser state on the compute device:
+    the most any plan of this ratio can ask for (refine/memory.py), against what the device has now. (A GGUF's
+    header does not say the shapes without a full parse; its run is checked before the refinement itself.)"""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .load.open import available_bytes, parse_dtype, pick_device
+    from .refine.e2e import KL_CHUNK
+    from .refine.memory import check_fits, e2e_memory, shape_of
+    device = pick_device(config.device)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    half = parse_dtype(config.dtype) if config.dtype else (
+        stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
+    compute_bytes = 4 if device.type == "cpu" else half.itemsize  # CPUs compute in float32 (load/checkpoint.py)
+    ratio = config.compression.ratio if config.compression.budget_bytes is None else 0.0  # a budget: the most
+    shape = shape_of(skeleton, config.calibration.batch_size, config.calibration.seqlen, compute_bytes, KL_CHUNK,
+                     ratio=ratio)
+    check_fits(e2e_memory(shape, device_type=device.type), available_bytes(device), device)
 
 
 def check_budget(config: RunConfig, model_config) -> None:

@@ -71,8 +71,6 @@ def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
         return "FWSVD's Fisher information is a backward pass of the whole model"
     if "sensitivity" in allocation_needs(config.compression.allocation_name):
         return f"the {config.compression.allocation_name} allocation needs a backward pass of the whole model"
-    if config.compression.refine_e2e:
-        return "--refine e2e backpropagates through the whole model"
     if config.calibration.source == "generated" or (config.evaluation and config.evaluation.source == "generated"):
         return "'generated' data is written by the whole model, token by token"
     if "onnx" in config.formats and model_config is not None:
@@ -247,7 +245,8 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         writer = ShardWriter(tmp, export_dtype)
         with timer("compress"):
             result, streams = compress_source(source, data.batches, config.compression, data.eval_batches, writer,
-                                              ResumeState(tmp, settings), export_dtype, progress=progress)
+                                              ResumeState(tmp, settings), export_dtype, progress=progress,
+                                              work=tmp / RESUME_FOLDER / "e2e")
         data.batches = []
         ppl = {}
         if data.eval_batches is not None:

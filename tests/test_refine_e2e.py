@@ -13,7 +13,6 @@ from test_streaming import TEXT, config
 from exporter import CompressionConfig, compress_, load_compressed
 from exporter.config import CalibrationConfig
 from exporter.data.windows import calibration_batches, evaluation_tokens
-from exporter.load.names import ModelLoadError
 from exporter.refine.optimise import split_batches
 from exporter.report.summary import summary
 from exporter.run import run
@@ -111,7 +110,7 @@ def test_the_run_writes_and_evaluates_the_refined_factors(tmp_path, text):
     cfg = dataclasses.replace(config(model_dir, tmp_path / "out", text), compression=compression,
                               calibration=CalibrationConfig(source=str(text), samples=16, seqlen=64))
     report = run(cfg, progress=False, echo=lambda *_: None)
-    assert not report["streamed"] and report["recipe"].endswith("refine e2e")
+    assert report["streamed"] and report["recipe"].endswith("refine e2e")  # the dense model is never held whole
     assert report["method_details"]["refine_e2e"]["kept"]
     assert "refine e2e   KL to the dense model per token" in summary(report) and "kept" in summary(report)
 
@@ -125,9 +124,94 @@ def test_the_run_writes_and_evaluates_the_refined_factors(tmp_path, text):
         torch.testing.assert_close(reloaded(input_ids=ids[None, :64]).logits, model(input_ids=ids[None, :64]).logits)
 
 
-def test_a_model_that_cannot_be_held_whole_is_refused(tmp_path, text, monkeypatch):
+def test_an_end_to_end_refinement_that_cannot_fit_is_refused_with_the_numbers(tmp_path, text, monkeypatch):
+    """Before the run starts (from config.json alone: the most any plan can ask for), and again before the
+    refinement itself (from the compressed model): one line with the formula's parts, nothing left behind."""
     model_dir = tiny_model_dir("llama", tmp_path / "model")
     monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
-    with pytest.raises(ModelLoadError, match="--refine e2e backpropagates through the whole model"):
+    monkeypatch.setattr("exporter.run.compress_source", lambda *a, **k: pytest.fail("refused too late"))
+    with pytest.raises(MemoryError, match=r"--refine e2e needs .* GiB \(weights .*gradients .*\) on cpu"):
         run(config(model_dir, tmp_path / "out", text, refine="e2e"), progress=False, echo=lambda *_: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_check_before_the_refinement_uses_the_compressed_model(tmp_path, text, monkeypatch):
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    monkeypatch.setattr("exporter.loop.compress.available_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match="--refine e2e needs"):
+        run(config(model_dir, tmp_path / "out", text, refine="e2e"), progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_kl_over_chunks_of_positions_is_the_kl_of_the_whole_logits():
+    """chunked_kl: the same sum and the same gradient w.r.t. the final hidden states as one log-softmax over
+    every position at once; the layers' recomputation (checkpointing) gives the gradients of a plain pass."""
+    from exporter.model.architecture import decoder_layers
+    from exporter.model.discovery import architecture_of
+    from exporter.model.head import head_forward
+    from exporter.model.layer_inputs import capture_inputs
+    from exporter.refine.e2e import chunked_kl, student_hidden
+    model, dense = tiny_model("llama"), tiny_model("llama", seed=1)
+    arch = architecture_of(model)
+    ids = random_batches(1, 40, batch_size=1)[0]
+    teacher = student_hidden(dense, arch, capture_inputs(dense, arch, [ids], "cpu"), 0, "cpu")
+    inputs = capture_inputs(model, arch, [ids], "cpu")
+    grads = {}
+    for chunk, checkpointed in ((7, True), (40, False)):
+        model.zero_grad()
+        final = student_hidden(model, arch, inputs, 0, "cpu", checkpointed=checkpointed)
+        value, count = chunked_kl(model, arch, ids, final, teacher, "cpu", chunk=chunk)
+        value.backward()
+        grads[chunk] = [p.grad.clone() for p in decoder_layers(model, arch).parameters()]
+        whole = F.kl_div(F.log_softmax(head_forward(model, arch, final.detach(), ids, "cpu").float(), -1),
+                         F.log_softmax(head_forward(model, arch, teacher, ids, "cpu").float(), -1),
+                         log_target=True, reduction="sum")
+        assert count == 40 and float(value) == pytest.approx(float(whole), rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[7], grads[40]))
+
+
+@pytest.mark.parametrize("when", ["training", "rewriting"])
+def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_path, text, monkeypatch, when):
+    """Killed while refining (the resume state still says the last layer: it refines again, from the same
+    closed form) or while rewriting the shards (the refined factors are in the resume state first: it never
+    refines again, and no mix of refined and unrefined layers is written)."""
+    from conftest import Killed
+    from safetensors.torch import load_file
+
+    import exporter.loop.compress as loop
+    from exporter.output.shards import ShardWriter
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    compression = CompressionConfig(method="svd-llm-v2", ratio=0.8, allocation="uniform", refine="block+e2e",
+                                    refine_steps=32, refine_lr=1e-2)
+
+    def setting(out):
+        return dataclasses.replace(config(model_dir, out, text), compression=compression,
+                                   calibration=CalibrationConfig(source=str(text), samples=16, seqlen=64))
+    whole = run(setting(tmp_path / "whole"), progress=False, echo=lambda *_: None)
+    assert whole["method_details"]["refine_e2e"]["kept"]
+    refined = []
+    if when == "training":
+        def die(*a, **k):
+            raise Killed
+        monkeypatch.setattr(loop, "refine_model", die)
+    else:
+        real_write, written = ShardWriter.write_layer, []
+
+        def write_layer(self, i, layer, prefix):
+            written.append(i)
+            if len(written) > 2 + 1:  # the loop's 2 layers, then one refined layer rewritten
+                raise Killed
+            real_write(self, i, layer, prefix)
+        monkeypatch.setattr(ShardWriter, "write_layer", write_layer)
+    with pytest.raises(Killed):
+        run(setting(tmp_path / "out"), progress=False, echo=lambda *_: None, resume=True)
+    monkeypatch.undo()
+    real_refine = loop.refine_model
+    monkeypatch.setattr(loop, "refine_model", lambda *a, **k: refined.append(1) or real_refine(*a, **k))
+    resumed = run(setting(tmp_path / "out"), progress=False, echo=lambda *_: None, resume=True)
+    assert refined == ([1] if when == "training" else [])
+    assert resumed["perplexity"] == whole["perplexity"]
+    strip = lambda e: {k: v for k, v in e.items() if k != "seconds"}  # noqa: E731
+    assert strip(resumed["method_details"]["refine_e2e"]) == strip(whole["method_details"]["refine_e2e"])
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

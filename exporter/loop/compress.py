@@ -8,32 +8,40 @@ activations on, and, when asked, the evaluation streams, the shard writer and th
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate.utils import set_module_tensor_to_device
 
 from ..config import CompressionConfig, default_min_retention
 from ..factorize.base import get_method
+from ..load.open import available_bytes
 from ..load.resident import ResidentSource
 from ..load.source import LayerSource
 from ..model.activations import Activations, advance
 from ..model.architecture import decoder_layers
 from ..model.candidates import Matrix, list_matrices
 from ..model.layer_inputs import capture_inputs
-from ..model.lowrank import build_skeleton
+from ..model.lowrank import LowRankLinear, build_skeleton
 from ..output.resume_state import ResumeState
 from ..plan import allocate
 from ..plan import needs as allocation_needs
 from ..plan.budget import ratio_for_budget
 from ..plan.profile import Profile
 from ..plan.rounding import round_ranks
-from ..refine.e2e import refine_model
-from .layer import compression_pass
+from ..refine.e2e import KL_CHUNK, Teacher, refine_model
+from ..refine.memory import check_fits, e2e_memory, shape_of
+from .layer import compression_pass, pass_state
 from .profile import profile_pass
 from .result import CompressionResult, restore_result
 from .streams import Streams
-from .walk import layer_by_layer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ def own_profile(source: LayerSource, calib: Activations, batches: list[torch.Ten
             extra = resume_state.restore(state, {"profile": running})
             profile.spectra = {k[len("spectrum."):]: v for k, v in extra.items() if k.startswith("spectrum.")}
         profile_pass(source, running, needs, profile, start, resume_state, progress)
-    elif state is not None and state["pass"] == "compress":
+    elif planned(state):
         profile.layer_similarity = list(state["profile"]["similarity"])
         profile.uncalibrated = list(state["profile"]["uncalibrated"])
     return profile
@@ -70,7 +78,7 @@ def rank_plan(model: nn.Module, matrices: list[Matrix], profile: Profile, needs:
     ratio = config.ratio if config.budget_bytes is None else ratio_for_budget(model, matrices, config.budget_bytes,
                                                                              export_dtype)
     min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
-    if state is not None and state["pass"] == "compress":
+    if planned(state):
         plan = state["plan"]
     else:
         plan = allocate(config.allocation_name, matrices, profile if needs else None, ratio, min_rank=config.min_rank,
@@ -97,19 +105,29 @@ def open_streams(source: LayerSource, calib: Activations, config: CompressionCon
     return streams
 
 
+def planned(state: dict | None) -> bool:
+    """Whether the killed run this one resumes had made its rank plan (it was compressing, or refining end to
+    end after its last layer)."""
+    return state is not None and state["pass"] in ("compress", "e2e")
+
+
 def resume_compression(source: LayerSource, state: dict | None, resume_state: ResumeState | None, streams: Streams,
-                       result: CompressionResult, writer) -> int:
+                       result: CompressionResult, writer) -> tuple[int, dict[str, torch.Tensor] | None]:
     """The first layer the compression pass runs: 0, or the one after the killed run's last finished layer,
-    whose streams, measurements and written layers are restored. """
-    if state is None or state["pass"] != "compress":
-        return 0
+    whose streams, measurements and written layers are restored. -> (that layer, the factors end-to-end
+    refinement ended with when the killed run had finished it, else None)."""
+    if not planned(state):
+        return 0, None
     start = state["next"]
-    resume_state.restore(state, streams.named())
+    finished_e2e = state["pass"] == "e2e"  # only the evaluation streams are kept past that point
+    kept = {k: v for k, v in streams.named().items() if k.startswith("eval") or not finished_e2e}
+    extra = resume_state.restore(state, kept)
     restore_result(result, state)
     if writer is not None:
         writer.resume(start)
         restore_written_layers(source, result.plan, writer, start)
-    return start
+    return start, ({k[len("factor."):]: v for k, v in extra.items() if k.startswith("factor.")}
+                   if finished_e2e else None)
 
 
 def restore_written_layers(source: LayerSource, plan: dict[str, int], writer, start: int) -> None:
@@ -124,25 +142,100 @@ def restore_written_layers(source: LayerSource, plan: dict[str, int], writer, st
             layer.load_state_dict({k[len(prefix):]: v for k, v in written.items()}, strict=True)
 
 
+@contextmanager
+def whole_student(source: LayerSource, writer):
+    """Every decoder layer of the compressed model on the compute device at once, for end-to-end refinement: a
+    streamed model's layers read back from their written shards (in the compute dtype) and put back on `meta`
+    after; a resident model's layers moved to the device and back home."""
+    layers = decoder_layers(source.model, source.arch)
+    if not source.streamed:
+        home = next(layers.parameters()).device
+        layers.to(source.device)
+        try:
+            yield
+        finally:
+            layers.to(home)
+        return
+    if writer is None:
+        raise RuntimeError("--refine e2e on a streamed model reads the compressed layers back from their shards: "
+                           "it needs the shard writer")
+    try:
+        for i, layer in enumerate(layers):
+            prefix = source.layer_prefix(i)
+            for name, value in writer.read_layer(i).items():
+                value = value.to(source.compute_dtype) if value.is_floating_point() else value
+                set_module_tensor_to_device(layer, name[len(prefix):], source.device, value=value, clear_cache=False)
+        yield
+    finally:
+        for layer in layers:
+            for name, _ in list(layer.named_parameters()):
+                set_module_tensor_to_device(layer, name, "meta", clear_cache=False)
+
+
+@dataclass
+class EndToEnd:
+    """What end-to-end refinement keeps beyond memory, and what a killed run left of it."""
+    work: Path | None  # the teacher's folder (a temporary one when None)
+    resume_state: ResumeState | None
+    base_state: dict  # the plan and the profile: recorded with the refined factors
+    finished: dict[str, torch.Tensor] | None  # the factors a killed run ended with (None: refine afresh)
+    writer: object = None  # the shard writer: the streamed student is read back from it, and rewritten
+
+
+def factor_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every up and down weight of the model's LowRankLinear modules, by parameter name."""
+    return {f"{name}.{part}.weight": getattr(module, part).weight.detach()
+            for name, module in model.named_modules() if isinstance(module, LowRankLinear) for part in ("up", "down")}
+
+
+def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.Tensor], config: CompressionConfig,
+                     export_dtype: torch.dtype, result: CompressionResult, e2e: EndToEnd, stack) -> None:
+    """Refine the factors (every layer is on the device once `stack` has entered whole_student), the teacher
+    written to disk first; record the refined factors in the resume state before anything is rewritten."""
+    model, arch, device = source.model, source.arch, source.device
+    need = e2e_memory(shape_of(model, batches[0].shape[0], batches[0].shape[1], source.compute_dtype.itemsize,
+                               KL_CHUNK), device_type=torch.device(device).type)
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    check_fits(dataclasses.replace(need, weights=max(need.weights - resident, 0)), available_bytes(device), device)
+    folder = e2e.work if e2e.work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    teacher = Teacher(folder, streams.calib.hidden)
+    streams.calib.hidden = []  # the teacher is on disk now
+    inputs = capture_inputs(model, arch, batches, device)  # decoder layer 0's inputs: the embeddings, frozen
+    stack.enter_context(whole_student(source, e2e.writer))
+    entry = refine_model(model, arch, batches, inputs, teacher, config.refinement, device, export_dtype,
+                         source.compute_dtype)
+    result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3)}
+    if e2e.resume_state is not None:  # a kill from here on resumes to these factors, never refines again
+        evaluation = {k: v for k, v in streams.named().items() if k.startswith("eval")}
+        e2e.resume_state.save(pass_state(result, e2e.base_state, "e2e", source.num_layers), evaluation,
+                              {f"factor.{k}": v for k, v in factor_state(model).items()})
+
+
 def refine_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.Tensor],
                       eval_batches: list[torch.Tensor] | None, config: CompressionConfig, export_dtype: torch.dtype,
-                      result: CompressionResult, writer=None) -> None:
-    """--refine e2e after the layer loop (exporter/refine/e2e.py). The loop has written each layer and carried
-    the evaluation windows through it: when refinement changed the factors, both are done again."""
-    if source.streamed:  # run.whole_model_reason loads such a run whole, or refuses it
-        raise RuntimeError("--refine e2e backpropagates through the whole model: it needs the model in memory")
-    entry = refine_model(source.model, source.arch, batches, streams.calib.hidden, config.refinement, source.device,
-                         export_dtype)
-    result.extra["refine_e2e"] = entry
-    if not entry["kept"]:
-        return
-    if writer is not None:
-        for i, layer in enumerate(decoder_layers(source.model, source.arch)):
-            writer.write_layer(i, layer, source.layer_prefix(i))
-    if streams.eval_compressed is not None:
-        streams.eval_compressed = capture_inputs(source.model, source.arch, eval_batches, source.device)
-        for i, layer in layer_by_layer(source):
-            advance(i, layer, streams.eval_compressed, source.device)
+                      result: CompressionResult, e2e: EndToEnd) -> None:
+    """--refine e2e after the layer loop (exporter/refine/e2e.py), without the dense model: the teacher is the
+    original stream's final hidden states, moved to disk. The loop has written each layer and carried the
+    evaluation windows through it: when refinement changed the factors, both are done again (also when a killed
+    run had finished refining: its factors come from the resume state)."""
+    model, arch, device, writer = source.model, source.arch, source.device, e2e.writer
+    with contextlib.ExitStack() as stack:
+        if e2e.finished is None:
+            train_end_to_end(source, streams, batches, config, export_dtype, result, e2e, stack)
+        else:
+            stack.enter_context(whole_student(source, writer))
+            with torch.no_grad():
+                for name, value in e2e.finished.items():
+                    model.get_parameter(name).copy_(value)
+        if not result.extra["refine_e2e"]["kept"]:
+            return
+        if writer is not None:
+            for i, layer in enumerate(decoder_layers(model, arch)):
+                writer.write_layer(i, layer, source.layer_prefix(i))
+        if streams.eval_compressed is not None:
+            streams.eval_compressed = capture_inputs(model, arch, eval_batches, device)
+            for i, layer in enumerate(decoder_layers(model, arch)):
+                advance(i, layer, streams.eval_compressed, device)
 
 
 def check_complete(result: CompressionResult, profile: Profile) -> None:
@@ -163,10 +256,11 @@ def check_complete(result: CompressionResult, profile: Profile) -> None:
 def compress_source(source: LayerSource, batches: list[torch.Tensor], config: CompressionConfig,
                     eval_batches: list[torch.Tensor] | None = None, writer=None, resume_state: ResumeState | None = None,
                     export_dtype: torch.dtype | None = None, profile: Profile | None = None,
-                    progress: bool = True) -> tuple[CompressionResult, Streams]:
+                    progress: bool = True, work: Path | None = None) -> tuple[CompressionResult, Streams]:
     """Compress every planned linear of `source`'s model layer by layer. -> (result, the final streams: the
     evaluation windows' last hidden states through the dense and the compressed layers, when asked).
-    `profile`: what the allocation needs, measured before (measure_profile) and shared by several runs."""
+    `profile`: what the allocation needs, measured before (measure_profile) and shared by several runs.
+    `work`: a folder for what end-to-end refinement keeps on disk (a temporary one when None)."""
     export_dtype = export_dtype or source.compute_dtype
     method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
                         strength=config.adacomp_strength, damping=config.adacomp_damping)
@@ -182,19 +276,21 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     if profile.uncalibrated:  # experts no calibration token reached: dense, out of the budget's reach
         matrices = [m for m in matrices if m.name not in set(profile.uncalibrated)]
     result = rank_plan(source.model, matrices, profile, needs, config, export_dtype, state)
-    profile_state = state["profile"] if state is not None and state["pass"] == "compress" else {
+    profile_state = state["profile"] if planned(state) else {
         "similarity": profile.layer_similarity, "seconds": profile.layer_seconds, "uncalibrated": profile.uncalibrated}
     if not shared_profile:
         profile.spectra = {}  # the plan is made: the spectra are not needed any more
 
     streams = open_streams(source, calib, config, eval_batches)
-    start = resume_compression(source, state, resume_state, streams, result, writer)
+    start, e2e_factors = resume_compression(source, state, resume_state, streams, result, writer)
     if profile_state.get("seconds"):
         result.layer_seconds["profile"] = profile_state["seconds"]
+    base_state = {"plan": result.plan, "profile": profile_state}
     compression_pass(source, streams, result.plan, method, config, result, export_dtype, start, writer, resume_state,
-                     {"plan": result.plan, "profile": profile_state}, progress)
+                     base_state, progress)
     if config.refine_e2e:
-        refine_end_to_end(source, streams, batches, eval_batches, config, export_dtype, result, writer)
+        e2e = EndToEnd(work, resume_state, base_state, e2e_factors, writer)
+        refine_end_to_end(source, streams, batches, eval_batches, config, export_dtype, result, e2e)
     check_complete(result, profile)
     return result, streams
 

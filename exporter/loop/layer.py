@@ -107,7 +107,13 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
             writer.write_layer(i, layer, source.layer_prefix(i))
         seconds.setdefault("compress", []).append(time.perf_counter() - began)
         if resume_state is not None:
-            resume_state.save({**(state or {}), "pass": "compress", "next": i + 1,
-                             "records": {k: asdict(v) for k, v in result.records.items()},
-                             "compress_similarity": result.layer_similarity, "extra": result.extra,
-                             "layer_seconds": result.layer_seconds}, streams.named())
+            resume_state.save(pass_state(result, state, "compress", i + 1), streams.named())
+
+
+def pass_state(result: CompressionResult, base: dict | None, name: str, next_layer: int) -> dict:
+    """What the resume state records after a layer (pass "compress") or after end-to-end refinement (pass
+    "e2e"): `base` (the plan, the profile) and what the pass measured so far."""
+    return {**(base or {}), "pass": name, "next": next_layer,
+            "records": {k: asdict(v) for k, v in result.records.items()},
+            "compress_similarity": result.layer_similarity, "extra": result.extra,
+            "layer_seconds": result.layer_seconds}

@@ -47,12 +47,19 @@ def _replaying(model: nn.Module, arch: Architecture):
         setattr(parent, attr, layers)
 
 
+def head_forward(model: nn.Module, arch: Architecture, hidden: torch.Tensor, ids: torch.Tensor, device) -> torch.Tensor:
+    """Logits [batch, seq, vocab] (on `device`, the head's dtype) for final hidden states `hidden` of token ids
+    `ids`, differentiable in `hidden`. Every position is independent after the last decoder layer, so a slice
+    of positions (hidden[:, a:b], ids[:, a:b]) gives the logits of that slice."""
+    with _replaying(model, arch) as store:
+        store["hidden"] = hidden.to(device)
+        return model(input_ids=ids.to(device), use_cache=False).logits
+
+
 @torch.no_grad()
 def head_logits(model: nn.Module, arch: Architecture, hidden: torch.Tensor, ids: torch.Tensor, device) -> torch.Tensor:
     """Logits [batch, seq, vocab] (float32, host) for final hidden states `hidden` of token ids `ids`."""
-    with _replaying(model, arch) as store:
-        store["hidden"] = hidden.to(device)
-        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    return head_forward(model, arch, hidden, ids, device).float().cpu()
 
 
 def stored_hidden_logits(model: nn.Module, arch: Architecture, final_hidden: list[torch.Tensor], device):

@@ -5,7 +5,8 @@ refused before it starts, with the numbers (and docs/e2e-memory.md can say what 
                  the compute dtype is a half type, their autocast copies in it
     gradients    float32, one per factor element (DDP adds its reduction buckets: one more)
     optimizer    Adam's two moments, float32
-    snapshots    the factors it started from and the best held-out state, float32 (refine/optimise.py)
+    snapshots    the factors it started from and the best held-out state, float32 (refine/optimise.py): kept on
+                 the host, so on a GPU they are reported apart and not counted in the device's total
     activations  every decoder layer's input, kept for the backward (activation checkpointing), plus one
                  layer's own activations while it is recomputed
     logits       one chunk of positions: the teacher's log-probabilities, the student's logits, log-probabilities
@@ -51,18 +52,26 @@ class E2EMemory:
     activations: int
     logits: int
     teacher: int
+    snapshots_on_device: bool = True  # False on a GPU: the snapshots are host memory
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if k != "snapshots_on_device"}
 
     @property
     def total(self) -> int:
-        return sum(asdict(self).values())
+        """Bytes on the device."""
+        return sum(v for k, v in self.parts.items() if k != "snapshots" or self.snapshots_on_device)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in asdict(self).items())
-        return f"{self.total / GiB:.2f} GiB ({parts})"
+        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in self.parts.items()
+                          if name != "snapshots" or self.snapshots_on_device)
+        host = "" if self.snapshots_on_device else f"; {self.snapshots / GiB:.2f} GiB of snapshots on the host"
+        return f"{self.total / GiB:.2f} GiB ({parts}{host})"
 
 
-def e2e_memory(s: E2EShape, world_size: int = 1, sharded: bool = False) -> E2EMemory:
-    """Bytes one rank holds on its device during an end-to-end refinement step."""
+def e2e_memory(s: E2EShape, world_size: int = 1, sharded: bool = False, device_type: str = "cpu") -> E2EMemory:
+    """Bytes one rank holds during an end-to-end refinement step (on a CPU, host and device are one memory)."""
     half = s.compute_bytes < 4
     factor_weight = 4 + (s.compute_bytes if half else 0)  # float32 masters (+ autocast copies)
     share = world_size if sharded else 1
@@ -77,4 +86,40 @@ def e2e_memory(s: E2EShape, world_size: int = 1, sharded: bool = False) -> E2EMe
         activations=s.layers * tokens * s.hidden * s.compute_bytes + recompute,
         logits=s.batch * s.chunk * s.vocab * 4 * 4,
         teacher=tokens * s.hidden * s.compute_bytes,
+        snapshots_on_device=device_type == "cpu",
     )
+
+
+def shape_of(model, batch: int, seqlen: int, compute_bytes: int, chunk: int, ratio: float | None = None) -> E2EShape:
+    """The formula's inputs from a model (a meta skeleton will do). Compressed, its factors are counted as they
+    are; not yet (`ratio`: before the run starts), the candidate linears at (1 − ratio) of their parameters,
+    the budget every allocation keeps, all of it trainable (the most memory any plan can ask for)."""
+    from ..model.architecture import decoder_layers
+    from ..model.candidates import list_matrices
+    from ..model.discovery import linears_only
+    from ..model.lowrank import LowRankLinear
+
+    total = sum(p.numel() for p in model.parameters())
+    factors = sum(p.numel() for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.up.weight,
+                                                                                                m.down.weight))
+    arch = linears_only(model)
+    matrices = list_matrices(model, arch)
+    if ratio is not None:
+        linears = sum(m.dense_params for m in matrices)
+        factors, total = int((1 - ratio) * linears), total - linears + int((1 - ratio) * linears)
+    config = model.config.get_text_config()
+    layers = decoder_layers(model, arch)
+    widest = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
+    return E2EShape(frozen_params=total - factors, factor_params=factors, layers=len(layers),
+                    hidden=config.hidden_size, intermediate=widest, heads=config.num_attention_heads,
+                    vocab=model.get_output_embeddings().weight.shape[0],
+                    largest_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+                    batch=batch, seqlen=seqlen, chunk=min(chunk, seqlen), compute_bytes=compute_bytes)
+
+
+def check_fits(need: E2EMemory, available: int, device, world_size: int = 1) -> None:
+    """One line with the numbers when end-to-end refinement cannot fit, before it starts."""
+    if need.total > available:
+        raise MemoryError(f"--refine e2e needs {need.describe()} on {device} per process (world size "
+                          f"{world_size}) and {available / GiB:.2f} GiB is available: lower --calib-batch-size or "
+                          "--calib-seqlen, use a device with more memory, or --refine block")

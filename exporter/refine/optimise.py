@@ -47,13 +47,18 @@ def mean_error(error, batches: list[int]) -> float:
     return total / max(count, 1)  # guard: an empty batch list has no error
 
 
-def _float32(module: nn.Module):
-    """Cast `module` to float32 for the optimisation; -> a function that puts every parameter and buffer back
-    in its own dtype (a half-precision model keeps float32 buffers, e.g. the rotary frequencies: one cast back
-    to a single dtype would round them). nn.Module's own cast: transformers refuses .float() on a model it
-    loaded from a quantized file (a de-quantized GGUF), whose weights are plain tensors by now."""
+def _float32(module: nn.Module, factors_only: bool = False):
+    """Cast `module` (or only its factors: the master copies of end-to-end refinement, the rest staying in the
+    compute dtype under autocast) to float32 for the optimisation; -> a function that puts every parameter and
+    buffer back in its own dtype (a half-precision model keeps float32 buffers, e.g. the rotary frequencies: one
+    cast back to a single dtype would round them). nn.Module's own cast: transformers refuses .float() on a
+    model it loaded from a quantized file (a de-quantized GGUF), whose weights are plain tensors by now."""
     dtypes = {name: t.dtype for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    nn.Module.float(module)
+    if factors_only:
+        for param in factors(module):
+            param.data = param.data.float()
+    else:
+        nn.Module.float(module)
 
     def restore() -> None:
         for name, param in module.named_parameters():
@@ -64,8 +69,10 @@ def _float32(module: nn.Module):
     return restore
 
 
-def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
+def _snapshot(params: list[nn.Parameter], host: bool = False) -> list[torch.Tensor]:
+    """A copy of the factors; on the host for end-to-end refinement (the whole model's factors: device memory
+    is for the optimisation)."""
+    return [p.detach().to("cpu", copy=True) if host else p.detach().clone() for p in params]
 
 
 def _load(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
@@ -75,11 +82,12 @@ def _load(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
 
 
 def optimise(module: nn.Module, error, train: list[int], held: list[int], settings: Refinement, seed: int,
-             export_dtype: torch.dtype) -> dict:
+             export_dtype: torch.dtype, factors_only: bool = False) -> dict:
     """Adam on the LowRankLinear factors inside `module`, in float32, minimising the mean of `error(b)` =
     (summed error of batch b, its count) over the `train` batches, early stopping on the `held` ones; the
     factors end as the best held-out state rounded to `export_dtype`, or exactly as they were when that is not
     better on both sets. Shared by block (one decoder layer) and end-to-end (the whole model) refinement.
+    factors_only: only the factors go to float32 (error() runs the rest under autocast); else the whole module.
     Exception-safe: whatever stops it (an error, an interrupt), the module is left as it came in: its factors
     and the dtype and gradient flag of every parameter and buffer.
     -> the report entry: losses before/after, steps run, whether the new factors were kept, seconds."""
@@ -88,13 +96,13 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     if settings.steps == 0 or not factors(module):
         return {**entry, "steps_run": 0, "kept": False, "seconds": time.perf_counter() - began}
     flags = {p: p.requires_grad for p in module.parameters()}
-    restore_dtypes = _float32(module)  # the optimisation runs in float32 whatever the compute dtype
+    restore_dtypes = _float32(module, factors_only)  # the optimisation runs in float32 whatever the compute dtype
     params = factors(module)
-    closed_form = _snapshot(params)
+    closed_form = _snapshot(params, host=factors_only)
     try:
         for p in module.parameters():
             p.requires_grad_(False)
-        outcome = _descend(params, closed_form, error, train, held, settings, seed, export_dtype)
+        outcome = _descend(params, closed_form, error, train, held, settings, seed, export_dtype, factors_only)
     except BaseException:
         _load(params, closed_form)
         raise
@@ -106,7 +114,7 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
 
 
 def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error, train: list[int], held: list[int],
-             settings: Refinement, seed: int, export_dtype: torch.dtype) -> dict:
+             settings: Refinement, seed: int, export_dtype: torch.dtype, host_snapshots: bool) -> dict:
     """optimise's loop on float32 `params` (starting at `closed_form`): Adam steps, held-out checks every
     `eval_every` steps, then the best state rounded to the export dtype, kept only if better on both sets
     (else the closed form, exactly)."""
@@ -130,7 +138,7 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
                 if step % settings.eval_every == 0 or step == settings.steps:
                     held_loss = mean_error(error, held)
                     if held_loss < best_held:
-                        best, best_held, best_step, since_best = _snapshot(params), held_loss, step, 0
+                        best, best_held, best_step, since_best = _snapshot(params, host_snapshots), held_loss, step, 0
                     else:
                         since_best += 1
                 if step == settings.steps or since_best >= settings.patience:
