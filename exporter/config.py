@@ -83,6 +83,8 @@ class Refinement:
     holdout: float = 0.125  # fraction of the calibration batches kept for early stopping
     eval_every: int = 8  # steps between two held-out evaluations
     patience: int = 3  # evaluations without a new best before stopping
+    # The never-worse check on the training batches: 0 = all of them; k = k of them, evenly spaced (fixed)
+    check_batches: int = 0
 
     def __post_init__(self):
         if self.steps < 0:
@@ -93,6 +95,8 @@ class Refinement:
             raise ValueError(f"--refine-holdout must be in (0, 1), got {self.holdout}")
         if self.eval_every < 1 or self.patience < 1:
             raise ValueError("refinement: eval_every and patience must be >= 1")
+        if self.check_batches < 0:
+            raise ValueError(f"refinement: check_batches must be >= 0, got {self.check_batches}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,10 @@ class CompressionConfig:
     refine_steps: int = 64
     refine_lr: float = 1e-3
     refine_holdout: float = 0.125
+    refine_check_batches: int = 0  # Refinement.check_batches
+    # Block refinement's target: β·dense(X_o) + (1 − β)·dense(X_c), β = this (1: the dense layer on the original
+    # inputs, the closed form's adaComp uses 0.25 for its own target)
+    refine_target_strength: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -146,6 +154,8 @@ class CompressionConfig:
             raise ValueError(f"--adacomp-damping must be > 0, got {self.adacomp_damping}")
         if self.min_retention is not None and not 0.0 < self.min_retention <= 1.0:
             raise ValueError(f"--min-retention must be in (0, 1], got {self.min_retention}")
+        if not 0.0 <= self.refine_target_strength <= 1.0:
+            raise ValueError(f"refine_target_strength must be in [0, 1], got {self.refine_target_strength}")
         if self.refine not in REFINES:
             raise ValueError(f"unknown --refine {self.refine!r}; choose one of {', '.join(REFINES)}")
         if self.refine_block and self.propagate == "original":
@@ -155,7 +165,8 @@ class CompressionConfig:
 
     @property
     def refinement(self) -> "Refinement":
-        return Refinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout)
+        return Refinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout,
+                          check_batches=self.refine_check_batches)
 
     @property
     def refine_block(self) -> bool:

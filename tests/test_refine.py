@@ -308,3 +308,40 @@ def test_an_interrupted_refinement_leaves_the_layer_as_it_came_in():
     assert after.keys() == before.keys()
     assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
     assert {name: p.requires_grad for name, p in layer.named_parameters()} == flags
+
+
+def test_the_never_worse_check_can_run_on_a_fixed_subset_of_the_training_batches():
+    from exporter.refine.optimise import check_subset
+    assert check_subset(list(range(14)), 0) == list(range(14)) and check_subset([3, 4], 5) == [3, 4]
+    assert check_subset(list(range(14)), 4) == [0, 4, 9, 13]  # evenly spaced, both ends
+    layer, inputs, targets = truncated_layer("llama")
+    entry = refine_layer(0, layer, inputs, targets, Refinement(steps=16, lr=1e-2, check_batches=3), "cpu",
+                         torch.float32)
+    train, _ = split_batches(len(inputs.hidden), 0.125)
+    assert entry["check_batches"] == 3
+    assert entry["loss_after"] == pytest.approx(objective(0, layer, inputs, targets, check_subset(train, 3), "cpu"))
+
+
+def test_a_blended_target_is_what_block_refinement_fits():
+    """refine_target_strength β: layer 1 is fitted to β·dense(X_o) + (1 − β)·dense(X_c), X_c its input through the
+    compressed layer 0: its reported objective is that target's, computed here from the two models."""
+    batches = random_batches(16, 32, batch_size=1)
+    config = CompressionConfig(method="svd-llm-v2", ratio=0.6, allocation="uniform", refine="block",
+                               refine_steps=16, refine_lr=1e-2, refine_target_strength=0.5)
+    model = tiny_model("llama")
+    entries = compress_(model, batches, config, progress=False).extra["refine"]
+    dense = tiny_model("llama")
+    arch = architecture_of(dense)
+    original = capture_inputs(dense, arch, batches, "cpu")
+    inputs = original.copy()
+    advance(0, decoder_layers(dense, arch)[0], original, "cpu")
+    advance(0, decoder_layers(model, arch)[0], inputs, "cpu")
+    on_compressed = inputs.copy()
+    advance(1, decoder_layers(dense, arch)[1], original, "cpu")
+    advance(1, decoder_layers(dense, arch)[1], on_compressed, "cpu")
+    blended = original.copy()
+    blended.hidden = [0.5 * a + 0.5 * b for a, b in zip(original.hidden, on_compressed.hidden)]
+    train, held = split_batches(len(batches), 0.125)
+    layer = decoder_layers(model, arch)[1]
+    assert entries["1"]["loss_after"] == pytest.approx(objective(1, layer, inputs, blended, train, "cpu"), rel=1e-5)
+    assert entries["1"]["loss_after"] != pytest.approx(objective(1, layer, inputs, original, train, "cpu"), rel=1e-3)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..config import CompressionConfig
 from ..factorize.base import MatrixInput
 from ..load.source import LayerSource
-from ..model.activations import advance
+from ..model.activations import Activations, advance
 from ..model.architecture import Architecture
 from ..model.linears import linear_weight
 from ..model.lowrank import LowRankLinear, swap_module
@@ -66,8 +66,12 @@ def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, den
                       config: CompressionConfig, device, export_dtype: torch.dtype, result: CompressionResult) -> None:
     """--refine block on one factorized layer, then the records' losses of the factors as they now are."""
     began = time.perf_counter()
-    entry = refine_layer(index, layer, streams.calib_compressed, streams.calib, config.refinement, device,
-                         export_dtype)
+    targets = streams.calib  # the dense layer's outputs on the original stream (observe advanced it)
+    if obs.dense_on_compressed is not None:  # β·dense(X_o) + (1 − β)·dense(X_c)
+        blended = [torch.lerp(c, o, config.refine_target_strength) for c, o in zip(obs.dense_on_compressed,
+                                                                                    streams.calib.hidden)]
+        targets = Activations(blended, streams.calib.layer_kwargs)
+    entry = refine_layer(index, layer, streams.calib_compressed, targets, config.refinement, device, export_dtype)
     result.extra.setdefault("refine", {})[str(index)] = entry
     result.layer_seconds.setdefault("refine", []).append(time.perf_counter() - began)
     if not entry["kept"]:
@@ -86,7 +90,8 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
     for i, layer in layer_by_layer(source, start, f"compress ({config.method})" if progress else None):
         began = time.perf_counter()
         obs = observe(i, layer, arch, streams.calib, device, compressed=streams.calib_compressed,
-                      need_abs_mean="abs_mean" in method.needs, need_cross="cross" in method.needs)
+                      need_abs_mean="abs_mean" in method.needs, need_cross="cross" in method.needs,
+                      keep_dense_on_compressed=config.refine_block and config.refine_target_strength < 1)
         result.layer_similarity.append(obs.input_similarity)
         if streams.eval_dense is not None:
             advance(i, layer, streams.eval_dense, device)

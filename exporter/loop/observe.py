@@ -42,15 +42,18 @@ def capture_linear_inputs(layer: nn.Module, groups: tuple[InputGroup, ...]):
 class Observation:
     stats: list[InputStats]  # one per input group (arch.groups_of(layer) order); count 0: never reached
     input_similarity: float  # mean cosine similarity of the layer's input and output (original stream)
+    dense_on_compressed: list[torch.Tensor] | None = None  # the dense layer's outputs on the compressed stream
 
 
 @torch.no_grad()
 def observe(index: int, layer: nn.Module, arch: Architecture, original: Activations, device,
             compressed: Activations | None = None, need_abs_mean: bool = False, need_cross: bool = False,
-            need_moments: bool = True) -> Observation:
+            need_moments: bool = True, keep_dense_on_compressed: bool = False) -> Observation:
     """Statistics of decoder layer `index`'s linear inputs; advances `original` through the (still dense)
     layer. With `compressed`, the statistics come from that stream, which the caller advances after the swap.
-    `need_moments=False`: token counts only (which linears the data reached), no X Xᵀ."""
+    `need_moments=False`: token counts only (which linears the data reached), no X Xᵀ.
+    `keep_dense_on_compressed`: keep the (still dense) layer's outputs on the compressed stream, computed for
+    the statistics anyway (block refinement's blended target)."""
     groups = arch.groups_of(index)
     if need_cross and compressed is None:
         raise ValueError("cross statistics (adaComp) need propagation through the compressed layers")
@@ -64,6 +67,7 @@ def observe(index: int, layer: nn.Module, arch: Architecture, original: Activati
     stats = [InputStats(d, device, abs_mean=need_abs_mean, cross=need_cross, targets=t, moments=need_moments)
              for d, t in zip(dims, targets)]
     cos_sum, cos_count = 0.0, 0
+    kept = [] if keep_dense_on_compressed else None
     with capture_linear_inputs(layer, groups) as seen:
         for b, kwargs in enumerate(original.kwargs_for(index)):
             x = original.hidden[b]
@@ -75,13 +79,15 @@ def observe(index: int, layer: nn.Module, arch: Architecture, original: Activati
             if compressed is not None:
                 seen_orig = dict(seen)
                 seen.clear()
-                run_batch(layer, compressed.hidden[b], kwargs, device)
+                dense_out = run_batch(layer, compressed.hidden[b], kwargs, device)
+                if kept is not None:
+                    kept.append(dense_out.to(x.device, x.dtype))
                 for gi, x_seen in seen.items():
                     stats[gi].add(x_seen, seen_orig[gi] if need_cross else None)
             else:
                 for gi, x_seen in seen.items():
                     stats[gi].add(x_seen)
-    return Observation(stats, cos_sum / max(cos_count, 1))  # guard: an empty stream has no similarity
+    return Observation(stats, cos_sum / max(cos_count, 1), kept)  # guard: an empty stream has no similarity
 
 
 def linears_with_stats(arch: Architecture, index: int, layer: nn.Module, obs):

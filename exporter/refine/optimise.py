@@ -27,6 +27,14 @@ def factors(layer: nn.Module) -> list[nn.Parameter]:
     return [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in (m.down.weight, m.up.weight)]
 
 
+def check_subset(train: list[int], count: int) -> list[int]:
+    """The training batches the never-worse check runs on: all (count 0), else `count` of them evenly spaced,
+    the same ones before and after the optimisation."""
+    if count <= 0 or count >= len(train):
+        return list(train)
+    return [train[round(i * (len(train) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
 def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
     """(training batch indices, held-out batch indices): the last ⌈holdout·count⌉ batches are held out."""
     if count < 2:
@@ -118,7 +126,8 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     """optimise's loop on float32 `params` (starting at `closed_form`): Adam steps, held-out checks every
     `eval_every` steps, then the best state rounded to the export dtype, kept only if better on both sets
     (else the closed form, exactly)."""
-    train_before = mean_error(error, train)
+    check = check_subset(train, settings.check_batches)
+    train_before = mean_error(error, check)
     held_before = best_held = mean_error(error, held)
     best, best_step, since_best, step = closed_form, 0, 0, 0
     order = torch.Generator().manual_seed(seed)
@@ -147,12 +156,12 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     with torch.no_grad():  # the factors as they will be stored
         for p in params:
             p.copy_(p.to(export_dtype))
-    train_after = mean_error(error, train)
+    train_after = mean_error(error, check)
     held_after = mean_error(error, held)
     kept = best_step > 0 and train_after <= train_before and held_after <= held_before
     if not kept:  # nothing better than the closed form: restore it exactly
         _load(params, closed_form)
         train_after, held_after = train_before, held_before
-    return {"steps_run": step, "best_step": best_step if kept else 0, "kept": kept,
+    return {"steps_run": step, "best_step": best_step if kept else 0, "kept": kept, "check_batches": len(check),
             "loss_before": train_before, "loss_after": train_after,
             "holdout_before": held_before, "holdout_after": held_after}
