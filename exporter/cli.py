@@ -3,6 +3,7 @@
 thread, so SIGTERM (143) and SIGINT (130) are honoured at once and leave nothing beside --out."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -216,9 +217,13 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
             quantize=None if quantize == "none" else quantize, block_size=block_size, parity=not skip_parity,
         )
         check_flags_apply(given, config)
-        with output_dir.hold(out):
-            signals.run_interruptible(lambda: run(config, overwrite=overwrite, progress=not quiet, echo=click.echo,
-                                                         resume=resume))
+        from . import dist
+        from .load.open import pick_device
+        dist.init_from_env(pick_device(device))  # torchrun: join its process group (one process: nothing)
+        echo = click.echo if dist.is_main() else (lambda *_, **__: None)
+        with output_dir.hold(out) if dist.is_main() else contextlib.nullcontext():  # rank 0 alone writes --out
+            signals.run_interruptible(lambda: run(config, overwrite=overwrite, progress=not quiet, echo=echo,
+                                                  resume=resume))
     except KeyboardInterrupt:  # before the worker started (its own signals exit from signals.on_signal)
         click.echo("svd-export: interrupted; nothing was written under the output name", err=True)
         sys.exit(130)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, dist
 from .config import Quantization, RunConfig
 from .data.text import SOURCES
 from .data.windows import calibration_batches, evaluation_tokens
-from .load.open import open_source
+from .load.open import open_source, pick_device
 from .loop.compress import compress_source
 from .model.head import stored_hidden_logits
 from .output.artifact import finish_artifact
@@ -36,7 +38,7 @@ from .preflight import preflight
 from .recipe import recipe_name
 from .report.markdown import write_report_md
 from .report.summary import count_params, ratio_block, summary, write_json
-from .validate.perplexity import eval_windows, model_window, perplexity
+from .validate.perplexity import eval_windows, model_window, nll_sum
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ class RunData:
     batches: list[torch.Tensor]  # calibration batches
     eval_ids: torch.Tensor | None = None  # the evaluation token stream (None: --eval-data none)
     window: int = 0  # perplexity window
-    eval_batches: list[torch.Tensor] | None = None  # eval_ids cut into windows
+    eval_batches: list[torch.Tensor] | None = None  # eval_ids cut into windows (this rank's share under torchrun)
+    eval_windows: int = 0  # windows in all
 
 
 def run_data(config: RunConfig, model, tokenizer, timer: Timer) -> RunData:
@@ -140,10 +143,17 @@ def run_data(config: RunConfig, model, tokenizer, timer: Timer) -> RunData:
             data.eval_ids = evaluation_tokens(model, tokenizer, config.evaluation.source, config.evaluation.max_tokens,
                                               data.window)
         data.eval_batches = eval_windows(data.eval_ids, data.window)
+        data.eval_windows = len(data.eval_batches)
     cal = config.calibration
     with timer("calibration_data"):
         data.batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed,
                                            cal.batch_size, cal.allow_overlap)
+    if dist.active():  # every rank made the same (seeded) batches: each keeps its share
+        for what, items in (("calibration batches", data.batches), ("evaluation windows", data.eval_batches or [])):
+            if items and len(items) < dist.world_size():
+                raise ValueError(f"{len(items)} {what} for {dist.world_size()} processes: each needs one at least")
+        data.batches = dist.shard(data.batches)
+        data.eval_batches = dist.shard(data.eval_batches) if data.eval_batches is not None else None
     return data
 
 
@@ -153,8 +163,9 @@ def streamed_perplexity(config: RunConfig, source, streams, data: RunData, progr
     ppl = {}
     for kind, stream in (("dense", streams.eval_dense), ("compressed", streams.eval_compressed)):
         logits = stored_hidden_logits(source.model, source.arch, stream.hidden, source.device)
-        ppl[kind] = perplexity(logits, data.eval_ids, data.window, f"perplexity ({kind})", progress)
-    ppl.update(tokens=len(data.eval_batches) * data.window, window=data.window, source=config.evaluation.source)
+        nll, count = dist.sum_floats(*nll_sum(logits, data.eval_batches, f"perplexity ({kind})", progress))
+        ppl[kind] = math.exp(nll / count)  # count > 0: eval_windows refuses text shorter than one window
+    ppl.update(tokens=data.eval_windows * data.window, window=data.window, source=config.evaluation.source)
     why = in_sample(config)
     if why:
         ppl["in_sample"] = why
@@ -216,62 +227,90 @@ def finish_onnx(config: RunConfig, onnx_stage, model, tmp: Path, report: dict, d
                 onnx_stage.cleanup()
 
 
+@contextmanager
+def work_folder(out: Path, overwrite: bool, key: str, resume: bool):
+    """Where the run writes. Rank 0 (or the one process): the partial folder beside --out, renamed into place at
+    the end. The other ranks under torchrun: a temporary folder of their own (their copy of the shards, which
+    end-to-end refinement reads back): they never touch the output folder."""
+    if dist.is_main():
+        with atomic_output(out, overwrite, resume_key=key, keep_on_interrupt=resume) as tmp:
+            if not resume:  # what a killed run of the same settings left: start afresh
+                empty_folder(tmp)
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"svd-export-rank{dist.rank()}-") as tmp:
+            yield Path(tmp)
+
+
+def write_outputs(config: RunConfig, report: dict, result, writer, model, tokenizer, source, export_dtype, onnx_stage,
+                  data: RunData, tmp: Path, timer: Timer, progress: bool, echo) -> None:
+    """Rank 0's part after the loop: safetensors, the compressed ONNX graph and its checks, report.json/md."""
+    meta = {"method": result.method, "allocation": result.allocation, "ratio": result.ratio, "ranks": dict(result.plan)}
+    with timer("save_safetensors"):
+        files = finish_artifact(writer, model, source.arch.layers, tokenizer, tmp, meta, export_dtype)
+    shutil.rmtree(tmp / RESUME_FOLDER, ignore_errors=True)
+    try:
+        if onnx_stage is not None:
+            finish_onnx(config, onnx_stage, model, tmp, report, data, source, timer, progress, echo)
+    finally:
+        if onnx_stage is not None:
+            onnx_stage.cleanup()  # never part of the output
+    if "safetensors" not in config.formats:
+        for f in files + [tmp / "model.safetensors.index.json"]:
+            f.unlink(missing_ok=True)
+    report["timings_s"] = dict(timer.timings)
+    report["peak_memory"] = peak_memory()
+    write_json(report, tmp)
+    write_report_md(report, tmp)
+
+
 def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=print, resume: bool = False) -> dict:
+    """One run (see the module docstring). Under torchrun every rank calls it: each compresses with its share of
+    the calibration batches and evaluation windows; rank 0 alone writes and returns the report (the others: {})."""
     quantization = check_run(config, overwrite)
+    if resume and dist.active():
+        raise ValueError("--resume continues a run of one process: run it without torchrun, or start afresh")
     if in_sample(config):
         log.warning("%s: calibration saw every evaluated token", in_sample(config))
     out, timer = check_out_path(config.out), Timer()  # a symbolic link: the folder it points to
+    device = dist.local_device(pick_device(config.device))
     with timer("load"):
-        source, tokenizer, origin, export_dtype = open_source(config.model, config.dtype, config.device,
+        source, tokenizer, origin, export_dtype = open_source(config.model, config.dtype, str(device),
                                                               whole_model=lambda c: whole_model_reason(config, c))
     model = source.model
     dense_total = count_params(model)
     report: dict = {"tool": f"svd-export {__version__}", "model": config.model, "source": origin.describe(),
                     "config": json.loads(config.to_json()), "streamed": source.streamed,
                     "dtype": {"export": str(export_dtype).removeprefix("torch."),
-                              "compute": str(source.compute_dtype).removeprefix("torch.")}}
+                              "compute": str(source.compute_dtype).removeprefix("torch.")},
+                    "world_size": dist.world_size()}
     data = run_data(config, model, tokenizer, timer)
     settings = run_settings(config)
     key = run_key(settings)
     if resume and not resume_folder(out, key).exists():
         refuse_other_settings(sorted(out.parent.glob(f".{out.name}.partial-*")), settings)
-    with atomic_output(out, overwrite, resume_key=key, keep_on_interrupt=resume) as tmp:
-        if not resume:  # what a killed run of the same settings left: start afresh
-            empty_folder(tmp)
-        onnx_stage = onnx_stage_of(config, out, tmp, export_dtype, quantization, resume, progress)
+    with work_folder(out, overwrite, key, resume) as tmp:
+        onnx_stage = onnx_stage_of(config, out, tmp, export_dtype, quantization, resume, progress) if dist.is_main() \
+            else None
         if onnx_stage is not None:
             with timer("onnx_export"):
                 onnx_stage.export_dense(model, tokenizer, source)
         writer = ShardWriter(tmp, export_dtype)
         with timer("compress"):
             result, streams = compress_source(source, data.batches, config.compression, data.eval_batches, writer,
-                                              ResumeState(tmp, settings), export_dtype, progress=progress,
-                                              work=tmp / RESUME_FOLDER / "e2e")
+                                              None if dist.active() else ResumeState(tmp, settings), export_dtype,
+                                              progress=progress and dist.is_main(), work=tmp / RESUME_FOLDER / "e2e")
         data.batches = []
         ppl = {}
         if data.eval_batches is not None:
             with timer("perplexity"):
-                ppl = streamed_perplexity(config, source, streams, data, progress)
+                ppl = streamed_perplexity(config, source, streams, data, progress and dist.is_main())
         del streams
+        if not dist.is_main():
+            return {}
         report.update(compression_report(config, result, model, export_dtype, dense_total, ppl))
-        meta = {"method": result.method, "allocation": result.allocation, "ratio": result.ratio,
-                "ranks": dict(result.plan)}
-        with timer("save_safetensors"):
-            files = finish_artifact(writer, model, source.arch.layers, tokenizer, tmp, meta, export_dtype)
-        shutil.rmtree(tmp / RESUME_FOLDER, ignore_errors=True)
-        try:
-            if onnx_stage is not None:
-                finish_onnx(config, onnx_stage, model, tmp, report, data, source, timer, progress, echo)
-        finally:
-            if onnx_stage is not None:
-                onnx_stage.cleanup()  # never part of the output
-        if "safetensors" not in config.formats:
-            for f in files + [tmp / "model.safetensors.index.json"]:
-                f.unlink(missing_ok=True)
-        report["timings_s"] = dict(timer.timings)
-        report["peak_memory"] = peak_memory()
-        write_json(report, tmp)
-        write_report_md(report, tmp)
+        write_outputs(config, report, result, writer, model, tokenizer, source, export_dtype, onnx_stage, data, tmp,
+                      timer, progress, echo)
     echo(summary(report))
     if "throughput" in report:
         from .bench import summary_line

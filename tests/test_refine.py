@@ -293,7 +293,7 @@ def test_an_interrupted_refinement_leaves_the_layer_as_it_came_in():
     flags = {name: p.requires_grad for name, p in layer.named_parameters()}
     calls = []
 
-    def failing(b):
+    def failing(_, b):
         calls.append(b)
         if len(calls) > 12:  # after a few steps have moved the factors
             raise KeyboardInterrupt

@@ -14,6 +14,7 @@ from functools import cached_property
 
 import torch
 
+from .. import dist
 from .linalg import Whitening, symmetric, whiten
 
 # Rows of XᵀY formed at a time when folding a batch: the float32 product and its float64 copy then stay
@@ -221,6 +222,33 @@ class InputStats:
             self._cholesky = (lam, torch.linalg.cholesky(symmetric(self.gram) + lam * eye))
         # (C + λI) is symmetric: solving from the right is a solve of the transpose
         return torch.cholesky_solve(rhs.T, self._cholesky[1]).T
+
+    def reduce_across_ranks(self) -> None:
+        """Under torchrun each rank observed its own calibration batches: make these the statistics of all of
+        them, on every rank (counts and sums summed; kept tokens are folded into the sums first, since tokens
+        are not summed). One process: nothing changes."""
+        if not dist.active():
+            return
+        self.count = int(dist.sum_floats(self.count)[0])
+        if self.moments:
+            if self._tokens is not None:
+                for i, kept in enumerate(self._tokens):
+                    self._fold(kept, self._tokens_orig[i] if self.has_cross else None)
+                self._tokens = self._tokens_orig = None
+            zeros = dict(dtype=torch.float64, device=self.device)
+            if self._sum is None:  # this rank saw no token of this input (an expert): zeros to add
+                self._sum, self._upper_rows = torch.zeros(self.dim, self.dim, **zeros), ROWS
+            dist.all_reduce_(self._sum)
+            if self.has_cross:
+                if self._cross_sum is None:
+                    self._cross_sum = torch.zeros(self.dim, self.dim, **zeros)
+                dist.all_reduce_(self._cross_sum)
+            if self.count == 0:
+                self._sum = self._cross_sum = None
+        if self.abs_sum is not None:
+            dist.all_reduce_(self.abs_sum)
+        names = list(self.target_energy)
+        self.target_energy = dict(zip(names, dist.sum_floats(*[self.target_energy[n] for n in names])))
 
     def drop_cross(self) -> None:
         """Free what pairs X_c with X_o (X_oᵀ, or the X_c X_oᵀ sum) once no linear of this input needs it;

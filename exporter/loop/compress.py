@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from accelerate.utils import set_module_tensor_to_device
 
+from .. import dist
 from ..config import CompressionConfig, default_min_retention
 from ..factorize.base import get_method
 from ..load.open import available_bytes
@@ -204,7 +205,8 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
     stack.enter_context(whole_student(source, e2e.writer))
     entry = refine_model(model, arch, batches, inputs, teacher, config.refinement, device, export_dtype,
                          source.compute_dtype)
-    result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3)}
+    result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3),
+                                  "world_size": dist.world_size()}
     if e2e.resume_state is not None:  # a kill from here on resumes to these factors, never refines again
         evaluation = {k: v for k, v in streams.named().items() if k.startswith("eval")}
         e2e.resume_state.save(pass_state(result, e2e.base_state, "e2e", source.num_layers), evaluation,

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..config import CompressionConfig
 from ..factorize.base import MatrixInput
 from ..load.source import LayerSource
@@ -28,26 +29,25 @@ from .walk import layer_by_layer
 def factorize_layer(index: int, layer: nn.Module, arch: Architecture, obs, plan: dict[str, int], method,
                     export_dtype: torch.dtype, result: CompressionResult) -> None:
     """Factorize every planned linear of one layer and swap in its LowRankLinear, input group by input group;
-    a group's pairing with X_o (adaComp's) is freed once its linears are done."""
+    a group's pairing with X_o (adaComp's) is freed once its linears are done. Under torchrun the layer's
+    planned linears are shared out: the k-th is factorized by rank k mod world size and broadcast."""
+    position = 0
     for group, stats in zip(arch.groups_of(index), obs.stats):
         for path in group.linears:
             name = f"{arch.layers}.{index}.{path}"
             if name in plan:
-                factorize_linear(name, path, layer, stats, plan, method, export_dtype, result)
+                factorize_linear(name, path, layer, stats, plan, method, export_dtype, result,
+                                 owner=position % dist.world_size())
+                position += 1
         stats.drop_cross()
 
 
-def factorize_linear(name: str, path: str, layer: nn.Module, stats, plan: dict[str, int], method,
-                     export_dtype: torch.dtype, result: CompressionResult) -> None:
-    """Factorize one linear of `layer` at its planned rank and swap in its LowRankLinear. The factors are
-    rounded to the export dtype first: the loss is reported, and the next layers see, the factors as stored."""
-    linear = layer.get_submodule(path)
-    if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
-        del plan[name]
-        result.extra.setdefault("uncalibrated_experts", []).append(name)
-        return
+def factorization(name: str, linear: nn.Module, stats, rank: int, method,
+                  export_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, MatrixRecord, dict]:
+    """(up, down, record, the method's report entries) of one linear. The factors are rounded to the export
+    dtype first: the loss is reported, and the next layers see, the factors as stored."""
     w = linear_weight(linear).detach().to(torch.float64)
-    mi, rank = MatrixInput(name, w, stats), plan[name]
+    mi = MatrixInput(name, w, stats)
     try:
         up, down = method.factorize(mi, rank)
     except Exception as exc:  # a layer that fails to factorize is an error, never skipped
@@ -56,8 +56,33 @@ def factorize_linear(name: str, path: str, layer: nn.Module, stats, plan: dict[s
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise FloatingPointError(f"{method.name} produced non-finite factors for {name} "
                                  f"(in {str(export_dtype).removeprefix('torch.')})")
-    result.records[name] = MatrixRecord(rank, mi.loss(up, down), mi.min_loss(rank), tuple(w.shape))
-    method.report(name, mi, up, down, result.extra)
+    report: dict = {}
+    method.report(name, mi, up, down, report)
+    return up, down, MatrixRecord(rank, mi.loss(up, down), mi.min_loss(rank), tuple(w.shape)), report
+
+
+def factorize_linear(name: str, path: str, layer: nn.Module, stats, plan: dict[str, int], method,
+                     export_dtype: torch.dtype, result: CompressionResult, owner: int = 0) -> None:
+    """Factorize one linear of `layer` at its planned rank (on rank `owner`, broadcast to the others under
+    torchrun) and swap in its LowRankLinear."""
+    linear = layer.get_submodule(path)
+    if stats.count == 0:  # an MoE expert no calibration token was routed to: stays dense, reported
+        del plan[name]
+        result.extra.setdefault("uncalibrated_experts", []).append(name)
+        return
+    if not dist.active():
+        outcome = factorization(name, linear, stats, plan[name], method, export_dtype)
+    else:  # the owner's outcome, or its error, on every rank (a rank left waiting would hang)
+        try:
+            mine = factorization(name, linear, stats, plan[name], method, export_dtype) if dist.rank() == owner else None
+        except Exception as exc:  # noqa: BLE001 — sent to the other ranks, then raised on all of them
+            mine = exc
+        outcome = dist.broadcast_objects([mine], src=owner)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+    up, down, result.records[name], report = outcome
+    for key, entries in report.items():
+        result.extra.setdefault(key, {}).update(entries)
     swap_module(layer, path, LowRankLinear.from_factors(up, down, linear.bias, dtype=linear.weight.dtype,
                                                         device=linear.weight.device))
 

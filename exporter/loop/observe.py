@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
 from ..factorize.stats import InputStats
 from ..model.activations import Activations, run_batch
 from ..model.architecture import Architecture, InputGroup
@@ -87,6 +88,9 @@ def observe(index: int, layer: nn.Module, arch: Architecture, original: Activati
             else:
                 for gi, x_seen in seen.items():
                     stats[gi].add(x_seen)
+    for s in stats:  # under torchrun: the statistics of every rank's batches
+        s.reduce_across_ranks()
+    cos_sum, cos_count = dist.sum_floats(cos_sum, cos_count)
     return Observation(stats, cos_sum / max(cos_count, 1), kept)  # guard: an empty stream has no similarity
 
 

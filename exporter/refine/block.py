@@ -39,5 +39,5 @@ def refine_layer(index: int, layer: nn.Module, inputs: Activations, targets: Act
     """Refine the factors of `layer` in place (see the module docstring). `inputs`: the compressed stream at the
     layer's input; `targets`: the dense layer's outputs on the original stream. -> the report entry."""
     train, held = split_batches(len(inputs.hidden), settings.holdout)
-    return optimise(layer, lambda b: _squared_error(index, layer, inputs, targets, b, device), train, held, settings,
-                    seed=index, export_dtype=export_dtype)
+    return optimise(layer, lambda forward, b: _squared_error(index, forward, inputs, targets, b, device), train, held,
+                    settings, seed=index, export_dtype=export_dtype)

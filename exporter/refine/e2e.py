@@ -95,6 +95,20 @@ def chunked_kl(model: nn.Module, arch: Architecture, ids: torch.Tensor, final: t
     return total + (link - link.detach()), ids.numel()
 
 
+class Student(nn.Module):
+    """The compressed model as refine/optimise.py calls it (and DistributedDataParallel wraps it under
+    torchrun): batch index → its last decoder-layer output."""
+
+    def __init__(self, model: nn.Module, arch: Architecture, inputs: Activations, device):
+        super().__init__()
+        self.model = model
+        self._rest = (arch, inputs, torch.device(device))  # not modules: kept out of the module tree
+
+    def forward(self, b: int) -> torch.Tensor:
+        arch, inputs, device = self._rest
+        return student_hidden(self.model, arch, inputs, b, device)
+
+
 def refine_model(model: nn.Module, arch: Architecture, batches: list[torch.Tensor], inputs: Activations,
                  teacher: Teacher, settings: Refinement, device, export_dtype: torch.dtype,
                  compute_dtype: torch.dtype, chunk: int = KL_CHUNK) -> dict:
@@ -105,11 +119,10 @@ def refine_model(model: nn.Module, arch: Architecture, batches: list[torch.Tenso
     device = torch.device(device)
     half = compute_dtype != torch.float32
 
-    def error(b: int) -> tuple[torch.Tensor, int]:
+    def error(student: nn.Module, b: int) -> tuple[torch.Tensor, int]:
         with torch.autocast(device.type, dtype=compute_dtype, enabled=half):
-            final = student_hidden(model, arch, inputs, b, device)
-            return chunked_kl(model, arch, batches[b], final, teacher[b].to(device), device, chunk)
+            return chunked_kl(model, arch, batches[b], student(b), teacher[b].to(device), device, chunk)
     entry = optimise(model, error, train, held, settings, seed=len(decoder_layers(model, arch)),
-                     export_dtype=export_dtype, factors_only=True)
+                     export_dtype=export_dtype, factors_only=True, forward=Student(model, arch, inputs, device))
     return {**entry, "objective": "KL(dense || compressed) per token",
             "matrix_losses": "layers.*.loss are of the factors before end-to-end refinement"}

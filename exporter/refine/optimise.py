@@ -12,12 +12,14 @@ increases, and a budget of zero steps changes nothing.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..config import Refinement
 from ..model.lowrank import LowRankLinear
 
@@ -36,22 +38,28 @@ def check_subset(train: list[int], count: int) -> list[int]:
 
 
 def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
-    """(training batch indices, held-out batch indices): the last ⌈holdout·count⌉ batches are held out."""
-    if count < 2:
+    """(training batch indices, held-out batch indices) of this rank's `count` batches: the last
+    ⌈holdout·total⌉ of all ranks' batches are held out (rank r holds batches r, r + W, r + 2W, … of the total:
+    exporter/dist.py), the same split as one process makes."""
+    total, world, rank = int(dist.sum_floats(count)[0]), dist.world_size(), dist.rank()
+    if total < 2:
         raise ValueError(f"--refine holds out calibration batches for early stopping and needs at least 2; "
-                         f"got {count} (raise --calib-samples or lower --calib-batch-size)")
-    held = min(count - 1, max(1, math.ceil(holdout * count)))
-    return list(range(count - held)), list(range(count - held, count))
+                         f"got {total} (raise --calib-samples or lower --calib-batch-size)")
+    held = min(total - 1, max(1, math.ceil(holdout * total)))
+    position = [rank + b * world for b in range(count)]  # each local batch's place among all of them
+    return ([b for b in range(count) if position[b] < total - held],
+            [b for b in range(count) if position[b] >= total - held])
 
 
 @torch.no_grad()
 def mean_error(error, batches: list[int]) -> float:
     """Σ error over `batches` / Σ their counts, for `error(b)` = (summed error of batch b, its count); the sums
-    in float64."""
+    in float64, over every rank's `batches` under torchrun."""
     total, count = 0.0, 0
     for b in batches:
         err, n = error(b)
         total, count = total + float(err), count + n
+    total, count = dist.sum_floats(total, count)
     return total / max(count, 1)  # guard: an empty batch list has no error
 
 
@@ -83,6 +91,21 @@ def _snapshot(params: list[nn.Parameter], host: bool = False) -> list[torch.Tens
     return [p.detach().to("cpu", copy=True) if host else p.detach().clone() for p in params]
 
 
+def data_parallel(forward: nn.Module) -> nn.Module:
+    """`forward` for the training steps: itself in one process, wrapped in DistributedDataParallel under
+    torchrun (its gradients averaged over the ranks in the backward pass, so every rank takes the same step)."""
+    if not dist.active():
+        return forward
+    from torch.nn.parallel import DistributedDataParallel
+    device = next(p for p in forward.parameters() if p.requires_grad).device
+    return DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest `value` over the ranks (a rank with fewer batches sets the others' epoch length)."""
+    return int(dist.min_floats(value)[0])
+
+
 def _load(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
@@ -90,11 +113,13 @@ def _load(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
 
 
 def optimise(module: nn.Module, error, train: list[int], held: list[int], settings: Refinement, seed: int,
-             export_dtype: torch.dtype, factors_only: bool = False) -> dict:
-    """Adam on the LowRankLinear factors inside `module`, in float32, minimising the mean of `error(b)` =
-    (summed error of batch b, its count) over the `train` batches, early stopping on the `held` ones; the
-    factors end as the best held-out state rounded to `export_dtype`, or exactly as they were when that is not
-    better on both sets. Shared by block (one decoder layer) and end-to-end (the whole model) refinement.
+             export_dtype: torch.dtype, factors_only: bool = False, forward: nn.Module | None = None) -> dict:
+    """Adam on the LowRankLinear factors inside `module`, in float32, minimising the mean of `error(f, b)` =
+    (summed error of batch b computed by calling `f`, its count) over the `train` batches, early stopping on the
+    `held` ones; the factors end as the best held-out state rounded to `export_dtype`, or exactly as they were
+    when that is not better on both sets. Shared by block (one decoder layer) and end-to-end (the whole model)
+    refinement. `forward`: what error() calls (default `module`); under torchrun the training steps get it
+    wrapped in DistributedDataParallel, each rank's `train` and `held` being its own batches.
     factors_only: only the factors go to float32 (error() runs the rest under autocast); else the whole module.
     Exception-safe: whatever stops it (an error, an interrupt), the module is left as it came in: its factors
     and the dtype and gradient flag of every parameter and buffer.
@@ -110,7 +135,8 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     try:
         for p in module.parameters():
             p.requires_grad_(False)
-        outcome = _descend(params, closed_form, error, train, held, settings, seed, export_dtype, factors_only)
+        outcome = _descend(params, closed_form, error, forward if forward is not None else module, train, held,
+                           settings, seed, export_dtype, factors_only)
     except BaseException:
         _load(params, closed_form)
         raise
@@ -121,14 +147,16 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     return {**entry, **outcome, "seconds": time.perf_counter() - began}
 
 
-def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error, train: list[int], held: list[int],
-             settings: Refinement, seed: int, export_dtype: torch.dtype, host_snapshots: bool) -> dict:
+def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error, forward: nn.Module,
+             train: list[int], held: list[int], settings: Refinement, seed: int, export_dtype: torch.dtype,
+             host_snapshots: bool) -> dict:
     """optimise's loop on float32 `params` (starting at `closed_form`): Adam steps, held-out checks every
     `eval_every` steps, then the best state rounded to the export dtype, kept only if better on both sets
     (else the closed form, exactly)."""
+    evaluate = functools.partial(error, forward)
     check = check_subset(train, settings.check_batches)
-    train_before = mean_error(error, check)
-    held_before = best_held = mean_error(error, held)
+    train_before = mean_error(evaluate, check)
+    held_before = best_held = mean_error(evaluate, held)
     best, best_step, since_best, step = closed_form, 0, 0, 0
     order = torch.Generator().manual_seed(seed)
     groups = [{"params": [p], "lr": settings.lr * float(p.detach().square().mean().sqrt())} for p in params]
@@ -136,16 +164,18 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     optimiser = torch.optim.Adam(groups, fused=True)
     for p in params:
         p.requires_grad_(True)
+    stepping = data_parallel(forward)
+    epoch = min_over_ranks(len(train))  # every rank takes the same number of steps
     with torch.enable_grad():
         while step < settings.steps and since_best < settings.patience:
-            for b in torch.randperm(len(train), generator=order).tolist():
-                err, n = error(train[b])
+            for b in torch.randperm(len(train), generator=order)[:epoch].tolist():
+                err, n = error(stepping, train[b])
                 optimiser.zero_grad(set_to_none=True)
                 (err / n).backward()
                 optimiser.step()
                 step += 1
                 if step % settings.eval_every == 0 or step == settings.steps:
-                    held_loss = mean_error(error, held)
+                    held_loss = mean_error(evaluate, held)
                     if held_loss < best_held:
                         best, best_held, best_step, since_best = _snapshot(params, host_snapshots), held_loss, step, 0
                     else:
@@ -156,8 +186,8 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     with torch.no_grad():  # the factors as they will be stored
         for p in params:
             p.copy_(p.to(export_dtype))
-    train_after = mean_error(error, check)
-    held_after = mean_error(error, held)
+    train_after = mean_error(evaluate, check)
+    held_after = mean_error(evaluate, held)
     kept = best_step > 0 and train_after <= train_before and held_after <= held_before
     if not kept:  # nothing better than the closed form: restore it exactly
         _load(params, closed_form)

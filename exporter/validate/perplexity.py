@@ -34,9 +34,9 @@ def eval_windows(tokens: torch.Tensor, seqlen: int) -> list[torch.Tensor]:
     return [tokens[w * seqlen:(w + 1) * seqlen].unsqueeze(0) for w in range(windows)]
 
 
-def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str = "perplexity",
-               progress: bool = True) -> float:
-    windows = eval_windows(tokens, seqlen)
+def nll_sum(logits_fn: LogitsFn, windows: list[torch.Tensor], desc: str = "perplexity",
+            progress: bool = True) -> tuple[float, int]:
+    """(Σ next-token negative log-likelihood, number of predicted tokens) over `windows` [1, L] each."""
     nll, count = 0.0, 0
     for w, ids in enumerate(tqdm(windows, desc=desc, unit="window", disable=not progress)):
         logits = logits_fn(ids)[0, :-1].float()
@@ -44,5 +44,11 @@ def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str
         if not torch.isfinite(loss):  # never skipped (SVD-LLM silently dropped NaN batches)
             raise FloatingPointError(f"non-finite loss in evaluation window {w}: the model produced NaN/Inf logits")
         nll += float(loss)
-        count += seqlen - 1
+        count += ids.shape[1] - 1
+    return nll, count
+
+
+def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, desc: str = "perplexity",
+               progress: bool = True) -> float:
+    nll, count = nll_sum(logits_fn, eval_windows(tokens, seqlen), desc, progress)
     return math.exp(nll / count)

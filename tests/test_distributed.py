@@ -1,0 +1,57 @@
+"""Under torchrun (2 processes, gloo on this CPU): the layer loop splits the calibration batches and the
+evaluation windows across ranks (statistics summed over both, matrices factorized by one rank each), block and
+end-to-end refinement run data-parallel (DistributedDataParallel), and rank 0 alone writes. The result is the
+one-process result up to the order of the sums and the batches per step."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from onnx_helpers import tiny_model_dir
+
+WORDS = ("the quick brown fox jumps over lazy dog pack my box with five dozen liquor jugs alpha beta gamma delta "
+         "river stone cloud seven north").split()
+
+
+def cli(args, processes: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    return subprocess.run([sys.executable, *launcher, "-m", "exporter.cli", *args, "-q"], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("refine", ["block+e2e"])
+def test_two_processes_give_the_perplexity_of_one(tmp_path, refine):
+    model = tiny_model_dir("llama", tmp_path / "model")
+    rng = random.Random(0)
+    (tmp_path / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
+    (tmp_path / "eval.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    args = ["--model", str(model), "--ratio", "0.8", "--method", "svd-llm-v2", "--allocation", "uniform",
+            "--refine", refine, "--refine-steps", "32", "--refine-lr", "0.01", "--calib-data", str(tmp_path / "calib.txt"),
+            "--calib-samples", "16", "--calib-seqlen", "64", "--eval-data", str(tmp_path / "eval.txt"),
+            "--eval-tokens", "1024", "--eval-seqlen", "128"]
+    one = cli([*args, "--out", str(tmp_path / "one")])
+    two = cli([*args, "--out", str(tmp_path / "two")], processes=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two"))
+    assert (a["world_size"], b["world_size"]) == (1, 2) and b["method_details"]["refine_e2e"]["world_size"] == 2
+    assert b["perplexity"]["dense"] == pytest.approx(a["perplexity"]["dense"], rel=1e-4)  # the same windows, split
+    assert b["perplexity"]["compressed"] == pytest.approx(a["perplexity"]["compressed"], rel=0.02)
+    assert b["layers"].keys() == a["layers"].keys() and all(b["layers"][k]["rank"] == a["layers"][k]["rank"]
+                                                            for k in a["layers"])
+    assert b["method_details"]["refine_e2e"]["steps_run"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "eval.txt", "model", "one", "two"]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
+
+
+def test_resume_is_one_process_only(tmp_path):
+    model = tiny_model_dir("llama", tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(" ".join(WORDS * 200))
+    done = cli(["--model", str(model), "--ratio", "0.4", "--method", "svd", "--allocation", "uniform",
+                "--calib-data", str(tmp_path / "calib.txt"), "--calib-samples", "4", "--calib-seqlen", "64",
+                "--eval-data", "none", "--resume", "--out", str(tmp_path / "out")], processes=2)
+    assert done.returncode != 0 and "--resume continues a run of one process" in done.stderr
+    assert not (tmp_path / "out").exists()
