@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import dist
 from ..model.architecture import decoder_layers
 from ..model.discovery import architecture_of
 from .asvd import column_scaled_svd
@@ -46,6 +47,8 @@ def fisher_columns(model, batches, names: list[str], device) -> dict[str, torch.
             w.grad = None
         for layer, home in zip(layers, homes):
             layer.to(home)
+    for column_sums in fisher.values():  # under torchrun: the sums over every rank's batches
+        dist.all_reduce_(column_sums)
     return fisher
 
 

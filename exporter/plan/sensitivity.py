@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..factorize.gradients import grad_only_for, lm_loss_backward
 from ..model.candidates import Matrix
 
@@ -46,7 +47,10 @@ def output_gradient_sensitivity(model: nn.Module, batches: list[torch.Tensor], m
     finally:
         for h in handles:
             h.remove()
+    names = list(sums)  # under torchrun: the sums over every rank's batches
+    totals = dict(zip(names, dist.sum_floats(*[float(sums[n]) for n in names])))
+    counts = dict(zip(names, dist.sum_floats(*[counts[n] for n in names])))
     never = [name for name, c in counts.items() if c == 0]
     if never:
         raise RuntimeError(f"the sensitivity pass never reached {len(never)} linears, e.g. {never[0]}")
-    return {name: float(sums[name]) / counts[name] for name in sums}
+    return {name: totals[name] / counts[name] for name in names}
