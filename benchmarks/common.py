@@ -6,6 +6,8 @@ import importlib.util
 import os
 import shlex
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,30 @@ def wiki_test_tokens(model, tokenizer, count: int):
     """The first `count` tokens of wiki.test.raw, one stream."""
     from exporter.data.windows import evaluation_tokens
     return evaluation_tokens(model, tokenizer, str(WIKITEXT / "wiki.test.raw"), count)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every `interval` seconds)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+
+    def __enter__(self):
+        import psutil
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def tests_module(name: str):

@@ -218,10 +218,9 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
         )
         check_flags_apply(given, config)
         from . import dist
-        from .load.open import pick_device
-        dist.init_from_env(pick_device(device))  # torchrun: join its process group (one process: nothing)
-        echo = click.echo if dist.is_main() else (lambda *_, **__: None)
-        with output_dir.hold(out) if dist.is_main() else contextlib.nullcontext():  # rank 0 alone writes --out
+        main_rank = dist.launched_rank() == 0  # torchrun's RANK (the process group is joined by run, after preflight)
+        echo = click.echo if main_rank else (lambda *_, **__: None)
+        with output_dir.hold(out) if main_rank else contextlib.nullcontext():  # rank 0 alone writes --out
             signals.run_interruptible(lambda: run(config, overwrite=overwrite, progress=not quiet, echo=echo,
                                                   resume=resume))
     except KeyboardInterrupt:  # before the worker started (its own signals exit from signals.on_signal)

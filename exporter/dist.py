@@ -33,6 +33,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it in the environment (0 without torchrun), before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1); nothing otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):

@@ -1,5 +1,5 @@
 """The default recipe: what `svd-export --model X --ratio R` runs when no --method is given, the best recipe
-measured on validation text (`benchmarks/quality_smollm2.py --split validation`,
+measured on validation text (`python -m benchmarks.quality.smollm2 --split validation`,
 docs/results/quality-smollm2-validation.md: SmolLM2-135M, calibration from the first 75% of
 wiki.valid.tokens, perplexity on the rest, one seed). AdaSVD with its adaCR allocation leads SVD-LLM V2 with
 its own allocation at every ratio measured there: 30.42 vs 38.12 at 0.2, 43.68 vs 77.52 at 0.4, 72.45 vs
@@ -10,7 +10,10 @@ calibration batches to stop early, so it needs two batches at least: with a sing
 without it and says so in its name ("default, no refine (1 calibration batch): adasvd + adacr"). A matrix
 whose planned rank keeps at least 90% of its parameters stays dense (`--keep-dense-above 0.9`, its budget
 going to the others): 30.42 → 28.63 at 0.2 and 43.68 → 42.98 at 0.4; 0.95 gives 28.68 and 42.98. With
-refinement, the whole default gives 62.04 and 124.29 at 0.6 and 0.8 (refinement alone: 65.13 and 124.29).
+refinement, the whole default gives 62.04 and 124.29 at 0.6 and 0.8 (refinement alone: 65.13 and 124.29),
+and 37.39 at 0.4. End-to-end refinement after it (`--refine block+e2e`) gave the same 37.39 at 0.4: on 16
+calibration sequences its held-out KL never improved after block refinement, so it is not in the default
+(docs/quality.md, "Refinement, re-examined").
 
 Every paper recipe stays one flag away: `--method svd-llm-v2` is SVD-LLM V2 with its own allocation,
 `--method adasvd` AdaSVD with adaCR, neither refined.

@@ -268,6 +268,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     """One run (see the module docstring). Under torchrun every rank calls it: each compresses with its share of
     the calibration batches and evaluation windows; rank 0 alone writes and returns the report (the others: {})."""
     quantization = check_run(config, overwrite)
+    dist.init_from_env(pick_device(config.device))  # torchrun: join its process group (one process: nothing)
     if resume and dist.active():
         raise ValueError("--resume continues a run of one process: run it without torchrun, or start afresh")
     if in_sample(config):

@@ -2,7 +2,7 @@
 routers), reload from safetensors with identical logits, ONNX export with the KV cache and the low-rank
 pairs in parity with PyTorch, and onnxruntime-genai generating what PyTorch generates.
 
-benchmarks/families_table.py runs this file and turns its outcomes into the README's family table.
+benchmarks/quality/families.py runs this file and turns its outcomes into the README's family table.
 """
 import json
 from pathlib import Path

@@ -2,7 +2,7 @@
 of tests/data.
 
 Small settings keep it to a few minutes on 2 CPU cores: 8 calibration samples × 256 tokens, 4 evaluation
-windows of 1024 tokens. The full-size comparison lives in benchmarks/quality_smollm2.py."""
+windows of 1024 tokens. The full-size comparison lives in benchmarks/quality/smollm2.py."""
 import copy
 import json
 

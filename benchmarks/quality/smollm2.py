@@ -22,14 +22,12 @@ import fcntl
 import json
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
-from benchmarks.common import RESULTS, WIKITEXT, command_line, smollm2
+from benchmarks.common import RESULTS, WIKITEXT, PeakRSS, command_line, smollm2
 from exporter import CompressionConfig, compress_
 from exporter.data.splits import CALIBRATION_SHARE, calibration_windows, validation_tokens
 from exporter.data.text import read_text, tokenize
@@ -38,26 +36,6 @@ from exporter.recipe import default_compression
 from exporter.validate.perplexity import perplexity, torch_logits
 
 STORE = RESULTS / "quality-smollm2.json"
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
-
-    def __enter__(self):
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def parse_row(spec: str, ratio: float, batches: int) -> CompressionConfig:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import threading
-import time
 
 import psutil
 import torch
 
-from benchmarks.common import RESULTS, command_line
+from benchmarks.common import RESULTS, PeakRSS, command_line
 
 STORE, DOC = RESULTS / "e2e-memory.json", RESULTS / "e2e-memory.md"
 GiB = 2**30
@@ -58,26 +56,6 @@ def table_rows(batch: int, seqlen: int) -> list[dict]:
                 rows.append({"model": name, "ratio": ratio, "gpus": gpus, "sharded": sharded,
                              "parts_gib": {k: v / GiB for k, v in need.parts.items()}, "total_gib": need.total / GiB})
     return rows
-
-
-class PeakRSS:
-    """Peak resident set of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 @torch.no_grad()
@@ -127,7 +105,7 @@ def measure(ratio: float, batches: int, seqlen: int, steps: int) -> dict:
         gc.collect()
         before = psutil.Process().memory_info().rss
         settings = Refinement(steps=steps, lr=1e-3, eval_every=steps, patience=1)
-        with PeakRSS() as peak:
+        with PeakRSS(interval=0.02) as peak:
             entry = refine_model(model, arch, ids, inputs, teacher, settings, "cpu", torch.float32, torch.float32)
     predicted = need.total - need.weights
     return {"shape": "llama-2-7b, 2 layers", "ratio": ratio, "batches": batches, "seqlen": seqlen,

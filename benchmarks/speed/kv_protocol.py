@@ -27,8 +27,14 @@ from benchmarks.common import RESULTS, calibration, command_line, smollm2
 from exporter import CompressionConfig, compress_
 from exporter.onnx.fused import build_onnx
 from exporter.validate.providers import CPU, open_session
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates, read_signature,
-                                          shares_kv_buffer)
+from exporter.validate.throughput import (
+    OrtDecodeLoop,
+    ThroughputSettings,
+    folder_config,
+    rates,
+    read_signature,
+    shares_kv_buffer,
+)
 
 PROTOCOLS = {"shared": True, "alternating": False}
 

@@ -48,8 +48,14 @@ from exporter.validate.bound import graph_decode_weight_bytes
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.perplexity import perplexity
 from exporter.validate.providers import CPU, open_session
-from exporter.validate.throughput import (OrtDecodeLoop, ThroughputSettings, folder_config, rates, read_signature,
-                                          shares_kv_buffer)
+from exporter.validate.throughput import (
+    OrtDecodeLoop,
+    ThroughputSettings,
+    folder_config,
+    rates,
+    read_signature,
+    shares_kv_buffer,
+)
 
 INT4 = Quantization(bits=4)
 SETTINGS_ROWS = {  # dense model, one quantization setting changed from the default int4
