@@ -271,7 +271,7 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
     dist.init_from_env(pick_device(config.device))  # torchrun: join its process group (one process: nothing)
     if resume and dist.active():
         raise ValueError("--resume continues a run of one process: run it without torchrun, or start afresh")
-    if in_sample(config):
+    if in_sample(config) and dist.is_main():
         log.warning("%s: calibration saw every evaluated token", in_sample(config))
     out, timer = check_out_path(config.out), Timer()  # a symbolic link: the folder it points to
     device = dist.local_device(pick_device(config.device))
