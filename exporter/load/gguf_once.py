@@ -1,6 +1,6 @@
 """A GGUF file parsed once per load. transformers reads a GGUF file's whole header (for SmolLM2: 49k tokenizer
-strings, ~5 s on a CPU) once for the tokenizer, once for the config and once for the weights, and rebuilds
-gguf's tensor-name table for every module it maps (~6 s). Inside `parsed_once()`, gguf hands out one reader
+strings: seconds on a CPU) once for the tokenizer, once for the config and once for the weights, and rebuilds
+gguf's tensor-name table for every module it maps (seconds again). Inside `parsed_once()`, gguf hands out one reader
 per file and one table per (architecture, layer count): the same objects, built once. The README's first
 command's load stage: 8.8 s (docs/results/first-run.md), 24.6 s before; the weights and tokens are those of a
 plain load (tests/test_real_smollm2.py)."""
