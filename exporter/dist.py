@@ -61,11 +61,6 @@ def shard(items: list) -> list:
     return items[rank()::world_size()]
 
 
-def global_indices(count: int) -> list[int]:
-    """The indices in the whole list of this rank's share of a list of `count` items."""
-    return list(range(count))[rank()::world_size()]
-
-
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the ranks, in place (the identity in one process). gloo reduces float64 on CPUs; NCCL too."""
     if active():
@@ -98,14 +93,3 @@ def broadcast_objects(objects: list, src: int) -> list:
     if active():
         dist.broadcast_object_list(objects, src=src)
     return objects
-
-
-def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    if active():
-        dist.broadcast(tensor, src=src)
-    return tensor
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()

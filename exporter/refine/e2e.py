@@ -48,10 +48,6 @@ class Teacher:
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.path = Path(folder) / self.FILE
         save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, str(self.path))
-        self.count = len(hidden)
-
-    def __len__(self) -> int:
-        return self.count
 
     def __getitem__(self, b: int) -> torch.Tensor:
         with safe_open(str(self.path), framework="pt") as f:

@@ -1,7 +1,7 @@
-"""One weight → MatMulNBits inputs, and the bytes that layout stores (counted without ONNX Runtime; tests check
-the count against the quantizer's arrays), with ONNX Runtime's own block quantizer (the one its
-MatMulNBitsQuantizer runs on every MatMul of a loaded model), called per weight as the writer streams it:
-the whole model is never in memory."""
+"""One weight → MatMulNBits inputs, with ONNX Runtime's own block quantizer (the one its MatMulNBitsQuantizer
+runs on every MatMul of a loaded model), called per weight as the writer streams it: the whole model is never
+in memory. Also the bytes that layout stores, counted without ONNX Runtime (tests check the count against the
+quantizer's arrays)."""
 from __future__ import annotations
 
 import math
