@@ -15,13 +15,16 @@ import click
 from .config import (
     ALLOCATIONS,
     DEFAULT_BLOCK_SIZE,
+    HEAD_BITS,
     METHODS,
     ONNX_GRAPHS,
     QUANTIZE_CHOICES,
+    QUANTIZERS,
     REFINES,
     CalibrationConfig,
     CompressionConfig,
     EvalConfig,
+    Quantization,
     RunConfig,
 )
 
@@ -166,8 +169,14 @@ class Command(click.Command):
 @click.option("--quantize", type=click.Choice(["none", *QUANTIZE_CHOICES]), default="none", show_default=True,
               help="--format onnx only: weights of every matmul (both factors of each low-rank pair, dense linears, "
                    "lm_head) as ONNX Runtime's MatMulNBits, quantized per weight as the graph is written (fused graph).")
+@click.option("--quantizer", type=click.Choice(QUANTIZERS), default="gptq", show_default=True,
+              help="--quantize: gptq puts every linear of each layer on the int grid in the layer loop (GPTQ with "
+                   "its inputs' X Xᵀ; a low-rank pair's up refitted to its rounded down); nearest rounds each weight "
+                   "to nearest as the graph is written (ONNX Runtime's block quantizer).")
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
               help="--quantize block size along each weight's input dimension (a power of two >= 16).")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default=str(HEAD_BITS), show_default=True,
+              help="--quantize: bits of the lm_head (and of the embedding table the graph packs with it).")
 @click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True,
               help="Round every rank to a multiple of N (kernel tiles, quantization blocks); the budget stays met.")
 @click.option("--skip-parity", is_flag=True,
@@ -179,8 +188,8 @@ class Command(click.Command):
 def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, keep_dense_above, propagate,
          formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
          calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
-         adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, block_size, rank_multiple,
-         skip_parity, quiet, debug):
+         adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, quantizer, block_size,
+         head_bits, rank_multiple, skip_parity, quiet, debug):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if debug:
@@ -209,12 +218,13 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 allocation=allocation, propagate=propagate, refine=refine, refine_steps=refine_steps,
                 refine_lr=refine_lr, keep_dense_above=keep_dense_above, min_rank=min_rank, rank_multiple=rank_multiple,
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
-                adacomp_damping=adacomp_damping, min_retention=min_retention),
+                adacomp_damping=adacomp_damping, min_retention=min_retention,
+                quantization=Quantization.parse(quantize, block_size, int(head_bits)) if quantizer == "gptq" else None),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
                                           seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
-            quantize=None if quantize == "none" else quantize, block_size=block_size, parity=not skip_parity,
+            quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=int(head_bits), parity=not skip_parity,
         )
         check_flags_apply(given, config)
         from . import dist

@@ -18,10 +18,13 @@ DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 # --quantize int4|int8: MatMulNBits weights (exporter/onnx/fused/quantize.py): a K×N matmul weight cut, per
 # output column, into blocks of `block_size` along K, each block `bits`-bit integers with one scale.
 QUANTIZE_CHOICES = {"int4": 4, "int8": 8}
+# --quantizer: "gptq" puts the weights on that grid in the layer loop (exporter/quantize), "nearest" rounds
+# each weight to nearest as the graph is written (ONNX Runtime's quantizer). docs/results/front.md compares them.
+QUANTIZERS = ("gptq", "nearest")
 # The defaults were measured on SmolLM2-135M, ORT CPU: docs/results/throughput-cpu.md, "Quantization
 # settings" (block size, symmetric or not, accuracy level, lm_head bits: speed and perplexity).
 DEFAULT_BLOCK_SIZE = 32
-HEAD_BITS = 8  # lm_head's bits whatever --quantize says: 4 bits there is what hurts SmolLM2 most
+HEAD_BITS = 8  # lm_head's bits unless --head-bits says otherwise: 4 bits there hurt SmolLM2 most (round to nearest)
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,21 @@ class Quantization:
         return Quantization(self.head_bits, self.block_size, self.symmetric, self.accuracy_level, self.head_bits)
 
     @classmethod
-    def parse(cls, name: str | None, block_size: int = DEFAULT_BLOCK_SIZE) -> "Quantization | None":
+    def parse(cls, name: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
+              head_bits: int = HEAD_BITS) -> "Quantization | None":
         """'int4' | 'int8' | None/'none' -> the setting (None: float weights)."""
         if name in (None, "none"):
             return None
         if name not in QUANTIZE_CHOICES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {name!r}")
-        return cls(bits=QUANTIZE_CHOICES[name], block_size=block_size)
+        return cls(bits=QUANTIZE_CHOICES[name], block_size=block_size, head_bits=head_bits)
+
+
+def graph_dtype(export_dtype):
+    """The ONNX graph's float type for an export dtype: bfloat16 (no ONNX Runtime CPU kernels) is written as
+    float16. Quantization scales are chosen in it, so that the graph stores them exactly."""
+    import torch
+    return {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.float16}[export_dtype]
 
 
 def default_min_retention(ratio: float) -> float:
@@ -133,14 +144,19 @@ class CompressionConfig:
     # Block refinement's target: β·dense(X_o) + (1 − β)·dense(X_c), β = this (1: the dense layer on the original
     # inputs, the closed form's adaComp uses 0.25 for its own target)
     refine_target_strength: float = 1.0
+    # --quantize with --quantizer gptq: every linear of each layer put on the MatMulNBits grid in the layer loop
+    # (exporter/quantize); None: float weights here (--quantizer nearest rounds them as the graph is written)
+    quantization: Quantization | None = None
 
     def __post_init__(self):
+        if isinstance(self.quantization, dict):  # from a run's config.json (resume)
+            object.__setattr__(self, "quantization", Quantization(**self.quantization))
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"--ratio must be in [0, 1): it is the fraction of parameters removed, got {self.ratio}")
-        if self.ratio == 0 and self.budget_bytes is None:
-            raise ValueError("--ratio 0 removes nothing: there is nothing to compress")
+        if self.ratio == 0 and self.budget_bytes is None and self.quantization is None:
+            raise ValueError("--ratio 0 removes nothing: there is nothing to compress (with --quantize it is GPTQ alone)")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.propagate not in (None, "original", "compressed"):
@@ -164,6 +180,9 @@ class CompressionConfig:
         if self.refine_block and self.propagate == "original":
             raise ValueError("--refine block fits each layer to inputs propagated through the compressed layers: "
                              "it cannot run with --propagate original")
+        if self.quantization is not None and self.refine_e2e:
+            raise ValueError("--refine e2e trains the factors after the layer loop has put them on the --quantize "
+                             "grid, and would move them off it: use --refine block or --quantizer nearest")
         self.refinement  # bad refinement settings are one clear error here
 
     @property
@@ -211,15 +230,24 @@ class RunConfig:
     onnx_graph: str = "auto"
     quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/config.py)
     block_size: int = DEFAULT_BLOCK_SIZE  # quantization block along K
+    head_bits: int = HEAD_BITS  # the lm_head's bits (and the embedding table's where the graph packs it)
     parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
 
     def __post_init__(self):
         if self.onnx_graph not in ONNX_GRAPHS:
             raise ValueError(f"--onnx-graph must be one of {', '.join(ONNX_GRAPHS)}, got {self.onnx_graph!r}")
-        Quantization.parse(self.quantize, self.block_size)  # checks the name and the block size
+        self.quantization  # checks the name, the block size and the head's bits
         if self.quantize is not None and self.onnx_graph == "plain":
             raise ValueError("--quantize writes MatMulNBits while the fused graph is built: it needs --onnx-graph fused")
+        grid = self.compression.quantization
+        if grid is not None and grid != self.quantization:
+            raise ValueError(f"the layer loop's grid {grid} is not the graph's ({self.quantization})")
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """The graph's MatMulNBits setting; None: float weights."""
+        return Quantization.parse(self.quantize, self.block_size, self.head_bits)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -345,6 +345,8 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "onnx_graph": (lambda c: "onnx" in c.formats, "--format onnx"),
     "quantize": (lambda c: "onnx" in c.formats, "--format onnx"),
     "block_size": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
+    "quantizer": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
+    "head_bits": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
     "adacomp_iterations": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_strength": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_damping": (lambda c: c.compression.method == "adasvd", "--method adasvd"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, dist
-from .config import Quantization, RunConfig
+from .config import RunConfig
 from .data.text import SOURCES
 from .data.windows import calibration_batches, evaluation_tokens
 from .load.open import open_source, pick_device
@@ -123,7 +123,7 @@ def check_run(config: RunConfig, overwrite: bool):
         return None
     from .onnx.plain import check_opset
     check_opset(config.opset)
-    return Quantization.parse(config.quantize, config.block_size)
+    return config.quantization
 
 
 @dataclass

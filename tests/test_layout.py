@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # A stage may import the stages with a lower rank (and itself). config and recipe are the foundation.
-RANK = {"config": 0, "recipe": 0, "dist": 0, "model": 1, "load": 2, "data": 3, "factorize": 4, "plan": 5, "refine": 6,
+RANK = {"config": 0, "recipe": 0, "dist": 0, "model": 1, "load": 2, "data": 3, "factorize": 4, "plan": 5, "quantize": 5, "refine": 6,
         "output": 7, "loop": 8, "validate": 9, "onnx": 10, "report": 11, "preflight": 12, "run": 13, "bench": 13,
         "cli": 14, "__init__": 15}
 MAX_FUNCTION_LINES = 80

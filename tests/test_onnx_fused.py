@@ -21,7 +21,8 @@ from exporter.config import CompressionConfig, Quantization
 from exporter.loop.compress import compress_
 from exporter.model.lowrank import LowRankLinear
 from exporter.onnx.fused import FusedDecoderWriter, UnsupportedModel, build_onnx
-from exporter.onnx.fused.quantize import dequantize, linear_bytes, nbits_bytes, quantize_weight, round_like_export
+from exporter.onnx.fused.quantize import dequantize, linear_bytes, nbits_bytes, quantize_weight
+from exporter.onnx.fused.reference import round_like_export
 from exporter.onnx.plain import io_names
 from exporter.validate.ort_session import OrtDecoder
 from exporter.validate.parity import genai_greedy, logits_parity, parity, torch_greedy
@@ -135,6 +136,34 @@ def test_quantized_graph_equals_pytorch_with_the_same_rounded_weights(arch, bits
     assert result["passed"], result
 
 
+@pytest.mark.parametrize("tied,embedding_bits,shared", [(True, None, True), (True, 4, False), (False, None, False)])
+def test_quantized_embedding_table_equals_pytorch_with_the_same_rounded_table(tied, embedding_bits, shared, tmp_path):
+    """The token table as GatherBlockQuantized (at the lm_head's bits by default): tied at the same bits, one
+    packed initializer read by it (through a Reshape) and by the lm_head's MatMulNBits; ORT's logits equal
+    PyTorch carrying the same rounded table and weights, and onnxruntime-genai serves the graph."""
+    from transformers import AutoModelForCausalLM
+    config = tiny_config("llama")
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = compressed(AutoModelForCausalLM.from_config(config).eval())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    q = Quantization(bits=4, block_size=16, accuracy_level=0)  # lm_head int8
+    path = build_onnx(model, char_tokenizer(), tmp_path, quantization=q, embedding_bits=embedding_bits)
+    graph = onnx.load(path, load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert {a.name: a.i for a in gather.attribute}["bits"] == (embedding_bits or q.head_bits)
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name == "/lm_head/MatMulNBits")
+    table = next(n for n in graph.node if n.output[0] == gather.input[0]) if shared else None
+    assert (table is not None and table.op_type == "Reshape" and table.input[0] == head.input[1]) == shared
+    assert [n.op_type for n in graph.node if "input_ids" in n.input[:2]] == ["GatherBlockQuantized"]
+    assert len(graph.initializer) == len({t.name for t in graph.initializer})
+    reference = round_like_export(model, q, embedding_bits)
+    result = parity(reference, OrtDecoder.load(path), ids(), "float32", steps=3, new_tokens=8)
+    assert result["passed"] and result["max_abs_diff"] < TOLERANCE, result
+    prompt = ids(1, 6, seed=3)
+    assert genai_greedy(tmp_path, prompt, 12) == torch_greedy(reference, prompt, 12)
+
+
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
 def test_quantized_bytes_and_dequantization_are_the_quantizers(bits, symmetric):
     rng = np.random.default_rng(0)
@@ -230,7 +259,7 @@ def test_graph_weight_bytes_are_the_models_plus_row_lookups(tmp_path):
     assert float_bytes == decode_weight_bytes(model) + rows + 3 * 8
     q = Quantization(bits=4, block_size=16)
     int4_bytes = graph_decode_weight_bytes(build_onnx(model, char_tokenizer(), tmp_path / "int4", quantization=q))
-    saved = 0
+    saved = config.hidden_size * 4 - nbits_bytes(config.hidden_size, 1, q.head(), 4)  # a row of the int8 table
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):  # lm_head at q.head(): int8
             setting = q.head() if name == "lm_head" else q

@@ -22,6 +22,7 @@ from accelerate.utils import set_module_tensor_to_device
 
 from ..model.discovery import architecture_of, check_causal_lm, find_decoder_layers
 from ..model.experts import is_fused_experts
+from ..model.quantized import drop_scales
 from .files import CheckpointError, TensorFiles
 from .integrity import check_checkpoint_files
 from .source import LayerSource
@@ -163,3 +164,4 @@ class CheckpointSource(LayerSource):
         layer = self._layer(i)
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta", clear_cache=False)
+        drop_scales(layer)  # a quantized layer's scales: written with it, not kept beside the skeleton

@@ -9,6 +9,7 @@ import torch.nn as nn
 from accelerate.utils import set_module_tensor_to_device
 
 from ..model.architecture import decoder_layers
+from ..model.quantized import attach_scales, drop_scales, is_scale_key
 from .files import CheckpointError, TensorFiles
 from .source import LayerSource
 
@@ -32,6 +33,8 @@ class WrittenSource(LayerSource):
                     raise CheckpointError(f"{self.files.folder}: the written model has no tensor {prefix + name}")
                 value = self.files.get(prefix + name).to(self.compute_dtype)
                 set_module_tensor_to_device(layer, name, self.device, value=value, clear_cache=False)
+            attach_scales(layer, {key: self.files.get(key).to(self.device) for key in self.files.where
+                                  if key.startswith(prefix) and is_scale_key(key)}, prefix)
         if self.transform is not None:
             self.transform(layer)
         return layer
@@ -40,3 +43,4 @@ class WrittenSource(LayerSource):
         layer = decoder_layers(self.model, self.arch)[i]
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta", clear_cache=False)
+        drop_scales(layer)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from accelerate.utils import set_module_tensor_to_device
 
 from .. import dist
-from ..config import CompressionConfig, default_min_retention
+from ..config import CompressionConfig, default_min_retention, graph_dtype
 from ..factorize.base import get_method
 from ..load.open import available_bytes
 from ..load.resident import ResidentSource
@@ -39,6 +39,7 @@ from ..plan.profile import Profile
 from ..plan.rounding import round_ranks
 from ..refine.e2e import KL_CHUNK, Teacher, refine_model
 from ..refine.memory import check_fits, e2e_memory, shape_of
+from .head_quantization import quantize_head_
 from .layer import compression_pass, pass_state
 from .profile import profile_pass
 from .result import CompressionResult, restore_result
@@ -81,6 +82,8 @@ def rank_plan(model: nn.Module, matrices: list[Matrix], profile: Profile, needs:
     min_retention = config.min_retention if config.min_retention is not None else default_min_retention(ratio)
     if planned(state):
         plan = state["plan"]
+    elif ratio == 0:  # --quantize alone (CompressionConfig allows it only then): every linear stays dense
+        plan = {}
     else:
         plan = allocate(config.allocation_name, matrices, profile if needs else None, ratio, min_rank=config.min_rank,
                         min_retention=min_retention, keep_dense_above=config.keep_dense_above)
@@ -267,7 +270,7 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
                         strength=config.adacomp_strength, damping=config.adacomp_damping)
     matrices = list_matrices(source.model, source.arch, config.skip)
-    needs = allocation_needs(config.allocation_name)
+    needs = allocation_needs(config.allocation_name) if config.ratio > 0 or config.budget_bytes else frozenset()
     state = resume_state.load() if resume_state is not None else None
 
     method.prepare(source.model, batches, matrices, source.device)  # whole-model work (FWSVD's Fisher), resident
@@ -290,6 +293,9 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     base_state = {"plan": result.plan, "profile": profile_state}
     compression_pass(source, streams, result.plan, method, config, result, export_dtype, start, writer, resume_state,
                      base_state, progress)
+    if config.quantization is not None:  # the lm_head on the grid too, with what it reads after the last layer
+        result.extra["quantize_head"] = quantize_head_(source.model, source.arch, streams, batches, config.quantization,
+                                                       graph_dtype(export_dtype), source.device)
     if config.refine_e2e:
         e2e = EndToEnd(work, resume_state, base_state, e2e_factors, writer)
         refine_end_to_end(source, streams, batches, eval_batches, config, export_dtype, result, e2e)

@@ -1,6 +1,7 @@
 """One decoder layer of the compression pass: observe its inputs → factorize each planned linear and swap in
-its LowRankLinear → (block refinement) → advance the compressed streams → write the layer → save the resume
-state. compression_pass runs it for every layer from `start`."""
+its LowRankLinear → (block refinement) → (--quantize: every linear of the layer on the MatMulNBits grid) →
+advance the compressed streams → write the layer → save the resume state. compression_pass runs it for every
+layer from `start`."""
 from __future__ import annotations
 
 import time
@@ -10,14 +11,17 @@ import torch
 import torch.nn as nn
 
 from .. import dist
-from ..config import CompressionConfig
+from ..config import CompressionConfig, graph_dtype
 from ..factorize.base import MatrixInput
 from ..load.source import LayerSource
 from ..model.activations import Activations, advance
 from ..model.architecture import Architecture
 from ..model.linears import linear_weight
 from ..model.lowrank import LowRankLinear, swap_module
+from ..model.quantized import set_scales
 from ..output.resume_state import ResumeState
+from ..quantize.grid import round_to_nearest
+from ..quantize.layer import quantize_module_
 from ..refine.block import refine_layer
 from .host_memory import release_free_heap
 from .observe import linears_with_stats, observe
@@ -107,6 +111,27 @@ def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, den
             result.records[name].loss = mi.loss(module.up.weight.detach(), module.down.weight.detach())
 
 
+def quantize_layer(index: int, layer: nn.Module, arch: Architecture, obs, config: CompressionConfig,
+                   export_dtype: torch.dtype, result: CompressionResult) -> None:
+    """--quantize: every linear of the layer, factors and dense ones alike, on the grid the graph stores (GPTQ
+    with the statistics observe gathered), so the next layers and the written shards see the shipped weights.
+    An MoE expert no calibration token reached has no Hessian: rounded to nearest, and reported."""
+    began = time.perf_counter()
+    q, scale_dtype = config.quantization, graph_dtype(export_dtype)
+    records = result.extra.setdefault("quantize", {})
+    for name, _, module, stats in linears_with_stats(arch, index, layer, obs):
+        if stats.count == 0:
+            for linear in [module] if isinstance(module, nn.Linear) else [module.down, module.up]:
+                values, scales = round_to_nearest(linear.weight.detach().to(torch.float64), q, scale_dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(values.to(linear.weight.dtype))
+                set_scales(linear, scales)
+            result.extra.setdefault("quantize_uncalibrated", []).append(name)
+            continue
+        records[name] = quantize_module_(module, stats.gram, q, scale_dtype)
+    result.layer_seconds.setdefault("quantize", []).append(time.perf_counter() - began)
+
+
 def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int], method, config: CompressionConfig,
                      result: CompressionResult, export_dtype: torch.dtype, start: int = 0, writer=None,
                      resume_state: ResumeState | None = None, state: dict | None = None, progress: bool = True) -> None:
@@ -129,6 +154,8 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
         seconds.setdefault("factorize", []).append(time.perf_counter() - factorizing)
         if config.refine_block:
             refine_and_record(i, layer, arch, obs, dense_weights, streams, config, device, export_dtype, result)
+        if config.quantization is not None:
+            quantize_layer(i, layer, arch, obs, config, export_dtype, result)
         del obs, dense_weights
         for stream in (streams.calib_compressed, streams.eval_compressed):
             if stream is not None:

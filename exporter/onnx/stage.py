@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Quantization
+from ..config import Quantization, graph_dtype
 from ..loop.walk import layer_by_layer
 from ..model.lowrank import LowRankLinear
 from ..output.folder import ResumableWorkFolder, WorkFolder, empty_folder
@@ -49,7 +49,7 @@ class ValidationError(RuntimeError):
 def onnx_dtype(export_dtype: torch.dtype) -> str:
     """The ONNX graph's float type: the export dtype, except bfloat16 (no ONNX Runtime CPU kernels), which is
     written as float16; report.json's onnx.dtype says which one was used."""
-    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "float16"}[export_dtype]
+    return {torch.float32: "float32", torch.float16: "float16"}[graph_dtype(export_dtype)]
 
 
 def choose_graph(requested: str, config, quantized: bool) -> tuple[str, str]:
@@ -219,13 +219,13 @@ class OnnxStage:
         elif self.streamed:  # the reference's layers are rounded as they are read, its lm_head for the pass
             from ..load.written import WrittenSource
             from ..validate.streamed_parity import streamed_parity
-            from .fused.quantize import round_layer_, rounded_head
+            from .fused.reference import round_layer_, rounded_head
             rounded = WrittenSource(written, written.files.folder, transform=lambda layer: round_layer_(layer, q))
             with rounded_head(model, q):
                 self.report["parity"]["compressed"] = streamed_parity(
                     rounded, compressed, self.prompt, self.dtype, int8_activations=q.accuracy_level == 4)
         else:  # PyTorch with the same rounded weights: only the activations' rounding differs
-            from .fused.quantize import round_like_export
+            from .fused.reference import round_like_export
             self.report["parity"]["compressed"] = self._parity(model, None, compressed, round_like_export(model, q),
                                                                int8_activations=q.accuracy_level == 4)
         self.report["provider"] = compressed.provider

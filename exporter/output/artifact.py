@@ -17,6 +17,7 @@ from ..load.key_renaming import to_model_keys
 from ..model.discovery import find_decoder_layers
 from ..model.experts import unfuse_experts
 from ..model.lowrank import build_skeleton
+from ..model.quantized import attach_scales
 from .shards import ShardWriter
 
 CONFIG_KEY = "svd_export"  # the entry in config.json that holds method, ratio and every module's rank
@@ -87,6 +88,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
     build_skeleton(model, meta["ranks"])
     verify_checksums(folder, meta)
     state = to_model_keys(model, _state_dict(folder))  # save_pretrained writes the hub's key names
+    state = attach_scales(model, state)  # --quantize: the grid's scales beside the weights they belong to
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     check_finite(model.named_parameters(), str(folder))

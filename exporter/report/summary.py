@@ -63,6 +63,7 @@ def summary(report: dict) -> str:
                      f"(held out {e2e['holdout_before']:.4f} -> {e2e['holdout_after']:.4f}), "
                      f"{'kept' if e2e['kept'] else 'not better: closed form kept'}, {e2e['steps_run']} steps, "
                      f"{e2e['seconds']:.0f}s")
+    lines += quantize_lines(report.get("method_details") or {})
     onnx = report.get("onnx")
     if onnx:
         lines.append(f"onnx         {onnx['file']}: {onnx['graph']} graph, {onnx['dtype']}, "
@@ -83,3 +84,15 @@ def summary(report: dict) -> str:
     lines.append(f"peak memory  {report['peak_memory']['host_rss_mb']:.0f} MB host"
                  + (f", {report['peak_memory']['gpu_mb']:.0f} MB GPU" if report['peak_memory'].get('gpu_mb') else ""))
     return "\n".join(lines)
+
+
+def quantize_lines(details: dict) -> list[str]:
+    """--quantizer gptq: ‖(W − Q)X‖² of GPTQ against round-to-nearest on the same grid, per weight."""
+    weights = [r for record in (details.get("quantize") or {}).values()
+               for r in ([record] if "gptq" in record else record.values())]
+    gain = sorted(r["gptq"] / r["nearest"] for r in weights if r["nearest"] > 0)  # guard: 0 when X never moved it
+    if not gain:
+        return []
+    head = details.get("quantize_head") or {}
+    return [f"quantize     GPTQ ‖(W − Q)X‖² / round-to-nearest: median {gain[len(gain) // 2]:.4f}, max {gain[-1]:.4f} "
+            f"({len(gain)} weights)" + (f"; lm_head {head['gptq'] / head['nearest']:.4f}" if head.get("nearest") else "")]

@@ -46,8 +46,8 @@ def bound_block(dense_model: nn.Module, layers: dict) -> dict:
 
 
 # Tables a decoded token reads one row of: (op type, input index) of the consumer.
-ROW_READS = {("Gather", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3), ("GroupQueryAttention", 7),
-             ("GroupQueryAttention", 8)}
+ROW_READS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3),
+             ("RotaryEmbedding", 2), ("RotaryEmbedding", 3), ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
 
 
 def graph_decode_weight_bytes(onnx_path) -> int:

@@ -5,6 +5,7 @@
     graph.py        node/initializer helper on onnx-ir
     linear.py       nn.Linear / LowRankLinear → MatMul(s) or MatMulNBits, tagged
     quantize.py     one weight → MatMulNBits inputs (ONNX Runtime's block quantizer)
+    embedding.py    the token table → GatherBlockQuantized, one packed table with a tied lm_head
     norms.py        (Skip)(Simplified)LayerNormalization
     rotary.py       cos/sin caches as transformers computes them
     attention.py    GroupQueryAttention with past/present KV
@@ -27,9 +28,9 @@ __all__ = ["FAMILIES", "FusedDecoderWriter", "UnsupportedModel", "build_onnx", "
 
 
 def build_onnx(model: nn.Module, tokenizer, folder: str | Path, dtype: str = "float32",
-               quantization: Quantization | None = None, opset: int = 18) -> Path:
+               quantization: Quantization | None = None, opset: int = 18, embedding_bits: int | None = None) -> Path:
     """A resident model through the streaming writer: every decoder layer in turn. -> model.onnx path."""
-    writer = FusedDecoderWriter(model.config, folder, dtype, quantization, opset)
+    writer = FusedDecoderWriter(model.config, folder, dtype, quantization, opset, embedding_bits)
     writer.add_outside(model)
     for index, layer in enumerate(decoder_layers(model, architecture_of(model))):
         writer.add_layer(index, layer)

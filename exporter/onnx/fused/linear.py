@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
-import torch
 import torch.nn as nn
 
 from graph_rewrite.tags import LOWRANK_KEY, MODULE_KEY
 
 from ...config import Quantization
 from ...model.lowrank import LowRankLinear
+from ...model.quantized import scales_of
 from .graph import MS, GraphBuilder, to_numpy
 from .quantize import quantize_weight
 
@@ -28,15 +28,16 @@ class Precision:
     quantization: Quantization | None = None
 
 
-def weight_matmul(b: GraphBuilder, x: ir.Value, weight_out_in: torch.Tensor, name: str, p: Precision,
+def weight_matmul(b: GraphBuilder, x: ir.Value, linear: nn.Linear, name: str, p: Precision,
                   metadata: dict) -> ir.Value:
-    """x·Wᵀ for one out×in weight, float or MatMulNBits."""
-    w_kn = to_numpy(weight_out_in).T  # MatMul's B: in×out
+    """x·Wᵀ for one nn.Linear's out×in weight, float or MatMulNBits (its own grid when the layer loop quantized
+    it, model/quantized.py)."""
+    w_kn = to_numpy(linear.weight).T  # MatMul's B: in×out
     if p.quantization is None:
         return b.op("MatMul", [x, b.weight(f"{name}.weight_t", w_kn.astype(p.dtype))], f"/{name}/MatMul",
                     metadata=metadata)
     q = p.quantization
-    nbits = quantize_weight(w_kn, q, p.dtype)
+    nbits = quantize_weight(w_kn, q, p.dtype, scales_of(linear))
     inputs = [x, b.weight(f"{name}.weight_q{q.bits}", nbits.packed), b.weight(f"{name}.weight_scales", nbits.scales)]
     if nbits.zero_points is not None:
         inputs.append(b.weight(f"{name}.weight_zero_points", nbits.zero_points))
@@ -50,10 +51,10 @@ def matmul(b: GraphBuilder, module: nn.Module, name: str, x: ir.Value, p: Precis
     """The module's matmul(s), without its bias. `name` is the full module name (the tag)."""
     if isinstance(module, LowRankLinear):
         tag = {LOWRANK_KEY: name}
-        hidden = weight_matmul(b, x, module.down.weight, f"{name}.down", p, tag)
-        return weight_matmul(b, hidden, module.up.weight, f"{name}.up", p, tag)
+        hidden = weight_matmul(b, x, module.down, f"{name}.down", p, tag)
+        return weight_matmul(b, hidden, module.up, f"{name}.up", p, tag)
     if isinstance(module, nn.Linear):
-        return weight_matmul(b, x, module.weight, name, p, {MODULE_KEY: name})
+        return weight_matmul(b, x, module, name, p, {MODULE_KEY: name})
     raise TypeError(f"{name} is {type(module).__name__}: expected nn.Linear or LowRankLinear")
 
 

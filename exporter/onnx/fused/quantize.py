@@ -42,15 +42,34 @@ class NBitsWeight:
     n: int
 
 
-def quantize_weight(weight_kn: np.ndarray, q: Quantization, scale_dtype) -> NBitsWeight:
-    """weight_kn: the MatMul's B (K×N, float). Quantized from float32; scales in `scale_dtype` (the graph's)."""
+def quantize_weight(weight_kn: np.ndarray, q: Quantization, scale_dtype, scales=None) -> NBitsWeight:
+    """weight_kn: the MatMul's B (K×N, float). `scales` (torch [N, blocks], float32): the grid the layer loop put
+    the weight on (exporter/quantize): its codes are stored as they were chosen. None: ONNX Runtime's own
+    round-to-nearest, from float32. Scales in `scale_dtype` (the graph's)."""
+    k, n = weight_kn.shape
+    if scales is not None:
+        import torch
+
+        from ...quantize.grid import encode
+        codes = encode(torch.from_numpy(np.ascontiguousarray(weight_kn.T)), scales, q).numpy()
+        return NBitsWeight(pack(codes, q), scales.numpy().astype(scale_dtype), None, k, n)
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
     config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=q.symmetric,
                                           accuracy_level=q.accuracy_level or None, bits=q.bits)
     packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
         np.ascontiguousarray(weight_kn, dtype=np.float32))
-    k, n = weight_kn.shape
     return NBitsWeight(packed, scales.astype(scale_dtype), None if q.symmetric else zero_points, k, n)
+
+
+def pack(codes: np.ndarray, q: Quantization) -> np.ndarray:
+    """Codes [N, blocks·block_size] (uint8 < 2^bits) → MatMulNBits' B [N, blocks, block_size·bits/8]: 8/bits
+    codes a byte, the first in the low bits."""
+    per_byte = 8 // q.bits
+    grouped = codes.reshape(codes.shape[0], -1, q.block_size // per_byte, per_byte).astype(np.uint8)
+    packed = np.zeros(grouped.shape[:-1], np.uint8)
+    for i in range(per_byte):
+        packed |= grouped[..., i] << (q.bits * i)
+    return packed
 
 
 def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
@@ -67,60 +86,3 @@ def dequantize(w: NBitsWeight, q: Quantization) -> np.ndarray:
         zero = zp.reshape(w.n, -1)[:, :blocks, None].astype(np.float32)
     values = (codes - zero) * w.scales.astype(np.float32).reshape(w.n, blocks, 1)
     return values.reshape(w.n, -1)[:, :w.k].T
-
-
-def round_linear_(module, q: Quantization) -> None:
-    """In place: an nn.Linear's weight becomes what the quantized graph holds for it (quantized by the same
-    function, dequantized back)."""
-    import torch
-
-    from .graph import to_numpy
-    back = dequantize(quantize_weight(to_numpy(module.weight).T, q, np.float32), q).T
-    with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)).to(module.weight.dtype))
-
-
-def round_layer_(layer, q: Quantization) -> None:
-    """Every nn.Linear inside one decoder layer (both factors of each low-rank pair included), in place."""
-    import torch.nn as nn
-    for module in layer.modules():
-        if isinstance(module, nn.Linear):
-            round_linear_(module, q)
-
-
-def round_like_export(model, q: Quantization):
-    """A copy of `model` whose linear weights are exactly what the quantized graph holds (lm_head with
-    q.head()): the PyTorch reference of a quantized export. Embeddings, norms and biases stay as they are,
-    as in the graph."""
-    import copy
-
-    import torch.nn as nn
-    rounded = copy.deepcopy(model)
-    head = rounded.get_output_embeddings()
-    if head.weight is rounded.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the table stays float
-    for module in rounded.modules():
-        if isinstance(module, nn.Linear):
-            round_linear_(module, q.head() if module is head else q)
-    return rounded
-
-
-def rounded_head(model, q: Quantization):
-    """Context: the model's lm_head carries the rounded weights of the quantized graph (the embedding table,
-    when tied, stays float); restored on exit. For the streamed reference, whose layers are rounded as they
-    are read (round_layer_)."""
-    from contextlib import contextmanager
-
-    import torch.nn as nn
-
-    @contextmanager
-    def swapped():
-        head = model.get_output_embeddings()
-        original = head.weight
-        head.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
-        round_linear_(head, q.head())
-        try:
-            yield
-        finally:
-            head.weight = original
-    return swapped()

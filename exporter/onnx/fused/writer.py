@@ -35,6 +35,7 @@ from graph_rewrite.tags import MODULE_KEY
 from ...config import Quantization
 from ..files import GRAPH_KEY, MODEL_FILE, QUANTIZE_KEY, write_onnx_sidecars
 from .attention import AttentionInputs, AttentionShape, attention
+from .embedding import QuantizedEmbedding
 from .family import activation_of, family_of
 from .graph import GraphBuilder, to_numpy
 from .linear import Precision, linear
@@ -53,7 +54,7 @@ def tensor_input(name: str, dtype: ir.DataType, dims: list) -> ir.Value:
 
 class FusedDecoderWriter:
     def __init__(self, config, folder: str | Path, dtype: str | torch.dtype = "float32",
-                 quantization: Quantization | None = None, opset: int = 18):
+                 quantization: Quantization | None = None, opset: int = 18, embedding_bits: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"the fused ONNX graph supports --dtype float32 or float16, not {dtype}")
         self.config, self.family = config, family_of(config)
@@ -64,6 +65,10 @@ class FusedDecoderWriter:
         self.shape = AttentionShape.of(config)
         self.weights = WeightFile(self.folder)
         self.b = GraphBuilder(self.weights, opset)
+        # Quantized, the token table is GatherBlockQuantized's at `embedding_bits` (None: the lm_head's; 0: it
+        # stays float), one packed table with a tied lm_head at the same bits (embedding.py)
+        self.embedding = None if quantization is None or embedding_bits == 0 else QuantizedEmbedding(
+            self.b, config, quantization, self.precision.dtype, embedding_bits, self.family.embed)
         self._make_io()
         self._make_attention_inputs()
         # Placeholders joining parts that may be added in any order.
@@ -119,8 +124,11 @@ class FusedDecoderWriter:
             raise ValueError(f"{self.config.model_type}: position table "
                              f"{'missing' if embed_positions is None else 'not expected'}")
         b, p = self.b, self.precision
-        table = self._token_table(embed_tokens.weight)
-        b.op("Gather", [table, self.inputs[0]], "/model/embed_tokens/Gather", outputs=[self.token_embeds])
+        if self.embedding is not None:
+            self.embedding.gather(embed_tokens.weight, self.inputs[0], out=self.token_embeds)
+        else:
+            table = self._token_table(embed_tokens.weight)
+            b.op("Gather", [table, self.inputs[0]], "/model/embed_tokens/Gather", outputs=[self.token_embeds])
         if embed_positions is not None:
             positions = b.weight(f"{self.family.positions}.weight", _numpy(embed_positions.weight, p.dtype))
             index = b.op("Add", [self.inputs[2], b.constant("/model/embed_positions/offset",
@@ -134,7 +142,8 @@ class FusedDecoderWriter:
             raise RuntimeError("the final norm and lm_head were already added")
         self._final_norm = write_norm(self.b, final_norm, self.family.final_norm, self.family.norm, self.precision)
         tied = getattr(self.config, "tie_word_embeddings", False) and self.head_precision.quantization is None
-        self.logits = (self._tied_head(lm_head) if tied else
+        shared = None if self.embedding is None else self.embedding.head(lm_head, self.final_hidden)
+        self.logits = (self._tied_head(lm_head) if tied else shared if shared is not None else
                        linear(self.b, lm_head, "lm_head", self.final_hidden, self.head_precision))
         self.logits.name = "logits"  # the graph output, under its interface name
         self.logits.type = ir.TensorType(ONNX_FLOAT[self.precision.dtype])
@@ -167,8 +176,9 @@ class FusedDecoderWriter:
     def add_outside(self, model: nn.Module) -> None:
         """Embeddings, final norm and lm_head of a causal-LM model (only those modules are read)."""
         positions = model.get_submodule(self.family.positions) if self.family.positions else None
-        self.add_embeddings(model.get_submodule(self.family.embed), positions)
+        # the head first: a packed table it shares with the embedding takes its grid, when it has one
         self.add_head(model.get_submodule(self.family.final_norm), model.get_output_embeddings())
+        self.add_embeddings(model.get_submodule(self.family.embed), positions)
 
     def add_layer(self, index: int, layer: nn.Module) -> None:
         """Decoder layer `index` (its nn.Linear / LowRankLinear modules as they are now): nodes added,

@@ -1,0 +1,199 @@
+"""--quantize in the layer loop (exporter/quantize): the grid is ONNX Runtime's, GPTQ is the sequential
+least-squares rounding it claims to be, the low-rank pair's up is refitted to its rounded down, and what the
+layer loop ships is what the graph computes, bit for bit at accuracy level 0 and with the kernel's int8
+activations at level 4."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_batches, tiny_config, tiny_model
+from onnx_helpers import char_tokenizer
+
+from exporter.config import CompressionConfig, Quantization, RunConfig
+from exporter.loop.compress import compress_
+from exporter.model.lowrank import LowRankLinear
+from exporter.model.quantized import scales_of
+from exporter.onnx.fused import build_onnx
+from exporter.onnx.fused.quantize import dequantize, pack, quantize_weight
+from exporter.onnx.fused.reference import round_like_export
+from exporter.quantize.activations import int8_blocks
+from exporter.quantize.gptq import DAMPING, gptq, weighted_error
+from exporter.quantize.grid import codes_of, encode, round_to_nearest, values_of
+from exporter.quantize.grid import scales_of as grid_scales
+from exporter.quantize.layer import refit_up
+from exporter.validate.ort_session import OrtDecoder
+from exporter.validate.parity import parity
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_and_the_packing_are_onnx_runtimes(bits):
+    """Our grid is ORT's quantizer's: the same scales, the same values (at 8 bits up to near-ties, which its
+    float32 arithmetic breaks the other way in a few codes), and encode + pack give back its very bytes."""
+    q = Quantization(bits=bits, block_size=32)
+    w = torch.randn(48, 100, dtype=torch.float64).to(torch.float32).to(torch.float64)  # in: not a block multiple
+    ort = quantize_weight(w.T.numpy().astype(np.float32), q, np.float32)
+    ours, scales = round_to_nearest(w, q, torch.float32)
+    assert np.array_equal(ort.scales, scales.numpy().astype(np.float32))
+    steps = np.abs(dequantize(ort, q) - ours.T.numpy()) / np.abs(np.repeat(ort.scales, 32, axis=1)[:, :100].T)
+    assert steps.max() < 1 + 1e-3 and (steps > 0.5).mean() <= (0 if bits == 4 else 0.01)
+    ort_values = torch.from_numpy(dequantize(ort, q).T.astype(np.float64))
+    assert np.array_equal(pack(encode(ort_values, scales, q).numpy(), q), ort.packed)
+
+
+def sequential_rounding(w: torch.Tensor, h: torch.Tensor, q: Quantization) -> torch.Tensor:
+    """GPTQ's defining property, computed the long way: after columns 0..j are rounded, the remaining ones are
+    the least-squares best given them (w_R + H_RR⁻¹ H_RF (w_F − q_F)), and column j+1 is that value rounded on
+    its block's grid (the block's scale from the values when its first column comes up)."""
+    n = w.shape[1]
+    rounded, current, scale = torch.empty_like(w), w.clone(), None
+    for j in range(n):
+        if j % q.block_size == 0:
+            scale = grid_scales(current[:, j:j + q.block_size], q, torch.float32)
+        rounded[:, j:j + 1] = values_of(codes_of(current[:, j:j + 1], scale, q), scale, q)
+        fixed, rest = slice(0, j + 1), slice(j + 1, n)
+        if j + 1 < n:
+            shift = torch.linalg.solve(h[rest, rest], h[rest, fixed] @ (w[:, fixed] - rounded[:, fixed]).T)
+            current[:, rest] = w[:, rest] + shift.T
+    return rounded
+
+
+def damped(h: torch.Tensor) -> torch.Tensor:
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h + DAMPING * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+@pytest.mark.parametrize("tokens", [400, 20])  # 20 tokens < 40 inputs: X Xᵀ singular, a Cholesky of it fails
+def test_gptq_is_the_sequential_least_squares_rounding(tokens):
+    torch.manual_seed(0)
+    q = Quantization(bits=4, block_size=16)
+    w = torch.randn(12, 40, dtype=torch.float64)
+    x = torch.randn(40, tokens, dtype=torch.float64) * torch.linspace(0.1, 3, 40, dtype=torch.float64)[:, None]
+    x[7] = 0  # an input never excited: a zero row and column of H
+    h = x @ x.T
+    values, scales = gptq(w, h, q, torch.float32)
+    assert torch.allclose(values, sequential_rounding(w, damped(h), q), atol=1e-12)
+    back = (encode(values, scales, q).double() - 8).view(12, -1, 16) * scales[..., None]
+    assert torch.equal(back.view(12, -1)[:, :40], values)  # on the grid: encode gives the codes back exactly
+    nearest, _ = round_to_nearest(w, q, torch.float32)
+    assert weighted_error(w, values, h) < weighted_error(w, nearest, h)
+
+
+def test_refit_up_is_the_least_squares_up_given_the_rounded_down():
+    torch.manual_seed(1)
+    x = torch.randn(30, 500, dtype=torch.float64)
+    gram = x @ x.T
+    up, down = torch.randn(20, 6, dtype=torch.float64), torch.randn(6, 30, dtype=torch.float64)
+    down_q = down + 0.05 * torch.randn_like(down)
+    refit = refit_up(up, down, down_q, gram, damping=0.0)
+    target, h = up @ down @ x, down_q @ x
+    best = torch.linalg.lstsq(h.T, target.T).solution.T
+    assert torch.allclose(refit, best, atol=1e-9)
+    assert ((refit @ h - target).norm() < (up @ h - target).norm())
+
+
+def test_int8_blocks_round_per_block_of_the_last_dimension():
+    x = torch.tensor([[1.0, -0.5, 0.26, 0.0] * 4 + [0.0] * 16 + [3.0, 1.0]])  # 34 values: blocks of 32 and 2
+    y = int8_blocks(x, 32)
+    assert torch.equal(y[0, 32:], torch.tensor([3.0, 1.0 * 0]) + torch.tensor([0.0, round(127 / 3) * 3 / 127]))
+    assert y[0, 2] == pytest.approx(round(0.26 * 127) / 127) and torch.equal(y[0, 16:32], torch.zeros(16))
+
+
+@pytest.fixture(scope="module")
+def gptq_model():
+    """A tiny Llama compressed at 0.4 with every linear of every layer put on the int4 grid by the loop."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    q = Quantization(bits=4, block_size=16)
+    result = compress_(model, random_batches(8, seqlen=32), CompressionConfig(method="svd", ratio=0.4, allocation="uniform",
+                                                                              quantization=q), progress=False)
+    return model, q, result
+
+
+def test_the_loop_puts_every_layer_linear_on_the_grid(gptq_model):
+    model, q, result = gptq_model
+    linears = [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert any(isinstance(m, LowRankLinear) for m in model.modules()) and linears
+    for name, linear in linears:
+        scales = scales_of(linear)
+        assert scales is not None and scales.dtype == torch.float32, name
+        codes = encode(linear.weight.detach(), scales, q).double() - 8
+        back = (codes.view(codes.shape[0], -1, 16) * scales[..., None].double()).view(codes.shape[0], -1)
+        assert torch.equal(back[:, :linear.in_features].float(), linear.weight.detach()), name
+    records = result.extra["quantize"]
+    assert len(records) == 7 * len(model.model.layers)
+    pairs = [r for r in records.values() if "up" in r]
+    assert pairs and all(r["down"]["gptq"] <= r["down"]["nearest"] for r in pairs)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_the_graph_computes_what_the_loop_shipped(gptq_model, level, tmp_path):
+    """The writer stores the loop's codes as they are (no second rounding): at accuracy level 0 the graph
+    equals the model as float32 arithmetic allows; at level 4 it equals the reference whose linears round
+    their inputs to int8 as the kernel does, to the same tolerance."""
+    model, q4, _ = gptq_model
+    q = Quantization(bits=4, block_size=16, accuracy_level=level)
+    path = build_onnx(model, char_tokenizer(), tmp_path, quantization=q)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    result = parity(round_like_export(model, q), OrtDecoder.load(path), ids, "float32", steps=3, new_tokens=8)
+    assert result["passed"] and result["greedy"]["equal"] and result["top1_agreement"] == 1.0, result
+    # level 0: float32 rounding only. Level 4: the same, except where PyTorch's and ORT's activations, equal to
+    # ~1e-7, fall on two sides of an int8 rounding boundary (one such flip here: 3e-3 on logits of size 0.6;
+    # decode steps 1e-7); without the int8 hooks the reference is 6e-3 off
+    assert result["max_abs_diff"] < (1e-5 if level == 0 else 1e-2)
+
+
+def test_e2e_refinement_would_move_the_factors_off_the_grid():
+    with pytest.raises(ValueError, match="grid"):
+        CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization())
+
+
+def test_a_run_config_with_a_grid_round_trips_through_json():
+    config = RunConfig(formats=("onnx",), quantize="int4", compression=CompressionConfig(quantization=Quantization()))
+    assert RunConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="grid"):
+        RunConfig(formats=("onnx",), quantize="int8", compression=CompressionConfig(quantization=Quantization()))
+
+
+def tied_llama():
+    from transformers import AutoModelForCausalLM
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_a_tied_head_and_its_table_go_on_one_grid_from_the_final_hidden_states(tmp_path):
+    """--ratio 0 --quantize: GPTQ alone, every linear dense. The tied lm_head gets its grid (q.head(): 8 bits)
+    from the final norm's outputs and stays tied, so the embedding reads the same values; the graph packs the
+    table once (GatherBlockQuantized and the head's MatMulNBits read one initializer) and computes what PyTorch
+    computes with it; the saved artifact gives the grid back."""
+    import onnx
+
+    from exporter.output.artifact import load_compressed, save_compressed
+    model = tied_llama()
+    table = model.model.embed_tokens.weight.detach().clone()
+    q = Quantization(bits=4, block_size=16, accuracy_level=0)
+    result = compress_(model, random_batches(8, seqlen=32), CompressionConfig(ratio=0.0, quantization=q),
+                       progress=False)
+    assert result.plan == {} and not any(isinstance(m, LowRankLinear) for m in model.modules())
+    head = result.extra["quantize_head"]
+    assert head["tied"] and head["gptq"] < head["nearest"] and model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(model.lm_head.weight, table) and scales_of(model.lm_head).shape == (128, 64 // 16)
+    save_compressed(model, char_tokenizer(), tmp_path / "saved", {"ranks": {}})
+    back = load_compressed(tmp_path / "saved")
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight) and torch.equal(scales_of(back.lm_head),
+                                                                                   scales_of(model.lm_head))
+    path = build_onnx(model, char_tokenizer(), tmp_path / "graph", quantization=q)
+    graph = onnx.load(path, load_external_data=False).graph
+    assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
+    outside = [t for t in graph.initializer if "layers." not in t.name and "rotary" not in t.name and len(t.dims) > 1]
+    assert [(t.data_type, list(t.dims)) for t in outside] == [(onnx.TensorProto.UINT8, [128, 4, 16]),
+                                                               (onnx.TensorProto.FLOAT, [128, 4])], outside
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    result = parity(round_like_export(model, q), OrtDecoder.load(path), ids, "float32", steps=2, new_tokens=4)
+    assert result["passed"] and result["max_abs_diff"] < 1e-5, result
