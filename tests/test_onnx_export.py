@@ -237,3 +237,12 @@ def test_parity_tolerance_grows_with_the_logits_but_not_below_their_measured_siz
     assert scaled_tolerance(0.05, 3.0) == 0.05 and scaled_tolerance(0.05, LOGIT_SIZE) == 0.05
     assert scaled_tolerance(0.05, 10 * LOGIT_SIZE) == pytest.approx(0.5)
     assert scaled_tolerance(0.05, 10 * LOGIT_SIZE) < 0.1 * 10 * LOGIT_SIZE  # a wiring error (logit-sized) still fails
+
+
+def test_a_near_tie_broken_by_int8_activations_agrees_but_a_wrong_top1_does_not():
+    from exporter.validate.parity import _compare
+    reference = torch.tensor([[[10.0, 9.5, 0.0], [10.0, 2.0, 0.0]]])
+    flipped_tie = np.array([[[9.4, 9.6, 0.0], [10.0, 2.0, 0.0]]], np.float32)  # 10 vs 9.5: within 2.0
+    flipped_far = np.array([[[10.0, 9.5, 0.0], [9.0, 11.0, 0.0]]], np.float32)  # 10 vs 2: a different answer
+    assert _compare(flipped_tie, reference)[1:] == (1, 2) and _compare(flipped_tie, reference, True)[1:] == (2, 2)
+    assert _compare(flipped_far, reference, True)[1:] == (1, 2)

@@ -86,3 +86,24 @@ def test_int4_and_int8_exports_perplexity_and_size(smollm2, texts, tmp_path):
     assert ppl["float"] < ppl["int8"] <= INT8_PPL_BOUND * ppl["float"], ppl
     assert ppl["int8"] < ppl["int4"] <= INT4_PPL_BOUND * ppl["float"], ppl
     assert size["int4"] < 0.45 * size["float"] and size["int8"] < 0.55 * size["float"], size
+
+
+def test_the_default_recipe_with_int4_passes_its_own_checks(texts, tmp_path):
+    """The default recipe at 0.4 with --quantize int4 (GPTQ in the layer loop, the tied table packed once at
+    the head's 8 bits): no --skip-parity, and the run succeeds. Its graph holds the loop's grid (a
+    GatherBlockQuantized table, every decoder matmul MatMulNBits), and ORT's perplexity is the PyTorch
+    model's with the same weights, up to the int8 activations of accuracy level 4."""
+    import onnx
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "--model", "smollm2-135m", "--ratio", "0.4", "--format", "onnx", "--quantize", "int4", "--out", str(out),
+        "--calib-data", str(texts / "calibration.txt"), "--calib-samples", "8", "--calib-seqlen", "256",
+        "--eval-data", str(texts / "evaluation.txt"), "--eval-tokens", "1024", "--eval-seqlen", "512", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"].startswith("default") and report["onnx"]["parity"]["compressed"]["passed"]
+    assert len(report["method_details"]["quantize"]) == 30 * 7 and report["method_details"]["quantize_head"]["tied"]
+    kinds = [n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
+    assert "GatherBlockQuantized" in kinds and "MatMul" not in kinds
+    ppl = report["perplexity"]
+    assert ppl["onnx_compressed"] == pytest.approx(ppl["compressed"], rel=0.03), ppl

@@ -197,3 +197,17 @@ def test_a_tied_head_and_its_table_go_on_one_grid_from_the_final_hidden_states(t
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
     result = parity(round_like_export(model, q), OrtDecoder.load(path), ids, "float32", steps=2, new_tokens=4)
     assert result["passed"] and result["max_abs_diff"] < 1e-5, result
+
+
+def test_the_searched_scales_round_closer_than_onnx_runtimes_rule():
+    from exporter.quantize.gptq import SHRINKS
+    torch.manual_seed(2)
+    q = Quantization(bits=4, block_size=32)
+    w = torch.randn(64, 128, dtype=torch.float64)
+    x = torch.randn(128, 600, dtype=torch.float64) * torch.exp(0.7 * torch.randn(128, 1, dtype=torch.float64))
+    h = x @ x.T
+    plain, _ = gptq(w, h, q, torch.float32)
+    searched, scales = gptq(w, h, q, torch.float32, shrinks=SHRINKS)
+    assert weighted_error(w, searched, h) < 0.9 * weighted_error(w, plain, h)
+    back = (encode(searched, scales, q).double() - 8).view(64, -1, 32) * scales[..., None]
+    assert torch.equal(back.view(64, -1), searched)  # still exactly on the grid the writer stores

@@ -20,6 +20,7 @@ from ..model.linears import linear_weight
 from ..model.lowrank import LowRankLinear, swap_module
 from ..model.quantized import set_scales
 from ..output.resume_state import ResumeState
+from ..quantize.gptq import SHRINKS
 from ..quantize.grid import round_to_nearest
 from ..quantize.layer import quantize_module_
 from ..refine.block import refine_layer
@@ -119,6 +120,7 @@ def quantize_layer(index: int, layer: nn.Module, arch: Architecture, obs, config
     began = time.perf_counter()
     q, scale_dtype = config.quantization, graph_dtype(export_dtype)
     records = result.extra.setdefault("quantize", {})
+    result.extra["quantize_grid"] = {"bits": q.bits, "block_size": q.block_size, "scale_search": list(SHRINKS)}
     for name, _, module, stats in linears_with_stats(arch, index, layer, obs):
         if stats.count == 0:
             for linear in [module] if isinstance(module, nn.Linear) else [module.down, module.up]:

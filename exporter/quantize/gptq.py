@@ -11,9 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..config import Quantization
-from .grid import codes_of, scales_of, values_of
+from .grid import codes_of, scales_of, searched_scales, values_of
 
 DAMPING = 0.01  # added to H's diagonal, relative to its mean: GPTQ's default, keeps the Cholesky factor defined
+# The block scales the layer loop searches: ORT's own (the block's largest magnitude on the grid's end) and 8
+# shrinks of it down to 0.8. On a 576×1536 Gaussian weight with skewed inputs this cut ‖(W − Q)X‖² by 25% at
+# block 32, 64 and 128 alike (block 64 searched beat block 32 unsearched); SmolLM2: docs/results/front.md.
+SHRINKS = tuple(1.0 - 0.025 * i for i in range(9))
 
 
 def inverse_cholesky(hessian: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
@@ -31,17 +35,20 @@ def inverse_cholesky(hessian: torch.Tensor, damping: float = DAMPING) -> torch.T
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, q: Quantization, scale_dtype: torch.dtype,
-         damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+         damping: float = DAMPING, shrinks: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
     """(values on the grid, scales [out, blocks]) of `weight` (out×in), in float64. The blocks of the grid are
-    also GPTQ's lazy-update blocks: the error of a block reaches the later columns in one matrix product."""
+    also GPTQ's lazy-update blocks: the error of a block reaches the later columns in one matrix product.
+    `shrinks`: the block scales searched (grid.searched_scales, weighted by diag H); (1.0,): ORT's own rule."""
     w = weight.to(torch.float64).clone()
     u = inverse_cholesky(hessian, damping)
+    importance = torch.diagonal(hessian).to(torch.float64)
     in_features, size = w.shape[1], q.block_size
     values, scales = torch.empty_like(w), []
     for start in range(0, in_features, size):
         end = min(start + size, in_features)
         block = w[:, start:end]  # a view: updated in place column by column
-        scale = scales_of(block, q, scale_dtype)
+        scale = (scales_of(block, q, scale_dtype) if shrinks == (1.0,) else
+                 searched_scales(block, q, scale_dtype, importance[start:end], shrinks))
         errors = torch.empty_like(block)
         for j in range(end - start):
             column = block[:, j:j + 1]

@@ -31,6 +31,18 @@ def scales_of(weight_block: torch.Tensor, q: Quantization, scale_dtype: torch.dt
     return (extreme / -zero_point(q)).to(scale_dtype).to(weight_block.dtype)
 
 
+def searched_scales(weight_block: torch.Tensor, q: Quantization, scale_dtype: torch.dtype,
+                    importance: torch.Tensor, shrinks: tuple[float, ...]) -> torch.Tensor:
+    """Per row, the scale among scales_of(block)·shrink that rounds the block with the least importance-weighted
+    squared error (importance: one weight per column, GPTQ passes diag(X Xᵀ)): clipping the largest value a
+    little buys a finer grid for all the others."""
+    base = scales_of(weight_block, q, scale_dtype)
+    candidates = torch.stack([(base * f).to(scale_dtype).to(base.dtype) for f in shrinks])  # [S, rows]
+    errors = torch.stack([(((weight_block - values_of(codes_of(weight_block, c, q), c, q)) ** 2) * importance).sum(1)
+                          for c in candidates])
+    return candidates.gather(0, errors.argmin(0, keepdim=True)).squeeze(0)
+
+
 def codes_of(weight_block: torch.Tensor, scale: torch.Tensor, q: Quantization) -> torch.Tensor:
     """The codes of one block (rows × columns) against its per-row scale; an all-zero block (scale 0) gets the
     zero point, its values are 0 whatever the code."""

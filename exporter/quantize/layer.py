@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..config import Quantization
 from ..model.lowrank import LowRankLinear
 from ..model.quantized import set_scales
-from .gptq import DAMPING, gptq, weighted_error
+from .gptq import DAMPING, SHRINKS, gptq, weighted_error
 from .grid import round_to_nearest
 
 
@@ -25,7 +25,7 @@ def quantize_linear_(linear: nn.Linear, hessian: torch.Tensor, q: Quantization, 
     """In place: `linear`'s weight on the grid (GPTQ with `hessian`), its scales attached. -> its record."""
     w = linear.weight.detach().to(torch.float64)
     h = hessian.to(w.device)
-    values, scales = gptq(w, h, q, scale_dtype)
+    values, scales = gptq(w, h, q, scale_dtype, shrinks=SHRINKS)
     nearest, _ = round_to_nearest(w, q, scale_dtype)
     with torch.no_grad():
         linear.weight.copy_(values.to(linear.weight.dtype))

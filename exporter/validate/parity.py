@@ -22,7 +22,9 @@ MIN_TOP1 = {"float32": 1.0, "float16": 0.95}
 # and the flip propagates: SmolLM2-135M, GPTQ int4 at ratio 0, measured 1.05 max |logit difference| (logits up to
 # 39) with every top-1 and 32 greedy tokens equal, and 8e-5 for the same weights in a level-0 graph; before the
 # reference rounded activations, 1.14 (int4) and 0.87 (int8) with greedy text parting after 9-12 tokens (near-ties
-# flip). So greedy equality is reported, not required. Wiring errors give differences of the logits' own size (~20).
+# flip; with an int8 lm_head one of 16 top-1s flipped, 0.938). So greedy equality is reported, not required, and
+# a top-1 that differs from PyTorch's by less than the tolerance in PyTorch's own logits counts as agreeing
+# (_compare). Wiring errors give differences of the logits' own size (~20).
 INT8_ACTIVATIONS = {"tolerance": 2.0, "min_top1": 0.95}
 # The tolerances are absolute at that logit size and grow in proportion above it: float rounding errors
 # scale with the values (a random-weight OPT-6.7B-shaped model measured 0.48 max |difference| in float16,
@@ -42,12 +44,19 @@ def prompt_ids(tokenizer, text: str = PROMPT) -> torch.Tensor:
     return ids
 
 
-def _compare(ort_logits: np.ndarray, torch_logits: torch.Tensor) -> tuple[float, int, int]:
-    """-> (max abs diff, positions whose argmax agrees, positions compared)."""
+def _compare(ort_logits: np.ndarray, torch_logits: torch.Tensor, int8_activations: bool = False) -> tuple[float, int, int]:
+    """-> (max abs diff, positions whose argmax agrees, positions compared). int8_activations: a position where
+    ORT's top-1 token is within INT8_ACTIVATIONS' tolerance of PyTorch's top-1 logit counts as agreeing: a
+    near-tie that the int8 rounding of the activations may break either way (a wiring error moves the logits
+    by their own size and still fails)."""
     a = ort_logits.astype(np.float32)
     b = torch_logits.float().cpu().numpy()
-    agree = int((a.argmax(-1) == b.argmax(-1)).sum())
-    return float(np.abs(a - b).max()), agree, int(np.prod(a.shape[:-1]))
+    chosen = a.argmax(-1)
+    agreeing = chosen == b.argmax(-1)
+    if int8_activations:
+        margin = scaled_tolerance(INT8_ACTIVATIONS["tolerance"], float(np.abs(b).max()))
+        agreeing |= np.take_along_axis(b, chosen[..., None], -1)[..., 0] >= b.max(-1) - margin
+    return float(np.abs(a - b).max()), int(agreeing.sum()), int(np.prod(a.shape[:-1]))
 
 
 @torch.no_grad()
@@ -57,7 +66,7 @@ def logits_parity(model, decoder: OrtDecoder, ids: torch.Tensor, steps: int = 4,
     device = next(model.parameters()).device
     out = model(input_ids=ids.to(device), use_cache=True)
     ort_logits, present = decoder.prefill(ids.numpy())
-    diff, agree, total = _compare(ort_logits, out.logits)
+    diff, agree, total = _compare(ort_logits, out.logits, int8_activations)
     largest = float(out.logits.abs().max())
     records = [{"step": "prefill", "tokens": int(ids.shape[1]), "max_abs_diff": diff, "top1_agree": agree / total}]
     cache, length = out.past_key_values, ids.shape[1]
@@ -69,7 +78,7 @@ def logits_parity(model, decoder: OrtDecoder, ids: torch.Tensor, steps: int = 4,
         out = model(input_ids=token, attention_mask=mask.to(device), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         ort_logits, present = decoder(token.cpu().numpy(), mask.numpy(), present)
-        diff, agree, total = _compare(ort_logits, out.logits)
+        diff, agree, total = _compare(ort_logits, out.logits, int8_activations)
         largest = max(largest, float(out.logits.abs().max()))
         records.append({"step": f"decode {step + 1}", "past": length - 1, "max_abs_diff": diff,
                         "top1_agree": agree / total})

@@ -36,7 +36,7 @@ def streamed_parity(source, decoder: OrtDecoder, ids: torch.Tensor, dtype: str, 
     tokens, ort_rows = ort_generate(decoder, ids, new_tokens)
     sequence = torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], 1)
     torch_rows = source_logits(source, [sequence])[0][0]  # [S + new_tokens, V]
-    diff, agree, total = _compare(ort_rows, torch_rows)
+    diff, agree, total = _compare(ort_rows, torch_rows, int8_activations)
     reference = torch_rows[prompt - 1:prompt - 1 + new_tokens].argmax(-1).tolist()
     first_diff = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), None)
     top1 = agree / total
