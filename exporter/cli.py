@@ -175,6 +175,9 @@ class Command(click.Command):
                    "to nearest as the graph is written (ONNX Runtime's block quantizer).")
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
               help="--quantize block size along each weight's input dimension (a power of two >= 16).")
+@click.option("--refine-rounded/--refine-float", default=True, show_default=True,
+              help="--quantize gptq with --refine block: refinement optimises the factors through their rounding "
+                   "(straight-through), or in float before GPTQ rounds them.")
 @click.option("--head-bits", type=click.Choice(["4", "8"]), default=str(HEAD_BITS), show_default=True,
               help="--quantize: bits of the lm_head (and of the embedding table the graph packs with it).")
 @click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True,
@@ -189,7 +192,7 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
          formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
          calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
          adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, quantizer, block_size,
-         head_bits, rank_multiple, skip_parity, quiet, debug):
+         refine_rounded, head_bits, rank_multiple, skip_parity, quiet, debug):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if debug:
@@ -219,7 +222,8 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 refine_lr=refine_lr, keep_dense_above=keep_dense_above, min_rank=min_rank, rank_multiple=rank_multiple,
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
                 adacomp_damping=adacomp_damping, min_retention=min_retention,
-                quantization=Quantization.parse(quantize, block_size, int(head_bits)) if quantizer == "gptq" else None),
+                quantization=Quantization.parse(quantize, block_size, int(head_bits)) if quantizer == "gptq" else None,
+                refine_rounded=refine_rounded),
             calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
                                           seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),

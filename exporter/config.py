@@ -147,6 +147,8 @@ class CompressionConfig:
     # --quantize with --quantizer gptq: every linear of each layer put on the MatMulNBits grid in the layer loop
     # (exporter/quantize); None: float weights here (--quantizer nearest rounds them as the graph is written)
     quantization: Quantization | None = None
+    # with a quantization: block refinement optimises the factors through their rounding (exporter/quantize/fake.py)
+    refine_rounded: bool = True
 
     def __post_init__(self):
         if isinstance(self.quantization, dict):  # from a run's config.json (resume)

@@ -347,6 +347,8 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "block_size": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
     "quantizer": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
     "head_bits": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
+    "refine_rounded": (lambda c: c.compression.quantization is not None and c.compression.refine_block,
+                       "--quantize with --quantizer gptq and --refine block"),
     "adacomp_iterations": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_strength": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "adacomp_damping": (lambda c: c.compression.method == "adasvd", "--method adasvd"),

@@ -211,3 +211,32 @@ def test_the_searched_scales_round_closer_than_onnx_runtimes_rule():
     assert weighted_error(w, searched, h) < 0.9 * weighted_error(w, plain, h)
     back = (encode(searched, scales, q).double() - 8).view(64, -1, 32) * scales[..., None]
     assert torch.equal(back.view(64, -1), searched)  # still exactly on the grid the writer stores
+
+
+def test_refinement_through_the_rounding_trains_the_float_weights_and_leaves_them_plain():
+    """Inside rounded_factors a factor computes with its grid values (what round-to-nearest gives) and the
+    gradient reaches the float weight as if the grid values were the weight (straight through); refinement's
+    optimiser trains the float weights; outside it the factors are plain parameters again, moved."""
+    from exporter.config import Refinement
+    from exporter.quantize.fake import rounded_factors
+    from exporter.refine.optimise import factors, optimise
+    torch.manual_seed(0)
+    q = Quantization(bits=4, block_size=16)
+    pair = LowRankLinear.from_factors(torch.randn(24, 8), torch.randn(8, 32), None, torch.float32, "cpu")
+    layer = torch.nn.Sequential(pair)
+    x, target = torch.randn(4, 32), torch.randn(4, 24)
+    grid_down = round_to_nearest(pair.down.weight.detach().double(), q, torch.float32)[0].float()
+    grid_up = round_to_nearest(pair.up.weight.detach().double(), q, torch.float32)[0].float()
+    leaf = grid_down.clone().requires_grad_(True)
+    expected = torch.autograd.grad(((x @ leaf.T) @ grid_up.T - target).square().sum(), leaf)[0]
+    with rounded_factors(layer, q, torch.float32):
+        assert torch.equal(pair.down.weight, grid_down) and torch.equal(pair.up.weight, grid_up)
+        assert factors(layer)[0] is pair.down.parametrizations.weight.original
+        (pair(x) - target).square().sum().backward()
+        assert torch.allclose(factors(layer)[0].grad, expected)
+        factors(layer)[0].grad = None
+        before = pair.down.parametrizations.weight.original.detach().clone()
+        entry = optimise(layer, lambda f, b: ((f(x) - target).square().sum(), 4), [0, 1], [0],
+                         Refinement(steps=8, lr=1e-2, eval_every=2), seed=0, export_dtype=torch.float32)
+    assert type(pair.down.weight) is torch.nn.Parameter and not hasattr(pair.down, "parametrizations")
+    assert entry["steps_run"] == 8 and entry["kept"] and not torch.equal(pair.down.weight, before)

@@ -393,9 +393,10 @@ def ours_description(folder: Path) -> str:
     weights = (f"{quantize['bits']}-bit b{quantize['block_size']} {rounding}, acc. {quantize['accuracy_level']}, "
                f"lm_head {quantize['lm_head_bits']}-bit") if quantize else (report.get("dtype") or {}).get("export", "")
     calib = ((report.get("config") or {}).get("calibration") or {}).get("source", "?")
-    return (f"svd-export {report.get('method')}/{report.get('allocation')} ratio {ratio.get('requested')} "
-            f"(realised {ratio.get('realized_model', float('nan')):.3f} of the model), {weights}; "
-            f"calibrated on {Path(str(calib)).name}")
+    compression = ("no low rank (ratio 0)" if not report.get("layers") else
+                   f"{report.get('method')}/{report.get('allocation')} ratio {ratio.get('requested')} "
+                   f"(realised {ratio.get('realized_model', float('nan')):.3f} of the model)")
+    return f"svd-export {compression}, {weights}; calibrated on {Path(str(calib)).name}"
 
 
 def texts_of(tokenizer, count: int = TOKENS) -> dict[str, torch.Tensor]:

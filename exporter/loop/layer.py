@@ -4,6 +4,7 @@ advance the compressed streams → write the layer → save the resume state. co
 layer from `start`."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 
@@ -20,6 +21,7 @@ from ..model.linears import linear_weight
 from ..model.lowrank import LowRankLinear, swap_module
 from ..model.quantized import set_scales
 from ..output.resume_state import ResumeState
+from ..quantize.fake import rounded_factors
 from ..quantize.gptq import SHRINKS
 from ..quantize.grid import round_to_nearest
 from ..quantize.layer import quantize_module_
@@ -101,7 +103,10 @@ def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, den
         blended = [torch.lerp(c, o, config.refine_target_strength) for c, o in zip(obs.dense_on_compressed,
                                                                                     streams.calib.hidden)]
         targets = Activations(blended, streams.calib.layer_kwargs)
-    entry = refine_layer(index, layer, streams.calib_compressed, targets, config.refinement, device, export_dtype)
+    rounding = (contextlib.nullcontext() if config.quantization is None or not config.refine_rounded else
+                rounded_factors(layer, config.quantization, graph_dtype(export_dtype)))  # what GPTQ rounds next
+    with rounding:
+        entry = refine_layer(index, layer, streams.calib_compressed, targets, config.refinement, device, export_dtype)
     result.extra.setdefault("refine", {})[str(index)] = entry
     result.layer_seconds.setdefault("refine", []).append(time.perf_counter() - began)
     if not entry["kept"]:

@@ -60,3 +60,10 @@ def build_skeleton(model: nn.Module, ranks: dict[str, int]) -> None:
         weight = linear_weight(old)
         swap_module(model, name, LowRankLinear(in_features, out_features, rank, old.bias is not None,
                                                device=weight.device, dtype=weight.dtype))
+
+
+def trained_weight(linear: nn.Linear) -> nn.Parameter:
+    """The parameter an optimiser trains for `linear`'s weight: the weight itself, or the float original under a
+    parametrization (refinement's rounded forward, exporter/quantize/fake.py)."""
+    parametrizations = getattr(linear, "parametrizations", None)
+    return linear.weight if parametrizations is None else parametrizations.weight.original

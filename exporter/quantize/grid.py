@@ -77,3 +77,13 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, q: Quantization) -> torch
     codes = codes.view(out_features, -1)
     codes[:, in_features:] = 0  # the padding, never read by the kernel: 0 as ONNX Runtime's quantizer writes it
     return codes.to(torch.uint8)
+
+
+def grid_values(weight: torch.Tensor, q: Quantization, scale_dtype: torch.dtype) -> torch.Tensor:
+    """round_to_nearest's values, all blocks at once and in the weight's own dtype (the forward of
+    refinement's fake quantization, run at every step)."""
+    out_features, in_features = weight.shape
+    blocks = torch.nn.functional.pad(weight, (0, -in_features % q.block_size)).view(out_features, -1, q.block_size)
+    flat = blocks.reshape(-1, q.block_size)
+    scale = scales_of(flat, q, scale_dtype)
+    return values_of(codes_of(flat, scale, q), scale, q).view(out_features, -1)[:, :in_features]

@@ -21,12 +21,12 @@ import torch.nn as nn
 
 from .. import dist
 from ..config import Refinement
-from ..model.lowrank import LowRankLinear
+from ..model.lowrank import LowRankLinear, trained_weight
 
 
 def factors(layer: nn.Module) -> list[nn.Parameter]:
     """The parameters block refinement trains: up and down of every LowRankLinear of the layer."""
-    return [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in (m.down.weight, m.up.weight)]
+    return [trained_weight(f) for m in layer.modules() if isinstance(m, LowRankLinear) for f in (m.down, m.up)]
 
 
 def check_subset(train: list[int], count: int) -> list[int]:
