@@ -175,7 +175,7 @@ class Command(click.Command):
                    "to nearest as the graph is written (ONNX Runtime's block quantizer).")
 @click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
               help="--quantize block size along each weight's input dimension (a power of two >= 16).")
-@click.option("--refine-rounded/--refine-float", default=True, show_default=True,
+@click.option("--refine-rounded/--refine-float", default=False, show_default=True,
               help="--quantize gptq with --refine block: refinement optimises the factors through their rounding "
                    "(straight-through), or in float before GPTQ rounds them.")
 @click.option("--head-bits", type=click.Choice(["4", "8"]), default=str(HEAD_BITS), show_default=True,

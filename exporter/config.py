@@ -147,8 +147,10 @@ class CompressionConfig:
     # --quantize with --quantizer gptq: every linear of each layer put on the MatMulNBits grid in the layer loop
     # (exporter/quantize); None: float weights here (--quantizer nearest rounds them as the graph is written)
     quantization: Quantization | None = None
-    # with a quantization: block refinement optimises the factors through their rounding (exporter/quantize/fake.py)
-    refine_rounded: bool = True
+    # with a quantization: block refinement optimises the factors through their rounding (exporter/quantize/fake.py).
+    # Off: measured on SmolLM2 at 0.2 int4 (docs/results/front.md), validation 40.07 through the rounding against
+    # 39.03 in float, GPTQ rounding the refined factors either way (one seed).
+    refine_rounded: bool = False
 
     def __post_init__(self):
         if isinstance(self.quantization, dict):  # from a run's config.json (resume)
