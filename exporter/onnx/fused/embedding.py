@@ -34,6 +34,7 @@ from torch import nn
 from graph_rewrite.tags import MODULE_KEY
 
 from ...config import Quantization
+from ...model.quantized import scales_of
 from .graph import MS, GraphBuilder, to_numpy
 from .quantize import NBitsWeight, dequantize, quantize_weight
 
@@ -57,11 +58,7 @@ def embedding_quantization(q: Quantization, bits: int | None = None) -> Quantiza
 
 def grid_of(linear: nn.Module):
     """The scales [out, blocks] of the grid the layer loop put `linear` on (exporter/model/quantized.py), or
-    None: a float weight, or a tree without that grid."""
-    try:
-        from ...model.quantized import scales_of
-    except ImportError:
-        return None
+    None for a float weight."""
     return scales_of(linear)
 
 
