@@ -27,7 +27,7 @@ from .data.windows import calibration_batches, evaluation_tokens
 from .load.open import open_source, pick_device
 from .loop.compress import compress_source
 from .model.head import stored_hidden_logits
-from .output.artifact import finish_artifact
+from .output.artifact import drop_weight_files, finish_artifact
 from .output.folder import atomic_output, check_out_path, empty_folder, resume_folder
 from .output.resume_state import FOLDER as RESUME_FOLDER
 from .output.resume_state import ResumeState, refuse_other_settings
@@ -256,8 +256,7 @@ def write_outputs(config: RunConfig, report: dict, result, writer, model, tokeni
         if onnx_stage is not None:
             onnx_stage.cleanup()  # never part of the output
     if "safetensors" not in config.formats:
-        for f in files + [tmp / "model.safetensors.index.json"]:
-            f.unlink(missing_ok=True)
+        drop_weight_files(tmp, files)
     report["timings_s"] = dict(timer.timings)
     report["peak_memory"] = peak_memory()
     write_json(report, tmp)

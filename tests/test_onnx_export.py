@@ -246,3 +246,15 @@ def test_a_near_tie_broken_by_int8_activations_agrees_but_a_wrong_top1_does_not(
     flipped_far = np.array([[[10.0, 9.5, 0.0], [9.0, 11.0, 0.0]]], np.float32)  # 10 vs 2: a different answer
     assert _compare(flipped_tie, reference)[1:] == (1, 2) and _compare(flipped_tie, reference, True)[1:] == (2, 2)
     assert _compare(flipped_far, reference, True)[1:] == (1, 2)
+
+
+def test_an_onnx_only_folder_says_it_has_no_safetensors(tiny_run, tmp_path):
+    """--format onnx alone: the safetensors the export read back are gone and config.json no longer records
+    them, so load_compressed says the folder has none (not that a recorded file went missing)."""
+    from exporter.output.artifact import load_compressed
+    out = tmp_path / "out"
+    assert cli(*tiny_run, out).exit_code == 0
+    assert not list(out.glob("*.safetensors*"))
+    assert json.loads((out / "config.json").read_text())["svd_export"]["checksums"] == {}
+    with pytest.raises(ValueError, match="no safetensors weights.*--format onnx alone"):
+        load_compressed(out)

@@ -86,6 +86,8 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
     unfuse_experts(model)  # compress_ saved MoE experts one module per expert
     build_skeleton(model, meta["ranks"])
+    if meta.get("weights") == NO_WEIGHTS:
+        raise ValueError(f"{folder} has no safetensors weights ({NO_WEIGHTS}): load its model.onnx with ONNX Runtime")
     verify_checksums(folder, meta)
     state = to_model_keys(model, _state_dict(folder))  # save_pretrained writes the hub's key names
     state = attach_scales(model, state)  # --quantize: the grid's scales beside the weights they belong to
@@ -121,6 +123,21 @@ def record_checksums(folder: str | Path) -> dict[str, dict]:
     config.setdefault(CONFIG_KEY, {})["checksums"] = sums
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return sums
+
+
+NO_WEIGHTS = "none: written with --format onnx alone (model.onnx holds the weights)"
+
+
+def drop_weight_files(folder: str | Path, files: list[Path]) -> None:
+    """--format onnx alone: the safetensors the streamed export read back are removed, and config.json stops
+    recording them, so that a reader is told the folder has none instead of that they went missing."""
+    folder = Path(folder)
+    for f in files + [folder / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault(CONFIG_KEY, {}).update(checksums={}, weights=NO_WEIGHTS)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def verify_checksums(folder: str | Path, meta: dict) -> None:
