@@ -19,12 +19,11 @@ from ..model.activations import Activations, advance
 from ..model.architecture import Architecture
 from ..model.linears import linear_weight
 from ..model.lowrank import LowRankLinear, swap_module
-from ..model.quantized import set_scales
 from ..output.resume_state import ResumeState
 from ..quantize.fake import rounded_factors
 from ..quantize.gptq import SHRINKS
 from ..quantize.grid import round_to_nearest
-from ..quantize.layer import quantize_module_
+from ..quantize.layer import put_on_grid_, quantize_module_
 from ..refine.block import refine_layer
 from .host_memory import release_free_heap
 from .observe import linears_with_stats, observe
@@ -129,10 +128,7 @@ def quantize_layer(index: int, layer: nn.Module, arch: Architecture, obs, config
     for name, _, module, stats in linears_with_stats(arch, index, layer, obs):
         if stats.count == 0:
             for linear in [module] if isinstance(module, nn.Linear) else [module.down, module.up]:
-                values, scales = round_to_nearest(linear.weight.detach().to(torch.float64), q, scale_dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(values.to(linear.weight.dtype))
-                set_scales(linear, scales)
+                put_on_grid_(linear, *round_to_nearest(linear.weight.detach().to(torch.float64), q, scale_dtype))
             result.extra.setdefault("quantize_uncalibrated", []).append(name)
             continue
         records[name] = quantize_module_(module, stats.gram, q, scale_dtype)

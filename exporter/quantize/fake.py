@@ -1,5 +1,5 @@
 """Refinement that sees the rounding (--quantize with --refine block): while a layer's factors are optimised,
-each factor's forward uses its values on the grid (round-to-nearest, grid.grid_values) and the gradient passes
+each factor's forward uses its values on the grid (grid.round_to_nearest) and the gradient passes
 straight through to the float weights (the straight-through estimator). The loss the optimiser and its
 never-worse check see is then the loss of rounded factors; GPTQ rounds the refined factors afterwards.
 
@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from ..config import Quantization
 from ..model.lowrank import LowRankLinear
-from .grid import grid_values
+from .grid import round_to_nearest
 
 
 class RoundedForward(nn.Module):
@@ -27,7 +27,7 @@ class RoundedForward(nn.Module):
         self.q, self.scale_dtype = q, scale_dtype
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (grid_values(weight.detach(), self.q, self.scale_dtype) - weight.detach())
+        return weight + (round_to_nearest(weight.detach(), self.q, self.scale_dtype)[0] - weight.detach())
 
 
 @contextmanager

@@ -56,14 +56,13 @@ def values_of(codes: torch.Tensor, scale: torch.Tensor, q: Quantization) -> torc
 
 
 def round_to_nearest(weight: torch.Tensor, q: Quantization, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, scales [out, blocks]) of the plain block quantizer: every block rounded on its own."""
-    values, scales = torch.empty_like(weight), []
-    for start in range(0, weight.shape[1], q.block_size):
-        block = weight[:, start:start + q.block_size]
-        scale = scales_of(block, q, scale_dtype)
-        values[:, start:start + q.block_size] = values_of(codes_of(block, scale, q), scale, q)
-        scales.append(scale)
-    return values, torch.stack(scales, dim=1)
+    """(values, scales [out, blocks]) of the plain block quantizer: every block rounded on its own, all blocks at
+    once, in the weight's dtype (also the forward of refinement's fake quantization, run at every step)."""
+    out_features, in_features = weight.shape
+    blocks = torch.nn.functional.pad(weight, (0, -in_features % q.block_size)).reshape(-1, q.block_size)
+    scale = scales_of(blocks, q, scale_dtype)
+    values = values_of(codes_of(blocks, scale, q), scale, q).view(out_features, -1)[:, :in_features]
+    return values, scale.view(out_features, -1)
 
 
 def encode(weight: torch.Tensor, scales: torch.Tensor, q: Quantization) -> torch.Tensor:
@@ -78,12 +77,3 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, q: Quantization) -> torch
     codes[:, in_features:] = 0  # the padding, never read by the kernel: 0 as ONNX Runtime's quantizer writes it
     return codes.to(torch.uint8)
 
-
-def grid_values(weight: torch.Tensor, q: Quantization, scale_dtype: torch.dtype) -> torch.Tensor:
-    """round_to_nearest's values, all blocks at once and in the weight's own dtype (the forward of
-    refinement's fake quantization, run at every step)."""
-    out_features, in_features = weight.shape
-    blocks = torch.nn.functional.pad(weight, (0, -in_features % q.block_size)).view(out_features, -1, q.block_size)
-    flat = blocks.reshape(-1, q.block_size)
-    scale = scales_of(flat, q, scale_dtype)
-    return values_of(codes_of(flat, scale, q), scale, q).view(out_features, -1)[:, :in_features]

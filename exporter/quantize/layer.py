@@ -21,15 +21,21 @@ from .gptq import DAMPING, SHRINKS, gptq, weighted_error
 from .grid import round_to_nearest
 
 
+def put_on_grid_(linear: nn.Linear, values: torch.Tensor, scales: torch.Tensor) -> None:
+    """In place: the weight takes the grid's values (in its own dtype), the scales go beside it."""
+    with torch.no_grad():
+        linear.weight.copy_(values.to(linear.weight.dtype))
+    set_scales(linear, scales.to(linear.weight.device))
+
+
 def quantize_linear_(linear: nn.Linear, hessian: torch.Tensor, q: Quantization, scale_dtype: torch.dtype) -> dict:
-    """In place: `linear`'s weight on the grid (GPTQ with `hessian`), its scales attached. -> its record."""
+    """In place: `linear`'s weight on the grid (GPTQ with `hessian`), its scales attached. -> its record, with
+    round-to-nearest's error on the same grid for comparison."""
     w = linear.weight.detach().to(torch.float64)
     h = hessian.to(w.device)
     values, scales = gptq(w, h, q, scale_dtype, shrinks=SHRINKS)
     nearest, _ = round_to_nearest(w, q, scale_dtype)
-    with torch.no_grad():
-        linear.weight.copy_(values.to(linear.weight.dtype))
-    set_scales(linear, scales.to(linear.weight.device))
+    put_on_grid_(linear, values, scales)
     return {"gptq": weighted_error(w, values, h), "nearest": weighted_error(w, nearest, h)}
 
 
