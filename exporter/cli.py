@@ -109,6 +109,16 @@ class Command(click.Command):
                    "(early stopping on held-out batches; default 64).")
 @click.option("--refine-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="--refine only: step size, relative to each factor's RMS (default 0.001).")
+@click.option("--e2e-data", default=None,
+              help="--refine e2e only: the text end-to-end refinement trains on: 'wikitext2', 'generated' (the dense "
+                   "model writes it: data-free distillation) or a file (default: the calibration batches).")
+@click.option("--e2e-samples", type=click.IntRange(min=2), default=None,
+              help="--refine e2e only: sequences for end-to-end refinement, 1/8 held out for early stopping "
+                   "(default: --calib-samples).")
+@click.option("--e2e-seqlen", type=click.IntRange(min=2), default=None,
+              help="--refine e2e only: tokens per end-to-end sequence (default: --calib-seqlen).")
+@click.option("--e2e-steps", type=click.IntRange(min=0), default=None,
+              help="--refine e2e only: Adam steps of end-to-end refinement (default: --refine-steps).")
 @click.option("--keep-dense-above", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="A matrix whose planned rank keeps at least this share of its parameters stays dense; its budget "
                    "goes to the others (default: 0.9 in the default recipe, 1 = off with --method).")
@@ -180,6 +190,10 @@ class Command(click.Command):
                    "(straight-through), or in float before GPTQ rounds them.")
 @click.option("--head-bits", type=click.Choice(["4", "8"]), default=str(HEAD_BITS), show_default=True,
               help="--quantize: bits of the lm_head (and of the embedding table the graph packs with it).")
+@click.option("--correction-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--quantize with --quantizer gptq: beside every dense decoder linear's MatMulNBits, a float rank-r "
+                   "pair holding the best rank-r part of its rounding error (W - Q(W), weighted by its inputs' "
+                   "X Xᵀ); 0 = none.")
 @click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True,
               help="Round every rank to a multiple of N (kernel tiles, quantization blocks); the budget stays met.")
 @click.option("--skip-parity", is_flag=True,
@@ -188,11 +202,12 @@ class Command(click.Command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (ours and the libraries').")
 @click.option("--debug", is_flag=True, help="On error, print the traceback too.")
 @click.pass_context
-def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, keep_dense_above, propagate,
+def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, e2e_data, e2e_samples,
+         e2e_seqlen, e2e_steps, keep_dense_above, propagate,
          formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
          calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
          adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, quantizer, block_size,
-         refine_rounded, head_bits, rank_multiple, skip_parity, quiet, debug):
+         refine_rounded, head_bits, correction_rank, rank_multiple, skip_parity, quiet, debug):
     """Compress a causal LLM with SVD-based low-rank factorization and export the result."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if debug:
@@ -211,6 +226,8 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
 
         if ratio is not None and budget is not None:
             raise ValueError("give either --ratio or --budget, not both")
+        calibration = CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
+                                        batch_size=calib_batch_size, allow_overlap=calib_overlap)
         config = RunConfig(
             model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=None if dtype == "auto" else dtype,
             device=device,
@@ -223,9 +240,11 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
                 adacomp_damping=adacomp_damping, min_retention=min_retention,
                 quantization=Quantization.parse(quantize, block_size, int(head_bits)) if quantizer == "gptq" else None,
-                refine_rounded=refine_rounded),
-            calibration=CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen,
-                                          seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
+                refine_rounded=refine_rounded, e2e_steps=e2e_steps, correction_rank=correction_rank),
+            calibration=calibration,
+            e2e_data=None if (e2e_data, e2e_samples, e2e_seqlen) == (None, None, None) else CalibrationConfig(
+                source=e2e_data or calib_data, samples=e2e_samples or calib_samples, seqlen=e2e_seqlen or calib_seqlen,
+                seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
             quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=int(head_bits), parity=not skip_parity,

@@ -151,6 +151,12 @@ class CompressionConfig:
     # Off: measured on SmolLM2 at 0.2 int4 (docs/results/front.md), validation 40.07 through the rounding against
     # 39.03 in float, GPTQ rounding the refined factors either way (one seed).
     refine_rounded: bool = False
+    # with a quantization: every dense linear of the decoder gets a float rank-r correction of its grid error
+    # beside it (exporter/quantize/correction.py); 0 = none
+    correction_rank: int = 0
+    # Adam steps of end-to-end refinement; None: refine_steps (block and e2e alike). More e2e data wants more
+    # steps: each step is one batch (docs/quality.md, the e2e data study).
+    e2e_steps: int | None = None
 
     def __post_init__(self):
         if isinstance(self.quantization, dict):  # from a run's config.json (resume)
@@ -187,12 +193,23 @@ class CompressionConfig:
         if self.quantization is not None and self.refine_e2e:
             raise ValueError("--refine e2e trains the factors after the layer loop has put them on the --quantize "
                              "grid, and would move them off it: use --refine block or --quantizer nearest")
-        self.refinement  # bad refinement settings are one clear error here
+        if self.correction_rank < 0:
+            raise ValueError(f"--correction-rank must be >= 0, got {self.correction_rank}")
+        if self.correction_rank and self.quantization is None:
+            raise ValueError("--correction-rank corrects the grid of --quantize int4/int8 with --quantizer gptq")
+        if self.e2e_steps is not None and not self.refine_e2e:
+            raise ValueError("--e2e-steps sets the steps of end-to-end refinement: add --refine e2e or block+e2e")
+        self.refinement, self.e2e_refinement  # bad refinement settings are one clear error here
 
     @property
     def refinement(self) -> "Refinement":
         return Refinement(steps=self.refine_steps, lr=self.refine_lr, holdout=self.refine_holdout,
                           check_batches=self.refine_check_batches)
+
+    @property
+    def e2e_refinement(self) -> "Refinement":
+        return dataclasses.replace(self.refinement, steps=self.refine_steps if self.e2e_steps is None
+                                   else self.e2e_steps)
 
     @property
     def refine_block(self) -> bool:
@@ -237,6 +254,9 @@ class RunConfig:
     head_bits: int = HEAD_BITS  # the lm_head's bits (and the embedding table's where the graph packs it)
     parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
+    # The sequences end-to-end refinement trains and stops early on (--e2e-data/-samples/-seqlen); None: the
+    # calibration batches. Carried through the dense layers beside them: the teacher is their last hidden states.
+    e2e_data: CalibrationConfig | None = None
 
     def __post_init__(self):
         if self.onnx_graph not in ONNX_GRAPHS:
@@ -244,6 +264,9 @@ class RunConfig:
         self.quantization  # checks the name, the block size and the head's bits
         if self.quantize is not None and self.onnx_graph == "plain":
             raise ValueError("--quantize writes MatMulNBits while the fused graph is built: it needs --onnx-graph fused")
+        if self.e2e_data is not None and not self.compression.refine_e2e:
+            raise ValueError("--e2e-data, --e2e-samples and --e2e-seqlen set the data of end-to-end refinement: "
+                             "add --refine e2e or block+e2e")
         grid = self.compression.quantization
         if grid is not None and grid != self.quantization:
             raise ValueError(f"the layer loop's grid {grid} is not the graph's ({self.quantization})")
@@ -261,9 +284,10 @@ class RunConfig:
         d = json.loads(text)
         return cls(
             **{k: v for k, v in d.items() if k not in ("compression", "calibration", "evaluation", "formats",
-                                                       "validations")},
+                                                       "validations", "e2e_data")},
             formats=tuple(d["formats"]), validations=tuple(d.get("validations", ())),
             compression=CompressionConfig(**{**d["compression"], "skip": tuple(d["compression"]["skip"])}),
             calibration=CalibrationConfig(**d["calibration"]),
             evaluation=EvalConfig(**d["evaluation"]) if d["evaluation"] else None,
+            e2e_data=CalibrationConfig(**d["e2e_data"]) if d.get("e2e_data") else None,
         )

@@ -28,7 +28,8 @@ def preflight(config: RunConfig, overwrite: bool = False) -> None:
     check_output(config.out, overwrite)
     check_options(config)
     for flag, source in (("--calib-data", config.calibration.source),
-                         ("--eval-data", config.evaluation.source if config.evaluation else None)):
+                         ("--eval-data", config.evaluation.source if config.evaluation else None),
+                         ("--e2e-data", config.e2e_data.source if config.e2e_data else None)):
         check_data_source(flag, source)
     if "onnx" in config.formats:
         check_opset_supported(config.opset)
@@ -82,6 +83,10 @@ def check_options(config: RunConfig) -> None:
     if c.refine != "none" and batches < 2:
         raise PreflightError(f"--refine {c.refine} holds out calibration batches for early stopping and needs at least 2; "
                              f"got {batches} (raise --calib-samples or lower --calib-batch-size)")
+    e2e = config.e2e_data
+    if e2e is not None and -(-e2e.samples // e2e.batch_size) < 2:
+        raise PreflightError(f"--refine {c.refine} holds out end-to-end batches for early stopping and needs at least 2; "
+                             f"got {-(-e2e.samples // e2e.batch_size)} (raise --e2e-samples)")
     unknown = set(config.formats) - {"safetensors", "onnx"}
     if unknown:
         raise PreflightError(f"unknown --format {sorted(unknown)[0]!r}; choose from safetensors, onnx")
@@ -92,7 +97,8 @@ def check_options(config: RunConfig) -> None:
 
 
 def uses_wikitext(config: RunConfig) -> bool:
-    return "wikitext2" in (config.calibration.source, config.evaluation.source if config.evaluation else None)
+    return "wikitext2" in (config.calibration.source, config.evaluation.source if config.evaluation else None,
+                           config.e2e_data.source if config.e2e_data else None)
 
 
 def check_data_source(flag: str, source: str | None) -> None:
@@ -282,9 +288,10 @@ def check_model_config(config: RunConfig, model_config) -> None:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PreflightError(f"--model {config.model}: {first}") from exc
     positions = getattr(model_config, "max_position_embeddings", None)
-    if positions and config.calibration.seqlen > positions:
-        raise PreflightError(f"--calib-seqlen {config.calibration.seqlen} exceeds the model's "
-                             f"{positions} positions (max_position_embeddings)")
+    for flag, data in (("--calib-seqlen", config.calibration), ("--e2e-seqlen", config.e2e_data)):
+        if positions and data is not None and data.seqlen > positions:
+            raise PreflightError(f"{flag} {data.seqlen} exceeds the model's {positions} positions "
+                                 "(max_position_embeddings)")
     if config.compression.budget_bytes is not None:
         check_budget(config, model_config)
     if config.compression.refine_e2e and not isinstance(model_config, SimpleNamespace):
@@ -309,8 +316,8 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
         stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
     compute_bytes = 4 if device.type == "cpu" else half.itemsize  # CPUs compute in float32 (load/checkpoint.py)
     ratio = config.compression.ratio if config.compression.budget_bytes is None else 0.0  # a budget: the most
-    shape = shape_of(skeleton, config.calibration.batch_size, config.calibration.seqlen, compute_bytes, KL_CHUNK,
-                     ratio=ratio)
+    data = config.e2e_data or config.calibration  # what end-to-end refinement trains on
+    shape = shape_of(skeleton, data.batch_size, data.seqlen, compute_bytes, KL_CHUNK, ratio=ratio)
     check_fits(e2e_memory(shape, device_type=device.type), available_bytes(device), device)
 
 
@@ -347,6 +354,7 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "block_size": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
     "quantizer": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
     "head_bits": (lambda c: c.quantize is not None, "--quantize int4 or int8"),
+    "correction_rank": (lambda c: c.compression.quantization is not None, "--quantize with --quantizer gptq"),
     "refine_rounded": (lambda c: c.compression.quantization is not None and c.compression.refine_block,
                        "--quantize with --quantizer gptq and --refine block"),
     "adacomp_iterations": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
@@ -354,6 +362,8 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "adacomp_damping": (lambda c: c.compression.method == "adasvd", "--method adasvd"),
     "refine_steps": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     "refine_lr": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
+    **{flag: (lambda c: c.compression.refine_e2e, "--refine e2e or block+e2e")
+       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps")},
     "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),

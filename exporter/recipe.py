@@ -37,6 +37,9 @@ def default_compression(ratio: float, calibration_batches: int) -> dict:
 def recipe_name(config: CompressionConfig) -> str:
     """How the summary and report.json name what ran, e.g. "default: adasvd + adacr + keep dense above 0.9 +
     refine block"."""
+    if config.ratio == 0 and config.budget_bytes is None:  # --quantize alone: nothing is factorized or refined
+        return "no low rank (--ratio 0)" + (f": GPTQ int{config.quantization.bits}" if config.quantization else "") + (
+            f" + rank-{config.correction_rank} corrections" if config.correction_rank else "")
     parts = [config.method, config.allocation_name]
     if config.keep_dense_above < 1:
         parts.append(f"keep dense above {config.keep_dense_above:g}")

@@ -73,7 +73,8 @@ def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
         return "FWSVD's Fisher information is a backward pass of the whole model"
     if "sensitivity" in allocation_needs(config.compression.allocation_name):
         return f"the {config.compression.allocation_name} allocation needs a backward pass of the whole model"
-    if config.calibration.source == "generated" or (config.evaluation and config.evaluation.source == "generated"):
+    if "generated" in (config.calibration.source, config.evaluation and config.evaluation.source,
+                       config.e2e_data and config.e2e_data.source):
         return "'generated' data is written by the whole model, token by token"
     if "onnx" in config.formats and model_config is not None:
         from .onnx.stage import choose_graph
@@ -84,16 +85,17 @@ def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
 
 
 def in_sample(config: RunConfig) -> str | None:
-    """Why the perplexity would be measured on the calibration text (None: it is not): the same file given to
-    --calib-data and --eval-data. wikitext2 calibrates on its train split and evaluates on its test split, and
-    generated text is written with other seeds for each, so only a file can be both."""
-    if config.evaluation is None:
+    """Why the perplexity would be measured on text the run trained on (None: it is not): the file given to
+    --eval-data also given to --calib-data or --e2e-data. wikitext2 calibrates on its train split and evaluates
+    on its test split, and generated text is written with other seeds for each, so only a file can be both."""
+    if config.evaluation is None or config.evaluation.source in SOURCES or not Path(config.evaluation.source).exists():
         return None
-    calib, evaluation = config.calibration.source, config.evaluation.source
-    if calib in SOURCES or evaluation in SOURCES or not Path(calib).exists() or not Path(evaluation).exists():
-        return None
-    if Path(calib).resolve() == Path(evaluation).resolve():
-        return f"--eval-data is the calibration text ({evaluation}): the perplexity is in-sample"
+    evaluation = Path(config.evaluation.source).resolve()
+    for flag, data in (("calibration", config.calibration), ("end-to-end", config.e2e_data)):
+        if data is None or data.source in SOURCES or not Path(data.source).exists():
+            continue
+        if Path(data.source).resolve() == evaluation:
+            return f"--eval-data is the {flag} text ({config.evaluation.source}): the perplexity is in-sample"
     return None
 
 
@@ -101,7 +103,7 @@ def run_settings(config: RunConfig) -> dict:
     """What makes two runs the same run (the resume key): everything that changes the compressed weights
     or the measured perplexity; not where the result goes or which extra artifacts are written."""
     d = json.loads(config.to_json())
-    return {k: d[k] for k in ("model", "dtype", "compression", "calibration", "evaluation")}
+    return {k: d[k] for k in ("model", "dtype", "compression", "calibration", "evaluation", "e2e_data")}
 
 
 def run_key(settings: dict) -> str:
@@ -133,6 +135,7 @@ class RunData:
     window: int = 0  # perplexity window
     eval_batches: list[torch.Tensor] | None = None  # eval_ids cut into windows (this rank's share under torchrun)
     eval_windows: int = 0  # windows in all
+    e2e_batches: list[torch.Tensor] | None = None  # end-to-end refinement's own data (None: the calibration batches)
 
 
 def run_data(config: RunConfig, model, tokenizer, timer: Timer) -> RunData:
@@ -148,12 +151,19 @@ def run_data(config: RunConfig, model, tokenizer, timer: Timer) -> RunData:
     with timer("calibration_data"):
         data.batches = calibration_batches(model, tokenizer, cal.source, cal.samples, cal.seqlen, cal.seed,
                                            cal.batch_size, cal.allow_overlap)
+    e2e = config.e2e_data
+    if e2e is not None:
+        with timer("e2e_data"):
+            data.e2e_batches = calibration_batches(model, tokenizer, e2e.source, e2e.samples, e2e.seqlen, e2e.seed,
+                                                   e2e.batch_size, e2e.allow_overlap, flags="--e2e")
     if dist.active():  # every rank made the same (seeded) batches: each keeps its share
-        for what, items in (("calibration batches", data.batches), ("evaluation windows", data.eval_batches or [])):
+        for what, items in (("calibration batches", data.batches), ("evaluation windows", data.eval_batches or []),
+                            ("end-to-end batches", data.e2e_batches or [])):
             if items and len(items) < dist.world_size():
                 raise ValueError(f"{len(items)} {what} for {dist.world_size()} processes: each needs one at least")
         data.batches = dist.shard(data.batches)
         data.eval_batches = dist.shard(data.eval_batches) if data.eval_batches is not None else None
+        data.e2e_batches = dist.shard(data.e2e_batches) if data.e2e_batches is not None else None
     return data
 
 
@@ -245,7 +255,8 @@ def work_folder(out: Path, overwrite: bool, key: str, resume: bool):
 def write_outputs(config: RunConfig, report: dict, result, writer, model, tokenizer, source, export_dtype, onnx_stage,
                   data: RunData, tmp: Path, timer: Timer, progress: bool, echo) -> None:
     """Rank 0's part after the loop: safetensors, the compressed ONNX graph and its checks, report.json/md."""
-    meta = {"method": result.method, "allocation": result.allocation, "ratio": result.ratio, "ranks": dict(result.plan)}
+    meta = {"method": result.method, "allocation": result.allocation, "ratio": result.ratio, "ranks": dict(result.plan),
+            **({"corrections": result.extra["corrections"]} if result.extra.get("corrections") else {})}
     with timer("save_safetensors"):
         files = finish_artifact(writer, model, source.arch.layers, tokenizer, tmp, meta, export_dtype)
     shutil.rmtree(tmp / RESUME_FOLDER, ignore_errors=True)
@@ -299,8 +310,9 @@ def run(config: RunConfig, overwrite: bool = False, progress: bool = True, echo=
         with timer("compress"):
             result, streams = compress_source(source, data.batches, config.compression, data.eval_batches, writer,
                                               None if dist.active() else ResumeState(tmp, settings), export_dtype,
-                                              progress=progress and dist.is_main(), work=tmp / RESUME_FOLDER / "e2e")
-        data.batches = []
+                                              progress=progress and dist.is_main(), work=tmp / RESUME_FOLDER / "e2e",
+                                              e2e_batches=data.e2e_batches)
+        data.batches, data.e2e_batches = [], None
         ppl = {}
         if data.eval_batches is not None:
             with timer("perplexity"):

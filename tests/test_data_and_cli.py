@@ -1,4 +1,5 @@
 """Calibration/eval data sources and the command line's handling of bad input."""
+import dataclasses
 import json
 
 import pytest
@@ -99,6 +100,17 @@ def test_run_config_json_roundtrip():
                     calibration=CalibrationConfig(samples=4), evaluation=EvalConfig(max_tokens=100))
     assert RunConfig.from_json(cfg.to_json()) == cfg
     assert cfg.compression.allocation_name == "adacr" and cfg.compression.propagation == "compressed"
+    e2e = RunConfig(compression=CompressionConfig(refine="block+e2e", e2e_steps=128),
+                    e2e_data=CalibrationConfig(source="generated", samples=64, seqlen=512))
+    assert RunConfig.from_json(e2e.to_json()) == e2e and e2e.compression.e2e_refinement.steps == 128
+    assert e2e.compression.refinement.steps == 64  # block refinement keeps --refine-steps
+
+
+def test_end_to_end_data_without_end_to_end_refinement_is_refused():
+    with pytest.raises(ValueError, match="add --refine e2e or block\\+e2e"):
+        RunConfig(compression=CompressionConfig(refine="block"), e2e_data=CalibrationConfig(samples=64))
+    with pytest.raises(ValueError, match="--e2e-steps sets the steps of end-to-end refinement"):
+        CompressionConfig(refine="block", e2e_steps=8)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -151,3 +163,14 @@ def test_evaluating_on_the_calibration_file_is_said_in_the_report(tmp_path, capl
     caplog.clear()
     other = report("a.txt", "b.txt", "other")
     assert "in_sample" not in other["perplexity"] and "IN-SAMPLE" not in summary(other) and not caplog.text
+
+
+def test_evaluating_on_the_end_to_end_text_is_in_sample_too(tmp_path):
+    from exporter.run import in_sample
+    (tmp_path / "a.txt").write_text("a"), (tmp_path / "b.txt").write_text("b")
+    config = RunConfig(compression=CompressionConfig(refine="e2e"),
+                       calibration=CalibrationConfig(source=str(tmp_path / "a.txt")),
+                       evaluation=EvalConfig(str(tmp_path / "b.txt")),
+                       e2e_data=CalibrationConfig(source=str(tmp_path / "b.txt")))
+    assert "the end-to-end text" in in_sample(config)
+    assert in_sample(dataclasses.replace(config, e2e_data=CalibrationConfig(source="generated"))) is None

@@ -54,6 +54,25 @@ def test_never_increases_the_kl_to_the_dense_model_on_the_calibration_batches(ar
     assert entry["loss_after"] == pytest.approx(kl_after["train"], rel=1e-4)
 
 
+def test_its_own_batches_are_what_it_trains_on_and_its_teacher_is_the_dense_model_on_them():
+    """e2e_batches (--e2e-data/-samples/-seqlen): carried through the dense layers beside the calibration
+    batches; the KL it reports is the one measured from the two whole models on those batches, of another
+    count and length than the calibration's."""
+    dense, batches = tiny_model("llama"), random_batches(4, 32, batch_size=1)
+    own = random_batches(24, 48, batch_size=2, seed=5)
+    train, _ = split_batches(len(own), 0.125)
+    before, after = copy.deepcopy(dense), copy.deepcopy(dense)
+    settings = dict(**V2, refine_steps=16, refine_lr=1e-2)
+    compress_(before, batches, CompressionConfig(**settings, refine="none"), progress=False)
+    result = compress_(after, batches, CompressionConfig(**settings, refine="e2e", e2e_steps=24), progress=False,
+                       e2e_batches=own)
+    entry = result.extra["refine_e2e"]
+    assert (entry["sequences"], entry["seqlen"], entry["own_data"]) == (24, 48, True)
+    assert entry["loss_before"] == pytest.approx(kl(dense, before, [own[b] for b in train]), rel=1e-4)
+    assert entry["loss_after"] == pytest.approx(kl(dense, after, [own[b] for b in train]), rel=1e-4)
+    assert entry["kept"] and 16 < entry["steps_run"] <= 24, entry  # --e2e-steps, not block refinement's 16
+
+
 def test_runs_on_a_model_transformers_calls_quantized():
     """A de-quantized GGUF (the embedded SmolLM2) carries transformers' `is_quantized`, which refuses
     `.float()`: the optimisation's float32 cast must not go through it."""
@@ -124,6 +143,21 @@ def test_the_run_writes_and_evaluates_the_refined_factors(tmp_path, text):
         torch.testing.assert_close(reloaded(input_ids=ids[None, :64]).logits, model(input_ids=ids[None, :64]).logits)
 
 
+def test_generated_end_to_end_text_is_written_by_the_dense_model_and_trained_on(tmp_path, text):
+    """--e2e-data generated (data-free distillation): the whole model is held (it writes the text token by
+    token); the report says what end-to-end refinement trained on."""
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    compression = CompressionConfig(method="svd-llm-v2", ratio=0.8, allocation="uniform", refine="block+e2e",
+                                    refine_steps=8, refine_lr=1e-2, e2e_steps=12)
+    cfg = dataclasses.replace(config(model_dir, tmp_path / "out", text), compression=compression,
+                              calibration=CalibrationConfig(source=str(text), samples=4, seqlen=32),
+                              e2e_data=CalibrationConfig(source="generated", samples=10, seqlen=24))
+    report = run(cfg, progress=False, echo=lambda *_: None)
+    entry = report["method_details"]["refine_e2e"]
+    assert not report["streamed"] and report["config"]["e2e_data"]["source"] == "generated"
+    assert (entry["sequences"], entry["seqlen"], entry["own_data"]) == (10, 24, True) and entry["steps_run"] > 8
+
+
 def test_an_end_to_end_refinement_that_cannot_fit_is_refused_with_the_numbers(tmp_path, text, monkeypatch):
     """Before the run starts (from config.json alone: the most any plan can ask for), and again before the
     refinement itself (from the compressed model): one line with the formula's parts, nothing left behind."""
@@ -170,11 +204,12 @@ def test_the_kl_over_chunks_of_positions_is_the_kl_of_the_whole_logits():
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[7], grads[40]))
 
 
-@pytest.mark.parametrize("when", ["training", "rewriting"])
+@pytest.mark.parametrize("when", ["training", "rewriting", "training-own-data"])
 def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_path, text, monkeypatch, when):
     """Killed while refining (the resume state still says the last layer: it refines again, from the same
     closed form) or while rewriting the shards (the refined factors are in the resume state first: it never
-    refines again, and no mix of refined and unrefined layers is written)."""
+    refines again, and no mix of refined and unrefined layers is written). With data of its own
+    (--e2e-samples/--e2e-seqlen) its dense stream is in the resume state too."""
     from conftest import Killed
     from safetensors.torch import load_file
 
@@ -184,13 +219,16 @@ def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_p
     compression = CompressionConfig(method="svd-llm-v2", ratio=0.8, allocation="uniform", refine="block+e2e",
                                     refine_steps=32, refine_lr=1e-2)
 
+    own = CalibrationConfig(source=str(text), samples=12, seqlen=96, seed=3) if when.endswith("own-data") else None
+
     def setting(out):
-        return dataclasses.replace(config(model_dir, out, text), compression=compression,
+        return dataclasses.replace(config(model_dir, out, text), compression=compression, e2e_data=own,
                                    calibration=CalibrationConfig(source=str(text), samples=16, seqlen=64))
     whole = run(setting(tmp_path / "whole"), progress=False, echo=lambda *_: None)
     assert whole["method_details"]["refine_e2e"]["kept"]
+    assert whole["method_details"]["refine_e2e"]["seqlen"] == (96 if own else 64)
     refined = []
-    if when == "training":
+    if when.startswith("training"):
         def die(*a, **k):
             raise Killed
         monkeypatch.setattr(loop, "refine_model", die)
@@ -209,7 +247,7 @@ def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_p
     real_refine = loop.refine_model
     monkeypatch.setattr(loop, "refine_model", lambda *a, **k: refined.append(1) or real_refine(*a, **k))
     resumed = run(setting(tmp_path / "out"), progress=False, echo=lambda *_: None, resume=True)
-    assert refined == ([1] if when == "training" else [])
+    assert refined == ([1] if when.startswith("training") else [])
     assert resumed["perplexity"] == whole["perplexity"]
     strip = lambda e: {k: v for k, v in e.items() if k != "seconds"}  # noqa: E731
     assert strip(resumed["method_details"]["refine_e2e"]) == strip(whole["method_details"]["refine_e2e"])

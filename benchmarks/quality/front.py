@@ -372,6 +372,7 @@ def measure(label: str, kind: str, folder: Path, texts: dict, description: str, 
     row["perplexity"] = {name: perplexity_of(decoder, tokens) for name, tokens in texts.items()}
     row["speed"] = decode_speed(decoder, texts["test"][:PROMPT])
     row["load_avg"] = [load_before, os.getloadavg()[0]]
+    row["measured_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     del decoder
     return row
 
@@ -392,6 +393,9 @@ def ours_description(folder: Path) -> str:
                 else "GPTQ (ORT's scale rule)" if details.get("quantize") else "round-to-nearest")
     weights = (f"{quantize['bits']}-bit b{quantize['block_size']} {rounding}, acc. {quantize['accuracy_level']}, "
                f"lm_head {quantize['lm_head_bits']}-bit") if quantize else (report.get("dtype") or {}).get("export", "")
+    corrections = details.get("corrections") or {}
+    if corrections:
+        weights += f", rank-{max(corrections.values())} float correction beside {len(corrections)} linears"
     calib = ((report.get("config") or {}).get("calibration") or {}).get("source", "?")
     compression = ("no low rank (ratio 0)" if not report.get("layers") else
                    f"{report.get('method')}/{report.get('allocation')} ratio {ratio.get('requested')} "
@@ -496,10 +500,11 @@ def write_doc(result: dict) -> None:
         "",
         ("Made by (the whole file, front.json and front.png; [benchmarks/quality/front.py]"
         "(../../benchmarks/quality/front.py) says how each number is counted and what the builder does):"),
-        "", f"    {result['command']}", "",
+        "", *[f"    {c}" for c in result.get("commands", [result.get("command")])], "",
         (f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs (1-minute load average before/after each row "
         f"in front.json), ONNX Runtime {m['onnxruntime']} CPUExecutionProvider with 1 intra-op thread, "
-        f"onnxruntime-genai {m['onnxruntime_genai']}, {m['date_utc']}."),
+        f"onnxruntime-genai {m['onnxruntime_genai']}, {m['date_utc']} (the last command; each row in front.json "
+        "has its own time)."),
         "",
         (f"Every row through one loop: perplexity = prefill-only forward of non-overlapping windows of {s['window']} "
         f"tokens (empty past), summed next-token NLL; `test` = the first {s['tokens']} tokens of wiki.test.raw, "
@@ -612,6 +617,9 @@ def arguments():
     p.add_argument("--skip-parity", action="store_true", help="--run-ours: pass --skip-parity to svd-export")
     p.add_argument("--ours-options", default="", help="--run-ours: more svd-export options, one string")
     p.add_argument("--tokens", type=int, default=TOKENS, help="tokens of each text")
+    p.add_argument("--add", action="store_true",
+                   help="measure only the rows given (e.g. --builder with no name and some --ours) and add them to "
+                        "the stored front.json, replacing rows of the same label; the doc lists every command")
     return p.parse_args()
 
 
@@ -643,8 +651,16 @@ def main():
               f"decode {r['speed']['decode_tokens_s']:.1f} tok/s", flush=True)
     setting = {"window": WINDOW, "tokens": a.tokens, "prompt": PROMPT, "steps": STEPS, "repeats": REPEATS,
                "test": "wiki.test.raw", "validation": "wiki.valid.tokens, validation part (exporter/data/splits.py)"}
-    write_results({"command": command, "setting": setting, "machine": machine(), "torch_reference": reference,
-                   "rows": rows})
+    result = {"commands": [command], "setting": setting, "machine": machine(), "torch_reference": reference,
+              "rows": rows}
+    if a.add:  # the stored rows stay, measured by their own commands on the same setting
+        stored = json.loads((RESULTS / f"{DOC}.json").read_text())
+        if stored["setting"] != setting:
+            raise SystemExit(f"--add: the stored rows were measured with {stored['setting']}, not {setting}")
+        added = {r["row"] for r in rows}
+        result["commands"] = stored.get("commands", [stored.get("command")]) + [command]
+        result["rows"] = [r for r in stored["rows"] if r["row"] not in added] + rows
+    write_results(result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ validation` evaluates on the rest of wiki.valid.tokens (every choice of a hyperp
         --rows svd-llm-v2:uniform,svd-llm-v2:uniform:refine=block:refine_steps=64
 
 A row is `method:allocation[:option=value...]`, the options being CompressionConfig fields; `default` is the
-default recipe of the ratio (exporter/recipe.py). Rows accumulate in docs/results/quality-smollm2.json
+default recipe of the ratio (exporter/recipe.py). Three more options give end-to-end refinement data of its
+own (as --e2e-samples/--e2e-seqlen/--e2e-data do): `e2e_samples=64:e2e_seqlen=1024` windows of the calibration
+part (seeded as the calibration windows), `e2e_source=generated` text the dense model writes (seeded). Rows accumulate in docs/results/quality-smollm2.json
 (keyed by setting, row, ratio and seed), so a later run adds rows without redoing old ones;
 docs/results/<--doc>.md (and .png) is rewritten from every stored row of the current setting. Wall time is
 the compression alone (a profile pass shared by the rows of one seed is charged to each); peak memory is the
@@ -38,9 +40,12 @@ from exporter.validate.perplexity import perplexity, torch_logits
 STORE = RESULTS / "quality-smollm2.json"
 
 
-def parse_row(spec: str, ratio: float, batches: int) -> CompressionConfig:
+E2E_OPTIONS = ("e2e_samples", "e2e_seqlen", "e2e_source")  # row options that are not CompressionConfig fields
+
+
+def row_options(spec: str, ratio: float, batches: int) -> dict:
     """`method:allocation[:key=value...]` (or `default[:key=value...]`, the default recipe for `batches`
-    calibration batches) -> the CompressionConfig it names."""
+    calibration batches) -> its fields, values parsed as JSON where they are."""
     head, *options = spec.split(":")
     if head == "default":
         fields = default_compression(ratio, batches)
@@ -52,7 +57,25 @@ def parse_row(spec: str, ratio: float, batches: int) -> CompressionConfig:
             fields[name] = json.loads(value)
         except json.JSONDecodeError:
             fields[name] = value
-    return CompressionConfig(**{**fields, "ratio": ratio})
+    return {**fields, "ratio": ratio}
+
+
+def parse_row(spec: str, ratio: float, batches: int) -> CompressionConfig:
+    """The CompressionConfig a row names."""
+    fields = row_options(spec, ratio, batches)
+    return CompressionConfig(**{k: v for k, v in fields.items() if k not in E2E_OPTIONS})
+
+
+def e2e_batches(spec: str, ratio: float, a, calib_text: torch.Tensor, seed: int, model, tokenizer):
+    """The row's own end-to-end refinement batches (None: it trains on the calibration batches)."""
+    fields = row_options(spec, ratio, 1)
+    if not set(fields) & set(E2E_OPTIONS):
+        return None
+    samples, seqlen = fields.get("e2e_samples", a.calib_samples), fields.get("e2e_seqlen", a.calib_seqlen)
+    if fields.get("e2e_source", "calibration") == "generated":
+        from exporter.data.generated import generate_samples
+        return list(generate_samples(model, tokenizer, samples, seqlen, seed, progress=False).split(a.calib_batch_size))
+    return calibration_windows(calib_text, samples, seqlen, seed, a.calib_batch_size)
 
 
 def label(spec: str, ratio: float, batches: int) -> str:
@@ -238,7 +261,8 @@ def main():
             work = copy.deepcopy(model)
             with PeakRSS() as mem:
                 start = time.perf_counter()
-                result = compress_(work, batches, config, profile=copy.deepcopy(profile))
+                result = compress_(work, batches, config, profile=copy.deepcopy(profile),
+                                   e2e_batches=e2e_batches(spec, ratio, a, calib_text, seed, model, tokenizer))
                 wall = time.perf_counter() - start + profile_s
             lin_dense, lin_after = result.linear_params()
             ppl = perplexity(torch_logits(work), tokens, a.window, f"{spec}@{ratio}")

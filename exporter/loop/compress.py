@@ -29,6 +29,7 @@ from ..load.source import LayerSource
 from ..model.activations import Activations, advance
 from ..model.architecture import decoder_layers
 from ..model.candidates import Matrix, list_matrices
+from ..model.corrected import build_corrections
 from ..model.layer_inputs import capture_inputs
 from ..model.lowrank import LowRankLinear, build_skeleton
 from ..output.resume_state import ResumeState
@@ -97,15 +98,18 @@ def rank_plan(model: nn.Module, matrices: list[Matrix], profile: Profile, needs:
 
 
 def open_streams(source: LayerSource, calib: Activations, config: CompressionConfig,
-                 eval_batches: list[torch.Tensor] | None) -> Streams:
+                 eval_batches: list[torch.Tensor] | None, e2e_batches: list[torch.Tensor] | None = None) -> Streams:
     """The streams the compression pass carries: calibration through the original layers, through the
-    compressed ones (when the method or refinement propagates them), and the evaluation windows through both."""
+    compressed ones (when the method or refinement propagates them), the evaluation windows through both, and
+    end-to-end refinement's own batches (when it has its own) through the original layers: its teacher."""
     streams = Streams(calib)
     if config.propagation == "compressed":
         streams.calib_compressed = calib.copy()
     if eval_batches is not None:
         streams.eval_dense = capture_inputs(source.model, source.arch, eval_batches, source.device)
         streams.eval_compressed = streams.eval_dense.copy()
+    if e2e_batches is not None and config.refine_e2e:
+        streams.e2e_dense = capture_inputs(source.model, source.arch, e2e_batches, source.device)
     return streams
 
 
@@ -129,18 +133,22 @@ def resume_compression(source: LayerSource, state: dict | None, resume_state: Re
     restore_result(result, state)
     if writer is not None:
         writer.resume(start)
-        restore_written_layers(source, result.plan, writer, start)
+        restore_written_layers(source, result.plan, writer, start, result.extra.get("corrections", {}))
     return start, ({k[len("factor."):]: v for k, v in extra.items() if k.startswith("factor.")}
                    if finished_e2e else None)
 
 
-def restore_written_layers(source: LayerSource, plan: dict[str, int], writer, start: int) -> None:
-    """--resume: the layers a killed run compressed (0 … start−1) get their low-rank structure back, so that
-    what follows the loop (parameter counts, the ONNX graph) sees the compressed model and not a fresh load's
-    dense layers; a model held in memory also gets their written weights back."""
+def restore_written_layers(source: LayerSource, plan: dict[str, int], writer, start: int,
+                           corrections: dict[str, int]) -> None:
+    """--resume: the layers a killed run compressed (0 … start−1) get their low-rank structure (and their
+    --correction-rank pairs) back, so that what follows the loop (parameter counts, the ONNX graph) sees the
+    compressed model and not a fresh load's dense layers; a model held in memory also gets their written weights
+    back."""
     for i in range(start):
         layer, prefix = decoder_layers(source.model, source.arch)[i], source.layer_prefix(i)
         build_skeleton(layer, {name[len(prefix):]: rank for name, rank in plan.items() if name.startswith(prefix)})
+        build_corrections(layer, {name[len(prefix):]: rank for name, rank in corrections.items()
+                                  if name.startswith(prefix)})
         if not source.streamed:  # a streamed layer is read back from the output when needed (WrittenSource)
             written = writer.read_layer(i)
             layer.load_state_dict({k[len(prefix):]: v for k, v in written.items()}, strict=True)
@@ -202,14 +210,16 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
     resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
     check_fits(dataclasses.replace(need, weights=max(need.weights - resident, 0)), available_bytes(device), device)
     folder = e2e.work if e2e.work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-    teacher = Teacher(folder, streams.calib.hidden)
-    streams.calib.hidden = []  # the teacher is on disk now
+    dense = streams.e2e_dense if streams.e2e_dense is not None else streams.calib  # `batches` through dense layers
+    teacher = Teacher(folder, dense.hidden)
+    streams.calib.hidden = dense.hidden = []  # the teacher is on disk now (and the loop is done with calibration)
     inputs = capture_inputs(model, arch, batches, device)  # decoder layer 0's inputs: the embeddings, frozen
     stack.enter_context(whole_student(source, e2e.writer))
-    entry = refine_model(model, arch, batches, inputs, teacher, config.refinement, device, export_dtype,
+    entry = refine_model(model, arch, batches, inputs, teacher, config.e2e_refinement, device, export_dtype,
                          source.compute_dtype)
     result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3),
-                                  "world_size": dist.world_size()}
+                                  "world_size": dist.world_size(), "sequences": sum(len(b) for b in batches),
+                                  "seqlen": batches[0].shape[1], "own_data": streams.e2e_dense is not None}
     if e2e.resume_state is not None:  # a kill from here on resumes to these factors, never refines again
         evaluation = {k: v for k, v in streams.named().items() if k.startswith("eval")}
         e2e.resume_state.save(pass_state(result, e2e.base_state, "e2e", source.num_layers), evaluation,
@@ -261,11 +271,13 @@ def check_complete(result: CompressionResult, profile: Profile) -> None:
 def compress_source(source: LayerSource, batches: list[torch.Tensor], config: CompressionConfig,
                     eval_batches: list[torch.Tensor] | None = None, writer=None, resume_state: ResumeState | None = None,
                     export_dtype: torch.dtype | None = None, profile: Profile | None = None,
-                    progress: bool = True, work: Path | None = None) -> tuple[CompressionResult, Streams]:
+                    progress: bool = True, work: Path | None = None,
+                    e2e_batches: list[torch.Tensor] | None = None) -> tuple[CompressionResult, Streams]:
     """Compress every planned linear of `source`'s model layer by layer. -> (result, the final streams: the
     evaluation windows' last hidden states through the dense and the compressed layers, when asked).
     `profile`: what the allocation needs, measured before (measure_profile) and shared by several runs.
-    `work`: a folder for what end-to-end refinement keeps on disk (a temporary one when None)."""
+    `work`: a folder for what end-to-end refinement keeps on disk (a temporary one when None).
+    `e2e_batches`: the batches end-to-end refinement trains on (None: the calibration batches)."""
     export_dtype = export_dtype or source.compute_dtype
     method = get_method(config.method, alpha=config.asvd_alpha, iterations=config.adacomp_iterations,
                         strength=config.adacomp_strength, damping=config.adacomp_damping)
@@ -286,7 +298,7 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     if not shared_profile:
         profile.spectra = {}  # the plan is made: the spectra are not needed any more
 
-    streams = open_streams(source, calib, config, eval_batches)
+    streams = open_streams(source, calib, config, eval_batches, e2e_batches)
     start, e2e_factors = resume_compression(source, state, resume_state, streams, result, writer)
     if profile_state.get("seconds"):
         result.layer_seconds["profile"] = profile_state["seconds"]
@@ -298,15 +310,19 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
                                                        graph_dtype(export_dtype), source.device)
     if config.refine_e2e:
         e2e = EndToEnd(work, resume_state, base_state, e2e_factors, writer)
-        refine_end_to_end(source, streams, batches, eval_batches, config, export_dtype, result, e2e)
+        refine_end_to_end(source, streams, batches if e2e_batches is None else e2e_batches, eval_batches, config,
+                          export_dtype, result, e2e)
     check_complete(result, profile)
     return result, streams
 
 
 @torch.no_grad()
 def compress_(model: nn.Module, batches: list[torch.Tensor], config: CompressionConfig,
-              device=None, progress: bool = True, profile: Profile | None = None) -> CompressionResult:
-    """Compress a model that is in memory, in place (its decoder layers visit `device` one at a time)."""
+              device=None, progress: bool = True, profile: Profile | None = None,
+              e2e_batches: list[torch.Tensor] | None = None) -> CompressionResult:
+    """Compress a model that is in memory, in place (its decoder layers visit `device` one at a time).
+    `e2e_batches`: end-to-end refinement's own batches (None: it trains on `batches`)."""
     model.eval()
-    result, _ = compress_source(ResidentSource(model, device), batches, config, profile=profile, progress=progress)
+    result, _ = compress_source(ResidentSource(model, device), batches, config, profile=profile, progress=progress,
+                                e2e_batches=e2e_batches)
     return result

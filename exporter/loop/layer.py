@@ -20,6 +20,7 @@ from ..model.architecture import Architecture
 from ..model.linears import linear_weight
 from ..model.lowrank import LowRankLinear, swap_module
 from ..output.resume_state import ResumeState
+from ..quantize.correction import correct_linear_
 from ..quantize.fake import rounded_factors
 from ..quantize.gptq import SHRINKS
 from ..quantize.grid import round_to_nearest
@@ -119,19 +120,25 @@ def refine_and_record(index: int, layer: nn.Module, arch: Architecture, obs, den
 def quantize_layer(index: int, layer: nn.Module, arch: Architecture, obs, config: CompressionConfig,
                    export_dtype: torch.dtype, result: CompressionResult) -> None:
     """--quantize: every linear of the layer, factors and dense ones alike, on the grid the graph stores (GPTQ
-    with the statistics observe gathered), so the next layers and the written shards see the shipped weights.
-    An MoE expert no calibration token reached has no Hessian: rounded to nearest, and reported."""
+    with the statistics observe gathered), so the next layers and the written shards see the shipped weights;
+    with --correction-rank a dense one then gets its float correction (quantize/correction.py). An MoE expert
+    no calibration token reached has no Hessian: rounded to nearest, uncorrected, and reported."""
     began = time.perf_counter()
     q, scale_dtype = config.quantization, graph_dtype(export_dtype)
     records = result.extra.setdefault("quantize", {})
     result.extra["quantize_grid"] = {"bits": q.bits, "block_size": q.block_size, "scale_search": list(SHRINKS)}
-    for name, _, module, stats in linears_with_stats(arch, index, layer, obs):
+    for name, path, module, stats in linears_with_stats(arch, index, layer, obs):
         if stats.count == 0:
             for linear in [module] if isinstance(module, nn.Linear) else [module.down, module.up]:
                 put_on_grid_(linear, *round_to_nearest(linear.weight.detach().to(torch.float64), q, scale_dtype))
             result.extra.setdefault("quantize_uncalibrated", []).append(name)
             continue
+        corrects = config.correction_rank > 0 and isinstance(module, nn.Linear)
+        dense = module.weight.detach().clone() if corrects else None
         records[name] = quantize_module_(module, stats.gram, q, scale_dtype)
+        if corrects:  # --correction-rank: the grid's error, its best rank-r part beside it in float
+            records[name]["correction"] = correct_linear_(layer, path, dense, stats.gram, config.correction_rank)
+            result.extra.setdefault("corrections", {})[name] = records[name]["correction"]["rank"]
     result.layer_seconds.setdefault("quantize", []).append(time.perf_counter() - began)
 
 
@@ -146,8 +153,9 @@ def compression_pass(source: LayerSource, streams: Streams, plan: dict[str, int]
                       need_abs_mean="abs_mean" in method.needs, need_cross="cross" in method.needs,
                       keep_dense_on_compressed=config.refine_block and config.refine_target_strength < 1)
         result.layer_similarity.append(obs.input_similarity)
-        if streams.eval_dense is not None:
-            advance(i, layer, streams.eval_dense, device)
+        for stream in (streams.eval_dense, streams.e2e_dense):  # through the dense layer, before its swap
+            if stream is not None:
+                advance(i, layer, stream, device)
         dense_weights = {name: linear_weight(lin) for name, _, lin, _ in linears_with_stats(arch, i, layer, obs)
                          if name in plan and config.refine_block}
         release_free_heap()  # the forward passes' per-batch blocks, before the factorization's large matrices

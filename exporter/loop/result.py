@@ -31,10 +31,11 @@ class CompressionResult:
     layer_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def linear_params(self) -> tuple[int, int]:
-        """(dense, compressed) parameter counts over all candidate linears."""
+        """(dense, compressed) parameter counts over all candidate linears, --correction-rank's pairs included."""
         dense = sum(m.dense_params for m in self.matrices)
-        after = sum(self.plan[m.name] * m.params_per_rank if m.name in self.plan else m.dense_params
-                    for m in self.matrices)
+        corrections = self.extra.get("corrections", {})
+        after = sum((self.plan[m.name] * m.params_per_rank if m.name in self.plan else m.dense_params)
+                    + corrections.get(m.name, 0) * m.params_per_rank for m in self.matrices)
         return dense, after
 
     def layer_ratios(self) -> list[float]:

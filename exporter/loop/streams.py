@@ -13,6 +13,7 @@ class Streams:
     calib_compressed: Activations | None = None  # ... through the compressed layers (two-stream methods)
     eval_dense: Activations | None = None  # evaluation windows through the original layers
     eval_compressed: Activations | None = None  # ... through the compressed layers
+    e2e_dense: Activations | None = None  # end-to-end refinement's own batches through the original layers
 
     def named(self) -> dict[str, Activations]:
         return {k: v for k, v in vars(self).items() if v is not None}

@@ -5,6 +5,7 @@
     experts.py       fused MoE experts unfused into one linear per expert (an equivalent model, checked)
     linears.py       what counts as a linear (nn.Linear, Conv1D) and its weight as out×in
     lowrank.py       LowRankLinear (x → down → up) and the module swap
+    corrected.py     CorrectedLinear: a quantized linear + a float low-rank correction of its grid error
     candidates.py    Matrix: one compression candidate (name, type, layer, shape); list_matrices
     activations.py   Activations: the hidden states and layer arguments between decoder layers; advance
     layer_inputs.py  capture_inputs: what decoder layer 0 receives and every layer's arguments

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .architecture import ARCHITECTURES, Architecture, InputGroup
+from .corrected import CorrectedLinear
 from .experts import ExpertList, is_fused_experts, is_router, unfuse_experts
 from .layer_inputs import capture_layer_inputs
 from .linears import is_linear, linear_dims
@@ -75,7 +76,7 @@ def layer_linears(layer: nn.Module) -> list[str]:
     gates stay dense."""
     paths = []
     for parent_name, parent in layer.named_modules():
-        if isinstance(parent, LowRankLinear):  # already compressed: its two factors are not candidates
+        if isinstance(parent, (LowRankLinear, CorrectedLinear)):  # already compressed: its parts are not candidates
             continue
         children = list(parent.children())
         for child_name, child in parent.named_children():

@@ -29,6 +29,7 @@ import torch
 
 from ..config import Quantization, graph_dtype
 from ..loop.walk import layer_by_layer
+from ..model.corrected import corrections_of
 from ..model.lowrank import LowRankLinear
 from ..output.folder import ResumableWorkFolder, WorkFolder, empty_folder
 from ..validate.ort_session import OrtDecoder
@@ -192,7 +193,10 @@ class OnnxStage:
                 written = WrittenSource(source, folder)
             if self.graph == "fused":
                 path = self._build(model, written, folder, self.quantization, "onnx (compressed)")
-                count = sum(isinstance(m, LowRankLinear) for m in model.modules())
+                corrections = len(corrections_of(model))  # a correction is a LowRankLinear too: not a rewrite
+                count = sum(isinstance(m, LowRankLinear) for m in model.modules()) - corrections
+                if corrections:
+                    self.report["corrections"] = corrections
             else:
                 path, count = export_compressed(self.dense_path, model, folder)
             self.report.update(file=path.name, rewritten_linears=count)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from ..load.integrity import CorruptInput, check_finite, check_safetensors_file, safetensors_files
 from ..load.key_renaming import to_model_keys
+from ..model.corrected import build_corrections
 from ..model.discovery import find_decoder_layers
 from ..model.experts import unfuse_experts
 from ..model.lowrank import build_skeleton
@@ -86,6 +87,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", dtyp
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
     unfuse_experts(model)  # compress_ saved MoE experts one module per expert
     build_skeleton(model, meta["ranks"])
+    build_corrections(model, meta.get("corrections", {}))  # --correction-rank's float pairs
     if meta.get("weights") == NO_WEIGHTS:
         raise ValueError(f"{folder} has no safetensors weights ({NO_WEIGHTS}): load its model.onnx with ONNX Runtime")
     verify_checksums(folder, meta)

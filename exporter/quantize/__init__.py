@@ -8,4 +8,5 @@
     activations.py  what accuracy level 4 does to a MatMulNBits input (int8 per block), as a PyTorch hook
     layer.py        one decoder layer: every linear's weights replaced by their quantized values, the scales kept
                     beside them (model/quantized.py), in the layer loop where X Xᵀ is at hand
+    correction.py   --correction-rank: the best rank-r part of a dense linear's grid error, kept float beside it
 """

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..model.corrected import grid_linears
+
 INT8_MAX = 127
 _HOOKED = "_svd_export_int8_inputs"  # marks a module that already carries the hook
 
@@ -44,15 +46,14 @@ def remove_int8_inputs(root: nn.Module) -> None:
 
 
 def int8_linears(root: nn.Module, block_size: int) -> None:
-    """Every nn.Linear under `root`."""
-    for module in root.modules():
-        if isinstance(module, nn.Linear):
-            add_int8_inputs(module, block_size)
+    """Every nn.Linear under `root` that the graph runs as MatMulNBits (a float correction pair is not)."""
+    for module in grid_linears(root):
+        add_int8_inputs(module, block_size)
 
 
 @contextmanager
 def int8_inputs(root: nn.Module, block_size: int):
-    """Every nn.Linear under `root` for the duration of the block, and none after it."""
+    """int8_linears for the duration of the block, and none after it."""
     int8_linears(root, block_size)
     try:
         yield

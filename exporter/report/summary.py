@@ -62,13 +62,15 @@ def summary(report: dict) -> str:
         lines.append(f"refine e2e   KL to the dense model per token: {e2e['loss_before']:.4f} -> {e2e['loss_after']:.4f} "
                      f"(held out {e2e['holdout_before']:.4f} -> {e2e['holdout_after']:.4f}), "
                      f"{'kept' if e2e['kept'] else 'not better: closed form kept'}, {e2e['steps_run']} steps, "
-                     f"{e2e['seconds']:.0f}s")
+                     f"{e2e['seconds']:.0f}s" + (f", on {e2e['sequences']} x {e2e['seqlen']} tokens"
+                                                 if "sequences" in e2e else ""))
     lines += quantize_lines(report.get("method_details") or {})
     onnx = report.get("onnx")
     if onnx:
         lines.append(f"onnx         {onnx['file']}: {onnx['graph']} graph, {onnx['dtype']}, "
                      f"{onnx['rewritten_linears']} low-rank pairs"
-                     + (f", {onnx['quantize']['bits']}-bit weights" if onnx.get("quantize") else ""))
+                     + (f", {onnx['quantize']['bits']}-bit weights" if onnx.get("quantize") else "")
+                     + (f", {onnx['corrections']} float corrections" if onnx.get("corrections") else ""))
         for kind, check in (onnx.get("parity") or {}).items():
             lines.append(f"onnx parity  {kind}: {'passed' if check['passed'] else 'FAILED'} (max |logit diff| "
                          f"{check['max_abs_diff']:.3g}, greedy {check['greedy']['new_tokens']} tokens "
@@ -94,5 +96,11 @@ def quantize_lines(details: dict) -> list[str]:
     if not gain:
         return []
     head = details.get("quantize_head") or {}
-    return [f"quantize     GPTQ ‖(W − Q)X‖² / round-to-nearest: median {gain[len(gain) // 2]:.4f}, max {gain[-1]:.4f} "
-            f"({len(gain)} weights)" + (f"; lm_head {head['gptq'] / head['nearest']:.4f}" if head.get("nearest") else "")]
+    lines = [f"quantize     GPTQ ‖(W − Q)X‖² / round-to-nearest: median {gain[len(gain) // 2]:.4f}, max {gain[-1]:.4f} "
+             f"({len(gain)} weights)" + (f"; lm_head {head['gptq'] / head['nearest']:.4f}" if head.get("nearest") else "")]
+    fixes = [r["correction"] for r in (details.get("quantize") or {}).values() if "correction" in r]
+    kept = sorted(f["loss"] / f["loss_before"] for f in fixes if f["loss_before"] > 0)  # guard: Q = W exactly
+    if kept:
+        lines.append(f"correction   rank {max(f['rank'] for f in fixes)} beside {len(fixes)} linears: ‖(W − Q − up·down)X‖ "
+                     f"/ ‖(W − Q)X‖ median {kept[len(kept) // 2]:.4f}, max {kept[-1]:.4f}")
+    return lines

@@ -2,6 +2,7 @@
 
     nn.Linear        x → MatMul(Wᵀ)                              tagged svd_export.module = <name>
     LowRankLinear    x → MatMul(downᵀ) → MatMul(upᵀ)             both tagged svd_export.lowrank = <name>
+    CorrectedLinear  MatMulNBits(base) + MatMul(downᵀ)·MatMul(upᵀ)   the correction pair float (--correction-rank)
     quantized        the same matmuls as MatMulNBits (ORT's block quantizer, per weight, as it is written)
 
 The bias is separate (bias()), so a caller can hand it to the op that follows (SkipLayerNorm's bias input)
@@ -16,6 +17,7 @@ import torch.nn as nn
 from graph_rewrite.tags import LOWRANK_KEY, MODULE_KEY
 
 from ...config import Quantization
+from ...model.corrected import CorrectedLinear
 from ...model.lowrank import LowRankLinear
 from ...model.quantized import scales_of
 from .graph import MS, GraphBuilder, to_numpy
@@ -49,6 +51,10 @@ def weight_matmul(b: GraphBuilder, x: ir.Value, linear: nn.Linear, name: str, p:
 
 def matmul(b: GraphBuilder, module: nn.Module, name: str, x: ir.Value, p: Precision) -> ir.Value:
     """The module's matmul(s), without its bias. `name` is the full module name (the tag)."""
+    if isinstance(module, CorrectedLinear):  # the grid's MatMulNBits + the float correction pair, added
+        grid = weight_matmul(b, x, module.base, name, p, {MODULE_KEY: name})
+        fix = matmul(b, module.correction, f"{name}.correction", x, Precision(p.dtype))
+        return b.op("Add", [grid, fix], f"/{name}/correction/Add")
     if isinstance(module, LowRankLinear):
         tag = {LOWRANK_KEY: name}
         hidden = weight_matmul(b, x, module.down, f"{name}.down", p, tag)
@@ -60,7 +66,8 @@ def matmul(b: GraphBuilder, module: nn.Module, name: str, x: ir.Value, p: Precis
 
 def bias(b: GraphBuilder, module: nn.Module, name: str, p: Precision) -> ir.Value | None:
     """The module's bias as a graph weight (None without one); a LowRankLinear carries it on `up`."""
-    source = module.up.bias if isinstance(module, LowRankLinear) else module.bias
+    source = (module.up.bias if isinstance(module, LowRankLinear) else
+              module.base.bias if isinstance(module, CorrectedLinear) else module.bias)
     return None if source is None else b.weight(f"{name}.bias", to_numpy(source).astype(p.dtype))
 
 

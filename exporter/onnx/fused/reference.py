@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ...config import Quantization
+from ...model.corrected import grid_linears
 from ...model.quantized import scales_of
 from ...quantize.activations import add_int8_inputs, int8_linears, remove_int8_inputs
 from .embedding import embedding_quantization, round_embedding_, shares_table
@@ -30,13 +31,13 @@ def round_linear_(module, q: Quantization) -> None:
 
 
 def round_layer_(layer, q: Quantization) -> None:
-    """Every nn.Linear inside one decoder layer (both factors of each low-rank pair included), in place, with
-    the kernel's int8 inputs at accuracy level 4 (quantize/activations.py)."""
-    for module in layer.modules():
-        if isinstance(module, nn.Linear):
-            round_linear_(module, q)
-            if q.accuracy_level == 4:
-                add_int8_inputs(module, q.block_size)
+    """Every nn.Linear the graph quantizes inside one decoder layer (both factors of each low-rank pair included,
+    a --correction-rank pair not: it stays float), in place, with the kernel's int8 inputs at accuracy level 4
+    (quantize/activations.py)."""
+    for module in grid_linears(layer):
+        round_linear_(module, q)
+        if q.accuracy_level == 4:
+            add_int8_inputs(module, q.block_size)
 
 
 def round_like_export(model, q: Quantization, embedding_bits: int | None = None):
@@ -51,9 +52,8 @@ def round_like_export(model, q: Quantization, embedding_bits: int | None = None)
     if embedding_bits != 0:
         shared = head if shares_table(rounded.config, q, embedding_bits) else None
         round_embedding_(embedding, embedding_quantization(q, embedding_bits), shared)
-    for module in rounded.modules():
-        if isinstance(module, nn.Linear):
-            round_linear_(module, q.head() if module is head else q)
+    for module in grid_linears(rounded):
+        round_linear_(module, q.head() if module is head else q)
     if q.accuracy_level == 4:
         int8_linears(rounded, q.block_size)
     return rounded
