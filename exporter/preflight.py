@@ -321,6 +321,34 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
     check_fits(e2e_memory(shape, device_type=device.type), available_bytes(device), device)
 
 
+def settle_default_refinement(config: RunConfig) -> RunConfig:
+    """The default recipe ends with end-to-end refinement on E2E_SAMPLES windows of the calibration text
+    (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
+    device. A run it does not fit, or that cannot refine end to end (--quantize's grid, generated calibration
+    text), keeps block refinement alone, and the recipe's name says why (report.json `recipe`)."""
+    import dataclasses
+
+    from .recipe import E2E_SAMPLES
+    c, cal = config.compression, config.calibration
+    if c.recipe != "default" or c.refine != "block":
+        return config
+    why = None
+    if c.quantization is not None:
+        why = "--quantize gptq: end-to-end refinement would move the factors off the grid"
+    elif cal.source == "generated":
+        why = "generated calibration text: end-to-end refinement on it made real text worse (docs/quality.md)"
+    else:
+        own = None if cal.samples >= E2E_SAMPLES else dataclasses.replace(cal, samples=E2E_SAMPLES, allow_overlap=True)
+        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"), e2e_data=own)
+        model_config, _ = model_config_of(config.model, full=True)
+        try:
+            check_e2e_memory(upgraded, model_config)
+            return upgraded
+        except MemoryError as exc:
+            why = " ".join(str(exc).split())
+    return dataclasses.replace(config, compression=dataclasses.replace(c, recipe=f"default (block only: {why})"))
+
+
 def check_budget(config: RunConfig, model_config) -> None:
     """A budget the dense model already meets compresses nothing: refused (measured on a meta skeleton
     built from the config, no weights read)."""

@@ -39,6 +39,7 @@ def test_the_cli_resolves_the_default_from_the_calibration_batches(tmp_path, mon
     """The CLI counts batches as ⌈samples / batch size⌉: 3 samples in batches of 2 are two batches, refined."""
     seen = {}
     monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config.compression))
+    monkeypatch.setattr("exporter.preflight.settle_default_refinement", lambda config: config)
     for samples, refine in ((3, "block"), (2, "none")):
         result = CliRunner().invoke(main, ["--model", "m", "--calib-samples", str(samples), "--calib-batch-size", "2",
                                            "--out", str(tmp_path / f"out{samples}"), "-q"])
@@ -61,3 +62,35 @@ def test_each_part_of_the_default_leads_on_the_stored_validation_rows():
     for q in (0.6, 0.8):  # the whole default, where keep-dense was not measured alone
         default, refined = "adasvd:adacr:keep_dense_above=0.9:refine=block", "adasvd:adacr:refine=block:refine_steps=64"
         assert ppl[default, q] <= ppl[refined, q]
+
+
+def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fits(tmp_path, monkeypatch):
+    """block+e2e on 64 windows of the calibration text where refine/memory.py's formula fits the device; block
+    alone, and the recipe's name says why, where it does not, with --quantize gptq's grid and with generated
+    calibration text; a --refine or --method the user gave is never changed."""
+    from onnx_helpers import tiny_model_dir
+    model = tiny_model_dir("llama", tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    seen = {}
+    monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config))
+
+    def resolved(*args):
+        out = tmp_path / f"out{len(seen)}"
+        result = CliRunner().invoke(main, ["--model", str(model), "--calib-data", str(text), "--calib-samples", "8",
+                                           "--calib-seqlen", "32", "--out", str(out), "-q", *args])
+        assert result.exit_code == 0, result.output
+        return seen.pop("config")
+    fits = resolved()
+    assert (fits.compression.refine, fits.compression.recipe) == ("block+e2e", "default")
+    assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (64, 32, str(text))
+    assert recipe_name(fits.compression).endswith("refine block+e2e")
+    for args, why in ((["--format", "onnx", "--quantize", "int4"], "--quantize gptq"),
+                      (["--calib-data", "generated"], "generated calibration text")):
+        config = resolved(*args)
+        assert config.compression.refine == "block" and config.e2e_data is None
+        assert config.compression.recipe.startswith("default (block only: ") and why in config.compression.recipe
+    assert resolved("--refine", "block").compression.refine == "block"
+    monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
+    tight = resolved()
+    assert tight.compression.refine == "block" and "--refine e2e needs" in tight.compression.recipe
