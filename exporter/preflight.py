@@ -4,6 +4,8 @@ config.json alone — its architecture, positions, (for --budget) its dense size
 memory end-to-end refinement will need."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import socket
 import tempfile
@@ -16,6 +18,7 @@ import torch
 from .config import RunConfig
 from .output.folder import check_out_path
 
+log = logging.getLogger(__name__)
 NETWORK_TIMEOUT_S = 3.0
 
 
@@ -326,8 +329,7 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
     (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
     device. A run it does not fit, or that cannot refine end to end (--quantize's grid, generated calibration
     text), keeps block refinement alone, and the recipe's name says why (report.json `recipe`)."""
-    import dataclasses
-
+    from .load.open import pick_device
     from .recipe import E2E_SAMPLES
     c, cal = config.compression, config.calibration
     if c.recipe != "default" or c.refine != "block":
@@ -344,8 +346,9 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
         try:
             check_e2e_memory(upgraded, model_config)
             return upgraded
-        except MemoryError as exc:
-            why = " ".join(str(exc).split())
+        except MemoryError as exc:  # the numbers go to the log: the recipe is part of --resume's settings
+            log.warning("the default recipe refines block by block only: %s", " ".join(str(exc).split()))
+            why = f"end-to-end refinement does not fit {pick_device(config.device)} (refine/memory.py)"
     return dataclasses.replace(config, compression=dataclasses.replace(c, recipe=f"default (block only: {why})"))
 
 
