@@ -5,7 +5,8 @@ rank-r R' minimising ‖(R − R')X‖_F, i.e. R' = P_r P_rᵀ R with P_r the to
 (factorize/linalg.py: Eckart–Young on RX, no inverse of X Xᵀ, so a singular X Xᵀ is no obstacle). Its loss is
 the theoretical minimum √Σ_{i>r} σ_i(RX)² (tests/test_correction.py). The pair stays float in the graph (two
 MatMuls beside the MatMulNBits node): on SmolLM2 a rank-4 correction of every decoder linear at block 64 beat
-block 32 (more scales) for fewer bytes (docs/results/int4-correction.md).
+block 32 (more scales) for fewer bytes, in PyTorch (docs/results/int4-correction.md) and through ONNX Runtime
+(docs/results/front.md: 83.4 MB, validation 22.69, against 86.6 MB, 24.18).
 """
 from __future__ import annotations
 
