@@ -102,8 +102,9 @@ class Command(click.Command):
                    "adasvd, else uniform).")
 @click.option("--refine", type=click.Choice(REFINES), default=None,
               help="block: after each layer's closed form, Adam on its factors towards the dense layer's output; e2e: "
-                   "after the last layer, Adam on all factors towards the dense model's logits (KL; needs the whole "
-                   "model in memory); block+e2e: both (default: block in the default recipe, none with --method).")
+                   "after the last layer, Adam on all factors towards the dense model's logits (KL; the whole "
+                   "compressed model on the device); block+e2e: both (default recipe: block+e2e where its memory "
+                   "formula fits the device, else block; none with --method).")
 @click.option("--refine-steps", type=click.IntRange(min=0), default=None,
               help="--refine only: Adam steps (per layer for block, in all for e2e), one calibration batch each "
                    "(early stopping on held-out batches; default 64).")
@@ -111,7 +112,8 @@ class Command(click.Command):
               help="--refine only: step size, relative to each factor's RMS (default 0.001).")
 @click.option("--e2e-data", default=None,
               help="--refine e2e only: the text end-to-end refinement trains on: 'wikitext2', 'generated' (the dense "
-                   "model writes it: data-free distillation) or a file (default: the calibration batches).")
+                   "model writes it: data-free distillation, measured worse than real text) or a file (default: the "
+                   "calibration batches).")
 @click.option("--e2e-samples", type=click.IntRange(min=2), default=None,
               help="--refine e2e only: sequences for end-to-end refinement, 1/8 held out for early stopping "
                    "(default: --calib-samples).")
