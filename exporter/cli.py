@@ -15,6 +15,7 @@ import click
 from .config import (
     ALLOCATIONS,
     DEFAULT_BLOCK_SIZE,
+    E2E_PARALLEL,
     HEAD_BITS,
     METHODS,
     ONNX_GRAPHS,
@@ -29,6 +30,7 @@ from .config import (
 )
 
 DEFAULT_OPSET = 18
+E2E_FLAGS = frozenset({"e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_parallel"})
 
 
 def quiet_libraries() -> None:
@@ -121,6 +123,10 @@ class Command(click.Command):
               help="--refine e2e only: tokens per end-to-end sequence (default: --calib-seqlen).")
 @click.option("--e2e-steps", type=click.IntRange(min=0), default=None,
               help="--refine e2e only: Adam steps of end-to-end refinement (default: --refine-steps).")
+@click.option("--e2e-parallel", type=click.Choice(E2E_PARALLEL), default=None,
+              help="--refine e2e under torchrun only: ddp (every process holds the whole compressed model and its "
+                   "optimizer state), fsdp (FSDP2: each decoder layer sharded over the processes) or auto (default: "
+                   "ddp where its memory formula fits the device, else fsdp).")
 @click.option("--keep-dense-above", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="A matrix whose planned rank keeps at least this share of its parameters stays dense; its budget "
                    "goes to the others (default: 0.9 in the default recipe, 1 = off with --method).")
@@ -205,7 +211,7 @@ class Command(click.Command):
 @click.option("--debug", is_flag=True, help="On error, print the traceback too.")
 @click.pass_context
 def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, e2e_data, e2e_samples,
-         e2e_seqlen, e2e_steps, keep_dense_above, propagate,
+         e2e_seqlen, e2e_steps, e2e_parallel, keep_dense_above, propagate,
          formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
          calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
          adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, quantizer, block_size,
@@ -224,12 +230,16 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
         from .output import signals
         from .plan.budget import parse_size
         from .preflight import check_flags_apply
+        from .recipe import e2e_data as e2e_data_of
         from .run import run
 
         if ratio is not None and budget is not None:
             raise ValueError("give either --ratio or --budget, not both")
         calibration = CalibrationConfig(source=calib_data, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
                                         batch_size=calib_batch_size, allow_overlap=calib_overlap)
+        default_e2e = method is None and refine is None and bool(given & E2E_FLAGS)
+        if default_e2e:  # the default recipe with end-to-end settings given: its own e2e, with them
+            refine = "block+e2e"
         config = RunConfig(
             model=model, out=out, formats=tuple(dict.fromkeys(formats)), dtype=None if dtype == "auto" else dtype,
             device=device,
@@ -242,11 +252,11 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
                 adacomp_damping=adacomp_damping, min_retention=min_retention,
                 quantization=Quantization.parse(quantize, block_size, int(head_bits)) if quantizer == "gptq" else None,
-                refine_rounded=refine_rounded, e2e_steps=e2e_steps, correction_rank=correction_rank),
+                refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_parallel=e2e_parallel,
+                correction_rank=correction_rank),
             calibration=calibration,
-            e2e_data=None if (e2e_data, e2e_samples, e2e_seqlen) == (None, None, None) else CalibrationConfig(
-                source=e2e_data or calib_data, samples=e2e_samples or calib_samples, seqlen=e2e_seqlen or calib_seqlen,
-                seed=seed, batch_size=calib_batch_size, allow_overlap=calib_overlap),
+            e2e_data=e2e_data_of(calibration, e2e_data, e2e_samples, e2e_seqlen, default=default_e2e)
+            if default_e2e or (e2e_data, e2e_samples, e2e_seqlen) != (None, None, None) else None,
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
             quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=int(head_bits), parity=not skip_parity,

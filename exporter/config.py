@@ -12,6 +12,7 @@ ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 REFINES = ("none", "block", "e2e", "block+e2e")
+E2E_PARALLEL = ("auto", "ddp", "fsdp")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
@@ -157,6 +158,10 @@ class CompressionConfig:
     # Adam steps of end-to-end refinement; None: refine_steps (block and e2e alike). More e2e data wants more
     # steps: each step is one batch (docs/quality.md, the e2e data study).
     e2e_steps: int | None = None
+    # Under torchrun: end-to-end refinement data-parallel ("ddp": every rank holds the whole student), sharded
+    # ("fsdp": FSDP2 per decoder layer, exporter/refine/sharded.py), or "auto": ddp where its memory formula fits
+    # the device, else fsdp (exporter/refine/memory.py). One process: neither.
+    e2e_parallel: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.quantization, dict):  # from a run's config.json (resume)
@@ -197,6 +202,8 @@ class CompressionConfig:
             raise ValueError(f"--correction-rank must be >= 0, got {self.correction_rank}")
         if self.correction_rank and self.quantization is None:
             raise ValueError("--correction-rank corrects the grid of --quantize int4/int8 with --quantizer gptq")
+        if self.e2e_parallel not in E2E_PARALLEL:
+            raise ValueError(f"unknown --e2e-parallel {self.e2e_parallel!r}; choose one of {', '.join(E2E_PARALLEL)}")
         if self.e2e_steps is not None and not self.refine_e2e:
             raise ValueError("--e2e-steps sets the steps of end-to-end refinement: add --refine e2e or block+e2e")
         self.refinement, self.e2e_refinement  # bad refinement settings are one clear error here

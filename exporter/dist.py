@@ -5,8 +5,8 @@ stages use. One process (no torchrun) is world size 1 and every function here is
 
 The layer loop splits the calibration batches (and the evaluation windows) across ranks: each rank carries
 its own share of the streams, the statistics of a layer are summed over all of them (all_reduce), the
-matrices of a layer are factorized by one rank each and broadcast, refinement runs data-parallel (DDP), and
-rank 0 alone writes the output folder.
+matrices of a layer are factorized by one rank each and broadcast, refinement runs data-parallel (DDP; end-to-end
+refinement sharded with FSDP2 where it must be: refine/sharded.py), and rank 0 alone writes the output folder.
 """
 from __future__ import annotations
 

@@ -95,6 +95,9 @@ def check_options(config: RunConfig) -> None:
         raise PreflightError(f"unknown --format {sorted(unknown)[0]!r}; choose from safetensors, onnx")
     if "throughput" in config.validations and "onnx" not in config.formats:
         raise PreflightError("--validate throughput measures the ONNX export: add --format onnx")
+    if c.refine_e2e and c.e2e_parallel != "auto" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise PreflightError(f"--e2e-parallel {c.e2e_parallel} says how the processes of torchrun share end-to-end "
+                             "refinement: run under torchrun --nproc_per_node N (N >= 2), or drop it")
     if config.calibration.allow_overlap and config.calibration.source == "generated":
         raise PreflightError("--calib-overlap applies to text files and wikitext2; generated samples never overlap")
 
@@ -302,15 +305,16 @@ def check_model_config(config: RunConfig, model_config) -> None:
 
 
 def check_e2e_memory(config: RunConfig, model_config) -> None:
-    """--refine e2e holds the whole compressed model and its factors' optimiser state on the compute device:
-    the most any plan of this ratio can ask for (refine/memory.py), against what the device has now. (A GGUF's
-    header does not say the shapes without a full parse; its run is checked before the refinement itself.)"""
+    """--refine e2e holds the whole compressed model and its factors' optimiser state on the compute device (under
+    torchrun data-parallel, or 1/N of it sharded: --e2e-parallel): the most any plan of this ratio can ask for
+    (refine/memory.py), against what the device has now. (A GGUF's header does not say the shapes without a full
+    parse; its run is checked before the refinement itself.)"""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from .load.open import available_bytes, parse_dtype, pick_device
     from .refine.e2e import KL_CHUNK
-    from .refine.memory import check_fits, e2e_memory, shape_of
+    from .refine.memory import parallel_plan, shape_of
     device = pick_device(config.device)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(model_config)
@@ -321,7 +325,8 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
     ratio = config.compression.ratio if config.compression.budget_bytes is None else 0.0  # a budget: the most
     data = config.e2e_data or config.calibration  # what end-to-end refinement trains on
     shape = shape_of(skeleton, data.batch_size, data.seqlen, compute_bytes, KL_CHUNK, ratio=ratio)
-    check_fits(e2e_memory(shape, device_type=device.type), available_bytes(device), device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (the process group is joined later, by run)
+    parallel_plan(shape, world, config.compression.e2e_parallel, device, available_bytes(device))
 
 
 def settle_default_refinement(config: RunConfig) -> RunConfig:
@@ -330,7 +335,7 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
     device. A run it does not fit, or that cannot refine end to end (--quantize's grid, generated calibration
     text), keeps block refinement alone, and the recipe's name says why (report.json `recipe`)."""
     from .load.open import pick_device
-    from .recipe import E2E_SAMPLES
+    from .recipe import e2e_data
     c, cal = config.compression, config.calibration
     if c.recipe != "default" or c.refine != "block":
         return config
@@ -340,8 +345,8 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
     elif cal.source == "generated":
         why = "generated calibration text: end-to-end refinement on it made real text worse (docs/quality.md)"
     else:
-        own = None if cal.samples >= E2E_SAMPLES else dataclasses.replace(cal, samples=E2E_SAMPLES, allow_overlap=True)
-        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"), e2e_data=own)
+        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"),
+                                       e2e_data=e2e_data(cal))
         model_config, _ = model_config_of(config.model, full=True)
         try:
             check_e2e_memory(upgraded, model_config)
@@ -394,7 +399,7 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "refine_steps": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     "refine_lr": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     **{flag: (lambda c: c.compression.refine_e2e, "--refine e2e or block+e2e")
-       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps")},
+       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_parallel")},
     "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),

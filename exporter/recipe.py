@@ -22,7 +22,9 @@ Every paper recipe stays one flag away: `--method svd-llm-v2` is SVD-LLM V2 with
 """
 from __future__ import annotations
 
-from .config import CompressionConfig
+import dataclasses
+
+from .config import CalibrationConfig, CompressionConfig
 
 KEEP_DENSE_ABOVE = 0.9  # --keep-dense-above of the default, measured on validation text (above)
 # The default's last step, where it fits (preflight.settle_default_refinement): end-to-end refinement after block
@@ -39,6 +41,20 @@ def default_compression(ratio: float, calibration_batches: int) -> dict:
     if calibration_batches < 2:  # refinement's early stopping holds out a batch, and trains on the others
         return {**closed_form, "recipe": f"default, no refine ({calibration_batches} calibration batch)"}
     return {**closed_form, "refine": "block", "recipe": "default"}
+
+
+def e2e_data(calibration: CalibrationConfig, source: str | None = None, samples: int | None = None,
+             seqlen: int | None = None, default: bool = True) -> CalibrationConfig | None:
+    """The sequences end-to-end refinement trains on, from --e2e-data/-samples/-seqlen (None each: the
+    calibration's); `default`: the default recipe's e2e, on E2E_SAMPLES windows of the calibration text at
+    least (overlapping where the text is short) unless `samples` says otherwise. None: the calibration batches
+    themselves."""
+    count = samples or (max(calibration.samples, E2E_SAMPLES) if default else calibration.samples)
+    own = dataclasses.replace(calibration, source=source or calibration.source, samples=count,
+                              seqlen=seqlen or calibration.seqlen,
+                              allow_overlap=calibration.allow_overlap or (default and samples is None))
+    same = (own.source, own.samples, own.seqlen) == (calibration.source, calibration.samples, calibration.seqlen)
+    return None if same else own
 
 
 def recipe_name(config: CompressionConfig) -> str:

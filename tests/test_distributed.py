@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from onnx_helpers import tiny_model_dir
 
 WORDS = ("the quick brown fox jumps over lazy dog pack my box with five dozen liquor jugs alpha beta gamma delta "
@@ -22,19 +23,23 @@ def cli(args, processes: int = 1) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("recipe", [["--method", "svd-llm-v2", "--allocation", "uniform", "--refine", "block+e2e"],
-                                    ["--method", "fwsvd", "--allocation", "global-fisher"]], ids=["refine", "gradients"])
-def test_two_processes_give_the_perplexity_of_one(tmp_path, recipe):
-    """Refinement (block and e2e, data-parallel), and the whole-model gradient statistics (FWSVD's Fisher, the
-    global-fisher allocation's sensitivity), summed over the ranks."""
+def tiny_run_args(tmp_path, recipe: list[str]) -> list[str]:
     model = tiny_model_dir("llama", tmp_path / "model")
     rng = random.Random(0)
     (tmp_path / "calib.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
     (tmp_path / "eval.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
     refine = ["--refine-steps", "32", "--refine-lr", "0.01"] if "--refine" in recipe else []
-    args = ["--model", str(model), "--ratio", "0.8", *recipe, *refine, "--calib-data", str(tmp_path / "calib.txt"),
+    return ["--model", str(model), "--ratio", "0.8", *recipe, *refine, "--calib-data", str(tmp_path / "calib.txt"),
             "--calib-samples", "16", "--calib-seqlen", "64", "--eval-data", str(tmp_path / "eval.txt"),
             "--eval-tokens", "1024", "--eval-seqlen", "128"]
+
+
+@pytest.mark.parametrize("recipe", [["--method", "svd-llm-v2", "--allocation", "uniform", "--refine", "block+e2e"],
+                                    ["--method", "fwsvd", "--allocation", "global-fisher"]], ids=["refine", "gradients"])
+def test_two_processes_give_the_perplexity_of_one(tmp_path, recipe):
+    """Refinement (block and e2e, data-parallel), and the whole-model gradient statistics (FWSVD's Fisher, the
+    global-fisher allocation's sensitivity), summed over the ranks."""
+    args = tiny_run_args(tmp_path, recipe)
     one = cli([*args, "--out", str(tmp_path / "one")])
     two = cli([*args, "--out", str(tmp_path / "two")], processes=2)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -49,9 +54,38 @@ def test_two_processes_give_the_perplexity_of_one(tmp_path, recipe):
     if "--refine" in recipe:
         assert all(b["layers"][k]["rank"] == a["layers"][k]["rank"] for k in a["layers"])  # uniform ranks
         e2e = b["method_details"]["refine_e2e"]
-        assert e2e["world_size"] == 2 and e2e["steps_run"] > 0
+        assert e2e["world_size"] == 2 and e2e["steps_run"] > 0 and e2e["parallel"] == "ddp"  # auto: it fits
+        assert e2e["sequences"] == a["method_details"]["refine_e2e"]["sequences"] == 16  # all ranks' together
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "eval.txt", "model", "one", "two"]
     assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
+
+
+def test_sharded_e2e_refines_as_data_parallel_does(tmp_path):
+    """--e2e-parallel fsdp (each decoder layer sharded over the 2 ranks, FSDP2) takes the steps DDP takes: the
+    same losses, the same written factors (up to the order of the sums), gathered back whole into the artifact;
+    and both within 2 % of one process's perplexity."""
+    from safetensors.torch import load_file
+    args = tiny_run_args(tmp_path, ["--method", "svd-llm-v2", "--allocation", "uniform", "--refine", "e2e"])
+    runs = {"one": cli([*args, "--out", str(tmp_path / "one")])}
+    for parallel in ("ddp", "fsdp"):
+        runs[parallel] = cli([*args, "--e2e-parallel", parallel, "--out", str(tmp_path / parallel)], processes=2)
+    for name, done in runs.items():
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+    one, ddp, fsdp = (json.loads((tmp_path / name / "report.json").read_text()) for name in runs)
+    e2e = {name: r["method_details"]["refine_e2e"] for name, r in (("ddp", ddp), ("fsdp", fsdp))}
+    assert e2e["fsdp"]["parallel"] == "fsdp" and e2e["fsdp"]["kept"] and e2e["fsdp"]["steps_run"] > 0
+    assert e2e["fsdp"]["holdout_after"] < e2e["fsdp"]["holdout_before"]
+    for key in ("steps_run", "best_step"):
+        assert e2e["fsdp"][key] == e2e["ddp"][key]
+    for key in ("loss_after", "holdout_after"):
+        assert e2e["fsdp"][key] == pytest.approx(e2e["ddp"][key], rel=1e-4)
+    assert fsdp["perplexity"]["compressed"] == pytest.approx(ddp["perplexity"]["compressed"], rel=1e-4)
+    assert fsdp["perplexity"]["compressed"] == pytest.approx(one["perplexity"]["compressed"], rel=0.02)
+    written = {name: load_file(str(next((tmp_path / name).glob("*.safetensors")))) for name in ("ddp", "fsdp")}
+    factors = [k for k in written["ddp"] if k.endswith(("up.weight", "down.weight"))]
+    assert factors and written["fsdp"].keys() == written["ddp"].keys()
+    for k in factors:  # DDP refines the model's own layers: FSDP's shards made it whole into the artifact
+        assert torch.allclose(written["fsdp"][k], written["ddp"][k], rtol=1e-3, atol=1e-5), k
 
 
 def test_resume_is_one_process_only(tmp_path):

@@ -169,6 +169,33 @@ def test_an_end_to_end_refinement_that_cannot_fit_is_refused_with_the_numbers(tm
     assert not (tmp_path / "out").exists()
 
 
+def test_sharding_divides_all_but_the_head_and_auto_shards_only_where_data_parallel_does_not_fit():
+    """refine/memory.py: FSDP2 divides the decoder layers' weights, the gradients, Adam's moments and the
+    snapshots by the world size and adds one whole layer; the embeddings and lm_head stay whole on every rank.
+    --e2e-parallel auto: DDP where its formula fits, FSDP2 where only that fits, one line with the numbers where
+    neither does."""
+    from exporter.refine.memory import E2EShape, e2e_memory, parallel_plan
+    shape = E2EShape(frozen_params=3_000, factor_params=8_000, layers=4, hidden=16, intermediate=32, heads=2,
+                     vocab=100, largest_layer_params=2_500, batch=1, seqlen=8, chunk=8, compute_bytes=4,
+                     head_params=1_000)
+    one, ddp, fsdp = e2e_memory(shape), e2e_memory(shape, 4), e2e_memory(shape, 4, sharded=True)
+    assert one.weights == ddp.weights == (3_000 + 8_000) * 4
+    assert fsdp.weights == 1_000 * 4 + ((3_000 - 1_000) * 4 + 8_000 * 4) // 4 + 2_500 * 4
+    assert (ddp.gradients, fsdp.gradients) == (2 * one.gradients, one.gradients // 4)
+    assert (fsdp.optimizer, fsdp.snapshots) == (one.optimizer // 4, one.snapshots // 4)
+    assert fsdp.activations == one.activations and fsdp.logits == one.logits
+    assert parallel_plan(shape, 4, "auto", "cpu", ddp.total) == (False, ddp)
+    assert parallel_plan(shape, 4, "auto", "cpu", ddp.total - 1) == (True, fsdp)
+    assert parallel_plan(shape, 1, "auto", "cpu", one.total) == (False, one)  # one process: neither
+    with pytest.raises(MemoryError, match=r"needs .* GiB .* per process \(data-parallel, DDP, world size 4\).*"
+                                          r"--e2e-parallel fsdp"):
+        parallel_plan(shape, 4, "ddp", "cpu", ddp.total - 1)
+    with pytest.raises(MemoryError, match=r"per process \(sharded, FSDP2, world size 4\)"):
+        parallel_plan(shape, 4, "auto", "cpu", fsdp.total - 1)
+    resident = parallel_plan(shape, 4, "auto", "cpu", 10**9, resident=(44_000, 4_000))[1]
+    assert resident.weights == 0  # data-parallel refines the model's own layers, already where they run
+
+
 def test_the_check_before_the_refinement_uses_the_compressed_model(tmp_path, text, monkeypatch):
     model_dir = tiny_model_dir("llama", tmp_path / "model")
     monkeypatch.setattr("exporter.loop.compress.available_bytes", lambda device: 1000)
@@ -188,12 +215,12 @@ def test_the_kl_over_chunks_of_positions_is_the_kl_of_the_whole_logits():
     model, dense = tiny_model("llama"), tiny_model("llama", seed=1)
     arch = architecture_of(model)
     ids = random_batches(1, 40, batch_size=1)[0]
-    teacher = student_hidden(dense, arch, capture_inputs(dense, arch, [ids], "cpu"), 0, "cpu")
+    teacher = student_hidden(decoder_layers(dense, arch), capture_inputs(dense, arch, [ids], "cpu"), 0, "cpu")
     inputs = capture_inputs(model, arch, [ids], "cpu")
     grads = {}
     for chunk, checkpointed in ((7, True), (40, False)):
         model.zero_grad()
-        final = student_hidden(model, arch, inputs, 0, "cpu", checkpointed=checkpointed)
+        final = student_hidden(decoder_layers(model, arch), inputs, 0, "cpu", checkpointed=checkpointed)
         value, count = chunked_kl(model, arch, ids, final, teacher, "cpu", chunk=chunk)
         value.backward()
         grads[chunk] = [p.grad.clone() for p in decoder_layers(model, arch).parameters()]

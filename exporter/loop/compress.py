@@ -9,7 +9,6 @@ activations on, and, when asked, the evaluation streams, the shard writer and th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import tempfile
 from contextlib import contextmanager
@@ -39,7 +38,8 @@ from ..plan.budget import ratio_for_budget
 from ..plan.profile import Profile
 from ..plan.rounding import round_ranks
 from ..refine.e2e import KL_CHUNK, Teacher, refine_model
-from ..refine.memory import check_fits, e2e_memory, shape_of
+from ..refine.memory import parallel_plan, shape_of
+from ..refine.sharded import gather_factors_, sharded_student
 from .head_quantization import quantize_head_
 from .layer import compression_pass, pass_state
 from .profile import profile_pass
@@ -155,33 +155,49 @@ def restore_written_layers(source: LayerSource, plan: dict[str, int], writer, st
 
 
 @contextmanager
-def whole_student(source: LayerSource, writer):
-    """Every decoder layer of the compressed model on the compute device at once, for end-to-end refinement: a
-    streamed model's layers read back from their written shards (in the compute dtype) and put back on `meta`
-    after; a resident model's layers moved to the device and back home."""
-    layers = decoder_layers(source.model, source.arch)
+def layer_on_device(source: LayerSource, writer, i: int):
+    """Decoder layer `i` of the compressed model whole on the compute device: a streamed model's read back from
+    its written shard (in the compute dtype) and put back on `meta` after; a resident model's moved to the device
+    and back home."""
+    layer = decoder_layers(source.model, source.arch)[i]
     if not source.streamed:
-        home = next(layers.parameters()).device
-        layers.to(source.device)
+        home = next(layer.parameters()).device
+        layer.to(source.device)
         try:
-            yield
+            yield layer
         finally:
-            layers.to(home)
+            layer.to(home)
         return
     if writer is None:
         raise RuntimeError("--refine e2e on a streamed model reads the compressed layers back from their shards: "
                            "it needs the shard writer")
     try:
-        for i, layer in enumerate(layers):
-            prefix = source.layer_prefix(i)
-            for name, value in writer.read_layer(i).items():
-                value = value.to(source.compute_dtype) if value.is_floating_point() else value
-                set_module_tensor_to_device(layer, name[len(prefix):], source.device, value=value, clear_cache=False)
-        yield
+        for name, value in writer.read_layer(i).items():
+            value = value.to(source.compute_dtype) if value.is_floating_point() else value
+            set_module_tensor_to_device(layer, name[len(source.layer_prefix(i)):], source.device, value=value,
+                                        clear_cache=False)
+        yield layer
     finally:
-        for layer in layers:
-            for name, _ in list(layer.named_parameters()):
-                set_module_tensor_to_device(layer, name, "meta", clear_cache=False)
+        for name, _ in list(layer.named_parameters()):
+            set_module_tensor_to_device(layer, name, "meta", clear_cache=False)
+
+
+@contextmanager
+def whole_student(source: LayerSource, writer):
+    """Every decoder layer of the compressed model on the compute device at once, for end-to-end refinement
+    in one process or data-parallel."""
+    with contextlib.ExitStack() as stack:
+        for i in range(source.num_layers):
+            stack.enter_context(layer_on_device(source, writer, i))
+        yield
+
+
+def each_layer_on_device(source: LayerSource, writer):
+    """The compressed model's decoder layers whole on the compute device one at a time, for the sharded student
+    (refine/sharded.py): one is put back before the next comes."""
+    for i in range(source.num_layers):
+        with layer_on_device(source, writer, i) as layer:
+            yield layer
 
 
 @dataclass
@@ -201,29 +217,40 @@ def factor_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.Tensor], config: CompressionConfig,
-                     export_dtype: torch.dtype, result: CompressionResult, e2e: EndToEnd, stack) -> None:
-    """Refine the factors (every layer is on the device once `stack` has entered whole_student), the teacher
-    written to disk first; record the refined factors in the resume state before anything is rewritten."""
+                     export_dtype: torch.dtype, result: CompressionResult, e2e: EndToEnd, stack) -> nn.Module | None:
+    """Refine the factors, the teacher written to disk first: on the model's own layers (one process, or
+    data-parallel: `stack` enters whole_student), or on a sharded copy of them (FSDP2, refine/sharded.py) when
+    --e2e-parallel says so or only that fits; record the refined factors in the resume state before anything is
+    rewritten. -> the sharded student (None when the model's own layers were refined)."""
     model, arch, device = source.model, source.arch, source.device
-    need = e2e_memory(shape_of(model, batches[0].shape[0], batches[0].shape[1], source.compute_dtype.itemsize,
-                               KL_CHUNK), device_type=torch.device(device).type)
-    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    check_fits(dataclasses.replace(need, weights=max(need.weights - resident, 0)), available_bytes(device), device)
+    shape = shape_of(model, batches[0].shape[0], batches[0].shape[1], source.compute_dtype.itemsize, KL_CHUNK)
+    layer_params = {id(p) for p in decoder_layers(model, arch).parameters()}
+    resident = [(p.numel() * p.element_size(), id(p) in layer_params) for p in model.parameters()
+                if p.device.type != "meta"]
+    sharded, need = parallel_plan(shape, dist.world_size(), config.e2e_parallel, device, available_bytes(device),
+                                  (sum(n for n, _ in resident), sum(n for n, inside in resident if not inside)))
     folder = e2e.work if e2e.work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
     dense = streams.e2e_dense if streams.e2e_dense is not None else streams.calib  # `batches` through dense layers
     teacher = Teacher(folder, dense.hidden)
     streams.calib.hidden = dense.hidden = []  # the teacher is on disk now (and the loop is done with calibration)
     inputs = capture_inputs(model, arch, batches, device)  # decoder layer 0's inputs: the embeddings, frozen
-    stack.enter_context(whole_student(source, e2e.writer))
+    student = None
+    if sharded:
+        student = sharded_student(each_layer_on_device(source, e2e.writer), inputs, device, source.compute_dtype)
+    else:
+        stack.enter_context(whole_student(source, e2e.writer))
     entry = refine_model(model, arch, batches, inputs, teacher, config.e2e_refinement, device, export_dtype,
-                         source.compute_dtype)
+                         source.compute_dtype, student=student)
     result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3),
-                                  "world_size": dist.world_size(), "sequences": sum(len(b) for b in batches),
+                                  "world_size": dist.world_size(),
+                                  "parallel": "fsdp" if sharded else "ddp" if dist.active() else "none",
+                                  "sequences": int(dist.sum_floats(sum(len(b) for b in batches))[0]),
                                   "seqlen": batches[0].shape[1], "own_data": streams.e2e_dense is not None}
     if e2e.resume_state is not None:  # a kill from here on resumes to these factors, never refines again
         evaluation = {k: v for k, v in streams.named().items() if k.startswith("eval")}
         e2e.resume_state.save(pass_state(result, e2e.base_state, "e2e", source.num_layers), evaluation,
                               {f"factor.{k}": v for k, v in factor_state(model).items()})
+    return student
 
 
 def refine_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.Tensor],
@@ -231,12 +258,13 @@ def refine_end_to_end(source: LayerSource, streams: Streams, batches: list[torch
                       result: CompressionResult, e2e: EndToEnd) -> None:
     """--refine e2e after the layer loop (exporter/refine/e2e.py), without the dense model: the teacher is the
     original stream's final hidden states, moved to disk. The loop has written each layer and carried the
-    evaluation windows through it: when refinement changed the factors, both are done again (also when a killed
-    run had finished refining: its factors come from the resume state)."""
+    evaluation windows through it: when refinement changed the factors, both are done again, layer by layer
+    (also when a killed run had finished refining: its factors come from the resume state)."""
     model, arch, device, writer = source.model, source.arch, source.device, e2e.writer
     with contextlib.ExitStack() as stack:
+        student = None
         if e2e.finished is None:
-            train_end_to_end(source, streams, batches, config, export_dtype, result, e2e, stack)
+            student = train_end_to_end(source, streams, batches, config, export_dtype, result, e2e, stack)
         else:
             stack.enter_context(whole_student(source, writer))
             with torch.no_grad():
@@ -244,13 +272,16 @@ def refine_end_to_end(source: LayerSource, streams: Streams, batches: list[torch
                     model.get_parameter(name).copy_(value)
         if not result.extra["refine_e2e"]["kept"]:
             return
-        if writer is not None:
-            for i, layer in enumerate(decoder_layers(model, arch)):
-                writer.write_layer(i, layer, source.layer_prefix(i))
         if streams.eval_compressed is not None:
             streams.eval_compressed = capture_inputs(model, arch, eval_batches, device)
-            for i, layer in enumerate(decoder_layers(model, arch)):
-                advance(i, layer, streams.eval_compressed, device)
+        for i, layer in enumerate(decoder_layers(model, arch)):
+            with layer_on_device(source, writer, i) if student is not None else contextlib.nullcontext(layer):
+                if student is not None:  # the sharded student's factors, whole, into the model's layer
+                    gather_factors_(student.layers[i], layer)
+                if writer is not None:
+                    writer.write_layer(i, layer, source.layer_prefix(i))
+                if streams.eval_compressed is not None:
+                    advance(i, layer, streams.eval_compressed, device)
 
 
 def check_complete(result: CompressionResult, profile: Profile) -> None:

@@ -54,12 +54,13 @@ class Teacher:
             return f.get_tensor(str(b))
 
 
-def student_hidden(model: nn.Module, arch: Architecture, inputs: Activations, b: int, device,
+def student_hidden(layers: nn.ModuleList, inputs: Activations, b: int, device,
                    checkpointed: bool = True) -> torch.Tensor:
-    """The compressed model's last decoder-layer output on batch `b` (`inputs`: decoder layer 0's inputs and
-    every layer's keyword arguments), each layer checkpointed while gradients are recorded."""
+    """The compressed model's last decoder-layer output on batch `b` (`layers`: its decoder layers; `inputs`:
+    decoder layer 0's inputs and every layer's keyword arguments), each layer checkpointed while gradients are
+    recorded."""
     hidden = inputs.hidden[b].to(device)
-    for i, layer in enumerate(decoder_layers(model, arch)):
+    for i, layer in enumerate(layers):
         kwargs = inputs.kwargs_for(i)[b]
         if checkpointed and torch.is_grad_enabled():
             hidden = checkpoint(run_batch, layer, hidden, kwargs, device, use_reentrant=False)
@@ -93,7 +94,7 @@ def chunked_kl(model: nn.Module, arch: Architecture, ids: torch.Tensor, final: t
 
 class Student(nn.Module):
     """The compressed model as refine/optimise.py calls it (and DistributedDataParallel wraps it under
-    torchrun): batch index → its last decoder-layer output."""
+    torchrun): batch index → its last decoder-layer output. (Sharded: refine/sharded.py's ShardedStudent.)"""
 
     def __init__(self, model: nn.Module, arch: Architecture, inputs: Activations, device):
         super().__init__()
@@ -102,15 +103,16 @@ class Student(nn.Module):
 
     def forward(self, b: int) -> torch.Tensor:
         arch, inputs, device = self._rest
-        return student_hidden(self.model, arch, inputs, b, device)
+        return student_hidden(decoder_layers(self.model, arch), inputs, b, device)
 
 
 def refine_model(model: nn.Module, arch: Architecture, batches: list[torch.Tensor], inputs: Activations,
                  teacher: Teacher, settings: Refinement, device, export_dtype: torch.dtype,
-                 compute_dtype: torch.dtype, chunk: int = KL_CHUNK) -> dict:
+                 compute_dtype: torch.dtype, chunk: int = KL_CHUNK, student: nn.Module | None = None) -> dict:
     """Refine every factor of `model` in place (see the module docstring). `inputs`: decoder layer 0's inputs
     and the layers' keyword arguments for `batches`; `teacher[b]`: the dense model's last hidden states on
-    `batches[b]`; every decoder layer of `model` is on `device`. -> the report entry."""
+    `batches[b]`; every decoder layer of `model` is on `device`. `student`: the sharded student
+    (refine/sharded.py) refined in its place, `model` lending it its head. -> the report entry."""
     train, held = split_batches(len(batches), settings.holdout)
     device = torch.device(device)
     half = compute_dtype != torch.float32
@@ -118,7 +120,9 @@ def refine_model(model: nn.Module, arch: Architecture, batches: list[torch.Tenso
     def error(student: nn.Module, b: int) -> tuple[torch.Tensor, int]:
         with torch.autocast(device.type, dtype=compute_dtype, enabled=half):
             return chunked_kl(model, arch, batches[b], student(b), teacher[b].to(device), device, chunk)
-    entry = optimise(model, error, train, held, settings, seed=len(decoder_layers(model, arch)),
-                     export_dtype=export_dtype, factors_only=True, forward=Student(model, arch, inputs, device))
+    trained = model if student is None else student
+    entry = optimise(trained, error, train, held, settings, seed=len(decoder_layers(model, arch)),
+                     export_dtype=export_dtype, factors_only=True,
+                     forward=Student(model, arch, inputs, device) if student is None else student)
     return {**entry, "objective": "KL(dense || compressed) per token",
             "matrix_losses": "layers.*.loss are of the factors before end-to-end refinement"}

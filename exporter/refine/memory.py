@@ -13,15 +13,16 @@ refused before it starts, with the numbers (and docs/e2e-memory.md can say what 
                  and their gradient, float32
     teacher      one batch of the dense model's final hidden states (the rest stays memory-mapped on disk)
 
-Sharded (FSDP2, `fully_shard` per decoder layer): weights, gradients, optimizer state and snapshots are divided
-by the world size, plus one decoder layer gathered whole at a time. Data-parallel (DDP): every rank holds all
-of it. The constants of one layer's recomputed activations are those of a Llama-style layer (attention
+Sharded (FSDP2, `fully_shard` per decoder layer: refine/sharded.py): the decoder layers' weights, the
+gradients, optimizer state and snapshots are divided by the world size, plus one decoder layer gathered whole at
+a time; the embeddings and the head (not trained) stay whole on every rank. Data-parallel (DDP): every rank
+holds all of it. `parallel_plan` picks between them for --e2e-parallel. The constants of one layer's recomputed activations are those of a Llama-style layer (attention
 scores materialised: the CPU kernels do); they are checked against a measured peak
 (benchmarks/scale/e2e_memory.py).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GiB = 2**30
 
@@ -41,6 +42,7 @@ class E2EShape:
     seqlen: int
     chunk: int  # positions per KL chunk
     compute_bytes: int  # 2 (bfloat16/float16 on a GPU) or 4 (float32: CPUs)
+    head_params: int = 0  # of frozen_params, those outside the decoder layers (embeddings, final norm, lm_head)
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,11 @@ def e2e_memory(s: E2EShape, world_size: int = 1, sharded: bool = False, device_t
     share = world_size if sharded else 1
     gathered = s.largest_layer_params * s.compute_bytes if sharded and world_size > 1 else 0
     tokens = s.batch * s.seqlen
+    replicated = s.head_params if share > 1 else 0  # sharded: the embeddings and the head stay whole
     recompute = tokens * (10 * s.hidden + 4 * s.intermediate) * 4 + s.batch * s.heads * s.seqlen ** 2 * 4
     return E2EMemory(
-        weights=(s.frozen_params * s.compute_bytes + s.factor_params * factor_weight) // share + gathered,
+        weights=replicated * s.compute_bytes + gathered
+        + ((s.frozen_params - replicated) * s.compute_bytes + s.factor_params * factor_weight) // share,
         gradients=s.factor_params * 4 * (2 if world_size > 1 and not sharded else 1) // share,
         optimizer=s.factor_params * 8 // share,
         snapshots=s.factor_params * 8 // share,
@@ -109,17 +113,39 @@ def shape_of(model, batch: int, seqlen: int, compute_bytes: int, chunk: int, rat
         factors, total = int((1 - ratio) * linears), total - linears + int((1 - ratio) * linears)
     config = model.config.get_text_config()
     layers = decoder_layers(model, arch)
+    in_layers = sum(p.numel() for p in layers.parameters())
     widest = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
     return E2EShape(frozen_params=total - factors, factor_params=factors, layers=len(layers),
                     hidden=config.hidden_size, intermediate=widest, heads=config.num_attention_heads,
                     vocab=model.get_output_embeddings().weight.shape[0],
                     largest_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-                    batch=batch, seqlen=seqlen, chunk=min(chunk, seqlen), compute_bytes=compute_bytes)
+                    batch=batch, seqlen=seqlen, chunk=min(chunk, seqlen), compute_bytes=compute_bytes,
+                    head_params=sum(p.numel() for p in model.parameters()) - in_layers)
 
 
-def check_fits(need: E2EMemory, available: int, device, world_size: int = 1) -> None:
+def check_fits(need: E2EMemory, available: int, device, world_size: int = 1, sharded: bool = False) -> None:
     """One line with the numbers when end-to-end refinement cannot fit, before it starts."""
     if need.total > available:
-        raise MemoryError(f"--refine e2e needs {need.describe()} on {device} per process (world size "
+        mode = "sharded, FSDP2" if sharded else "data-parallel, DDP" if world_size > 1 else "one process"
+        more = "" if sharded else ", shard it over more devices (torchrun, --e2e-parallel fsdp)"
+        raise MemoryError(f"--refine e2e needs {need.describe()} on {device} per process ({mode}, world size "
                           f"{world_size}) and {available / GiB:.2f} GiB is available: lower --calib-batch-size or "
-                          "--calib-seqlen, use a device with more memory, or --refine block")
+                          f"--calib-seqlen{more}, use a device with more memory, or --refine block")
+
+
+def parallel_plan(shape: E2EShape, world_size: int, parallel: str, device, available: int,
+                  resident: tuple[int, int] = (0, 0)) -> tuple[bool, E2EMemory]:
+    """(sharded, what one rank needs) for --e2e-parallel `parallel` ("auto": data-parallel where it fits, sharded
+    where only that fits), checked against `available` bytes; one process is neither. `resident`: bytes of the
+    weights already where they are needed (all of them, those outside the decoder layers): data-parallel runs on
+    the model's own layers, the sharded student is a copy of them (refine/sharded.py)."""
+    device_type = str(device).split(":")[0]
+
+    def fits(sharded: bool) -> E2EMemory:
+        need = e2e_memory(shape, world_size, sharded, device_type)
+        return replace(need, weights=max(need.weights - resident[1 if sharded else 0], 0))
+    if world_size <= 1 or parallel == "ddp" or (parallel == "auto" and fits(False).total <= available):
+        check_fits(fits(False), available, device, world_size)
+        return False, fits(False)
+    check_fits(fits(True), available, device, world_size, sharded=True)
+    return True, fits(True)

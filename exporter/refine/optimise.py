@@ -18,6 +18,8 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from .. import dist
 from ..config import Refinement
@@ -72,29 +74,44 @@ def _float32(module: nn.Module, factors_only: bool = False):
     dtypes = {name: t.dtype for name, t in [*module.named_parameters(), *module.named_buffers()]}
     if factors_only:
         for param in factors(module):
-            param.data = param.data.float()
+            if param.dtype != torch.float32:  # a sharded student's are already (refine/sharded.py)
+                param.data = param.data.float()
     else:
         nn.Module.float(module)
 
     def restore() -> None:
         for name, param in module.named_parameters():
-            param.data = param.data.to(dtypes[name])
+            if param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
         for name, buffer in list(module.named_buffers()):
             owner, _, attr = name.rpartition(".")
             module.get_submodule(owner)._buffers[attr] = buffer.to(dtypes[name])  # as nn.Module._apply does
     return restore
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a factor: its shard when end-to-end refinement is sharded (FSDP2 makes the
+    parameters DTensors), else the tensor itself. Snapshots and restores work on it, shard by shard."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _rms(t: torch.Tensor) -> float:
+    """Root mean square of a whole factor (of all its shards, when sharded)."""
+    square = t.detach().square().mean()
+    return float((square.full_tensor() if isinstance(square, DTensor) else square).sqrt())
+
+
 def _snapshot(params: list[nn.Parameter], host: bool = False) -> list[torch.Tensor]:
-    """A copy of the factors; on the host for end-to-end refinement (the whole model's factors: device memory
-    is for the optimisation)."""
-    return [p.detach().to("cpu", copy=True) if host else p.detach().clone() for p in params]
+    """A copy of the factors (of this rank's shards of them); on the host for end-to-end refinement (the whole
+    model's factors: device memory is for the optimisation)."""
+    return [_local(p.detach()).to("cpu", copy=True) if host else _local(p.detach()).clone() for p in params]
 
 
 def data_parallel(forward: nn.Module) -> nn.Module:
     """`forward` for the training steps: itself in one process, wrapped in DistributedDataParallel under
-    torchrun (its gradients averaged over the ranks in the backward pass, so every rank takes the same step)."""
-    if not dist.active():
+    torchrun (its gradients averaged over the ranks in the backward pass, so every rank takes the same step).
+    A sharded student (FSDP2, refine/sharded.py) averages them itself."""
+    if not dist.active() or isinstance(forward, FSDPModule):
         return forward
     from torch.nn.parallel import DistributedDataParallel
     device = next(p for p in forward.parameters() if p.requires_grad).device
@@ -109,7 +126,7 @@ def min_over_ranks(value: int) -> int:
 def _load(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
-            p.copy_(v)
+            _local(p).copy_(v)
 
 
 def optimise(module: nn.Module, error, train: list[int], held: list[int], settings: Refinement, seed: int,
@@ -159,7 +176,7 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     held_before = best_held = mean_error(evaluate, held)
     best, best_step, since_best, step = closed_form, 0, 0, 0
     order = torch.Generator().manual_seed(seed)
-    groups = [{"params": [p], "lr": settings.lr * float(p.detach().square().mean().sqrt())} for p in params]
+    groups = [{"params": [p], "lr": settings.lr * _rms(p)} for p in params]
     # fused: the whole update of a tensor in one kernel (the per-op default is several times slower on a CPU)
     optimiser = torch.optim.Adam(groups, fused=True)
     for p in params:
@@ -185,7 +202,7 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     _load(params, best)
     with torch.no_grad():  # the factors as they will be stored
         for p in params:
-            p.copy_(p.to(export_dtype))
+            _local(p).copy_(_local(p).to(export_dtype))
     train_after = mean_error(evaluate, check)
     held_after = mean_error(evaluate, held)
     kept = best_step > 0 and train_after <= train_before and held_after <= held_before
