@@ -54,6 +54,42 @@ def test_never_increases_the_kl_to_the_dense_model_on_the_calibration_batches(ar
     assert entry["loss_after"] == pytest.approx(kl_after["train"], rel=1e-4)
 
 
+def test_a_sharded_student_refines_a_model_in_memory_as_its_own_layers_do(monkeypatch):
+    """refine/sharded.py on a model held in memory (as a GGUF's is), in a process group of one (gloo): the
+    sharded copy of the decoder layers (FSDP2 parameters: DTensors) takes the steps the model's own layers take,
+    and its refined factors come back whole into the model; without a process group it is one clear error."""
+    import socket
+
+    import torch.distributed as tdist
+
+    from exporter.loop.compress import factor_state
+    dense, batches = tiny_model("llama"), random_batches(16, 32, batch_size=1)
+    settings = dict(**V2, refine="e2e", refine_steps=24, refine_lr=1e-2)
+    with pytest.raises(ValueError, match="shards end-to-end refinement over a process group"):
+        compress_(copy.deepcopy(dense), batches, CompressionConfig(**settings, e2e_parallel="fsdp"), progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    tdist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        runs = {}
+        for parallel in ("auto", "fsdp"):
+            model = copy.deepcopy(dense)
+            result = compress_(model, batches, CompressionConfig(**settings, e2e_parallel=parallel), progress=False)
+            runs[parallel] = (result.extra["refine_e2e"], factor_state(model), model)
+    finally:
+        tdist.destroy_process_group()
+    (own, own_factors, _), (sharded, sharded_factors, model) = runs["auto"], runs["fsdp"]
+    assert (own["parallel"], sharded["parallel"]) == ("none", "fsdp")
+    assert sharded["kept"] and (sharded["steps_run"], sharded["best_step"]) == (own["steps_run"], own["best_step"])
+    assert sharded["loss_after"] == pytest.approx(own["loss_after"], rel=1e-5)
+    for name, value in own_factors.items():
+        assert type(sharded_factors[name]) is torch.Tensor  # whole tensors back in the model, not shards
+        assert torch.allclose(sharded_factors[name], value, rtol=1e-4, atol=1e-6), name
+    assert kl(dense, model, batches) == pytest.approx(kl(dense, runs["auto"][2], batches), rel=1e-4)
+
+
 def test_its_own_batches_are_what_it_trains_on_and_its_teacher_is_the_dense_model_on_them():
     """e2e_batches (--e2e-data/-samples/-seqlen): carried through the dense layers beside the calibration
     batches; the KL it reports is the one measured from the two whole models on those batches, of another

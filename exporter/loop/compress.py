@@ -229,6 +229,8 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
                 if p.device.type != "meta"]
     sharded, need = parallel_plan(shape, dist.world_size(), config.e2e_parallel, device, available_bytes(device),
                                   (sum(n for n, _ in resident), sum(n for n, inside in resident if not inside)))
+    if sharded and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("--e2e-parallel fsdp shards end-to-end refinement over a process group: run under torchrun")
     folder = e2e.work if e2e.work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
     dense = streams.e2e_dense if streams.e2e_dense is not None else streams.calib  # `batches` through dense layers
     teacher = Teacher(folder, dense.hidden)

@@ -120,9 +120,9 @@ def refine_model(model: nn.Module, arch: Architecture, batches: list[torch.Tenso
     def error(student: nn.Module, b: int) -> tuple[torch.Tensor, int]:
         with torch.autocast(device.type, dtype=compute_dtype, enabled=half):
             return chunked_kl(model, arch, batches[b], student(b), teacher[b].to(device), device, chunk)
-    trained = model if student is None else student
-    entry = optimise(trained, error, train, held, settings, seed=len(decoder_layers(model, arch)),
-                     export_dtype=export_dtype, factors_only=True,
-                     forward=Student(model, arch, inputs, device) if student is None else student)
+    forward = Student(model, arch, inputs, device) if student is None else student
+    entry = optimise(model if student is None else student, error, train, held, settings,
+                     seed=len(decoder_layers(model, arch)), export_dtype=export_dtype, factors_only=True,
+                     forward=forward)
     return {**entry, "objective": "KL(dense || compressed) per token",
             "matrix_losses": "layers.*.loss are of the factors before end-to-end refinement"}

@@ -16,9 +16,9 @@ refused before it starts, with the numbers (and docs/e2e-memory.md can say what 
 Sharded (FSDP2, `fully_shard` per decoder layer: refine/sharded.py): the decoder layers' weights, the
 gradients, optimizer state and snapshots are divided by the world size, plus one decoder layer gathered whole at
 a time; the embeddings and the head (not trained) stay whole on every rank. Data-parallel (DDP): every rank
-holds all of it. `parallel_plan` picks between them for --e2e-parallel. The constants of one layer's recomputed activations are those of a Llama-style layer (attention
-scores materialised: the CPU kernels do); they are checked against a measured peak
-(benchmarks/scale/e2e_memory.py).
+holds all of it. `parallel_plan` picks between them for --e2e-parallel. The constants of one layer's
+recomputed activations are those of a Llama-style layer (attention scores materialised: the CPU kernels do);
+they are checked against a measured peak (benchmarks/scale/e2e_memory.py).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def check_fits(need: E2EMemory, available: int, device, world_size: int = 1, sha
 def parallel_plan(shape: E2EShape, world_size: int, parallel: str, device, available: int,
                   resident: tuple[int, int] = (0, 0)) -> tuple[bool, E2EMemory]:
     """(sharded, what one rank needs) for --e2e-parallel `parallel` ("auto": data-parallel where it fits, sharded
-    where only that fits), checked against `available` bytes; one process is neither. `resident`: bytes of the
+    where only that fits; one process: not sharded), checked against `available` bytes. `resident`: bytes of the
     weights already where they are needed (all of them, those outside the decoder layers): data-parallel runs on
     the model's own layers, the sharded student is a copy of them (refine/sharded.py)."""
     device_type = str(device).split(":")[0]
@@ -144,7 +144,7 @@ def parallel_plan(shape: E2EShape, world_size: int, parallel: str, device, avail
     def fits(sharded: bool) -> E2EMemory:
         need = e2e_memory(shape, world_size, sharded, device_type)
         return replace(need, weights=max(need.weights - resident[1 if sharded else 0], 0))
-    if world_size <= 1 or parallel == "ddp" or (parallel == "auto" and fits(False).total <= available):
+    if parallel == "ddp" or (parallel == "auto" and (world_size <= 1 or fits(False).total <= available)):
         check_fits(fits(False), available, device, world_size)
         return False, fits(False)
     check_fits(fits(True), available, device, world_size, sharded=True)
