@@ -96,8 +96,8 @@ def render(record: dict) -> str:
         lines.append(f"| {r['correction_rank']} | {r['block_size']} | {r['disk_bytes'] / 1e6:.1f} | {r['nodes']} "
                      f"| {r['MatMulNBits']} | {r['MatMul']} | {r['decode_tokens_s']:.2f} | {r['prefill_tokens_s']:.1f} "
                      f"| {r['load_avg'][0]:.2f}–{r['load_avg'][1]:.2f} |")
-    lines += ["", f"Decode rate lost to the corrections: **{100 * record['decode_cost']:.1f} %** (SmolLM2-135M, "
-              "front.md: 16 % at b64). `load`: the 1-minute load average before and after the row."]
+    lines += ["", f"Decode rate lost to the corrections: **{100 * record['decode_cost']:.1f} %** (at SmolLM2-135M's "
+              "width: docs/results/front.md). `load`: the 1-minute load average before and after the row."]
     return "\n".join(lines) + "\n"
 
 

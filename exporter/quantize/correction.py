@@ -22,7 +22,6 @@ from ..factorize.linalg import descending_eigh, truncation_loss
 from ..model.corrected import CorrectedLinear
 from ..model.lowrank import LowRankLinear, swap_module
 
-
 OVERSAMPLE = 8  # subspace vectors beyond the rank: the iteration converges at (λ_{r+8+1} / λ_r)^steps
 MAX_STEPS = 500
 
@@ -49,13 +48,15 @@ def top_eigenvectors(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> t
     return values[:rank], basis @ vectors[:, :rank]
 
 
-def residual_correction(residual: torch.Tensor, gram: torch.Tensor,
-                        rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def residual_correction(residual: torch.Tensor, gram: torch.Tensor, rank: int,
+                        weighted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(up, down, ‖RX‖, the least ‖(R − R')X‖ of any rank-r R'): the loss-optimal rank-r part up·down of
     `residual` R (out×in, float64) under X Xᵀ = `gram`, up (out×r) with orthonormal columns, down = upᵀR
-    (r×in). The least loss is √(‖RX‖² − Σ_{i≤r} λ_i(R X Xᵀ Rᵀ)) (Eckart–Young on RX)."""
+    (r×in). The least loss is √(‖RX‖² − Σ_{i≤r} λ_i(R X Xᵀ Rᵀ)) (Eckart–Young on RX). `weighted`: R·C when
+    the caller has it (out·in² multiply-adds, as much as GPTQ's own pass at 7B)."""
     values, up = top_eigenvectors(residual, gram, rank)
-    energy = float(((residual @ gram) * residual).sum().clamp_min(0.0))  # tr(R C Rᵀ) = ‖RX‖²
+    weighted = residual @ gram if weighted is None else weighted
+    energy = float((weighted * residual).sum().clamp_min(0.0))  # tr(R C Rᵀ) = ‖RX‖²
     return up, up.T @ residual, energy ** 0.5, max(energy - float(values.sum()), 0.0) ** 0.5
 
 
@@ -67,11 +68,13 @@ def correct_linear_(layer: nn.Module, path: str, dense: torch.Tensor, gram: torc
     rank = min(rank, *base.weight.shape)
     gram = gram.to(base.weight.device, torch.float64)
     residual = dense.to(torch.float64) - base.weight.detach().to(torch.float64)
-    up, down, loss_before, loss_min = residual_correction(residual, gram, rank)
+    weighted = residual @ gram  # once, for the energy and for the loss as stored
+    up, down, loss_before, loss_min = residual_correction(residual, gram, rank, weighted)
     correction = LowRankLinear.from_factors(up, down, None, dtype=base.weight.dtype, device=base.weight.device)
     if not (torch.isfinite(correction.up.weight).all() and torch.isfinite(correction.down.weight).all()):
         raise FloatingPointError(f"the rank-{rank} correction of {path} is not finite in {base.weight.dtype}")
     swap_module(layer, path, CorrectedLinear(base, correction))
     return {"rank": rank, "loss_before": loss_before,
-            "loss": truncation_loss(residual, correction.up.weight.detach(), correction.down.weight.detach(), gram),
+            "loss": truncation_loss(residual, correction.up.weight.detach(), correction.down.weight.detach(), gram,
+                                    weighted),
             "loss_min": loss_min}
