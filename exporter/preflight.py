@@ -332,11 +332,13 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
 def settle_default_refinement(config: RunConfig) -> RunConfig:
     """The default recipe ends with end-to-end refinement on E2E_SAMPLES windows of the calibration text
     (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
-    device. A run it does not fit, or that cannot refine end to end (--quantize's grid, generated calibration
-    text), keeps block refinement alone, and the recipe's name says why (report.json `recipe`)."""
+    device. A run it does not fit, that cannot refine end to end (--quantize's grid, generated calibration
+    text) or whose windows hold fewer than E2E_MIN_TOKENS tokens keeps block refinement alone, and the recipe's
+    name says why (report.json `recipe`)."""
     from .load.open import pick_device
-    from .recipe import e2e_data
+    from .recipe import E2E_MIN_TOKENS, e2e_data
     c, cal = config.compression, config.calibration
+    own = e2e_data(cal) or cal
     if c.recipe != "default" or c.refine != "block":
         return config
     why = None
@@ -344,6 +346,9 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
         why = "--quantize gptq: end-to-end refinement would move the factors off the grid"
     elif cal.source == "generated":
         why = "generated calibration text: end-to-end refinement on it made real text worse (docs/quality.md)"
+    elif own.samples * own.seqlen < E2E_MIN_TOKENS:
+        why = (f"{own.samples} x {own.seqlen} calibration windows: end-to-end refinement on fewer than "
+               f"{E2E_MIN_TOKENS} tokens changed nothing where measured (exporter/recipe.py)")
     else:
         upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"),
                                        e2e_data=e2e_data(cal))

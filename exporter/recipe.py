@@ -15,7 +15,7 @@ and 37.39 at 0.4. End-to-end refinement after it (`--refine block+e2e`) gave the
 calibration sequences (its held-out KL never improved after block refinement), but on 64 windows of its own it
 gives 33.51 and 33.83 on two seeds against 37.39 and 39.81 (docs/quality.md, "End-to-end refinement's data"):
 the run ends with it wherever its memory formula fits the device (preflight.settle_default_refinement), on at
-least E2E_SAMPLES windows of the calibration text.
+least E2E_SAMPLES windows of the calibration text, where they hold E2E_MIN_TOKENS tokens at least.
 
 Every paper recipe stays one flag away: `--method svd-llm-v2` is SVD-LLM V2 with its own allocation,
 `--method adasvd` AdaSVD with adaCR, neither refined.
@@ -32,6 +32,10 @@ KEEP_DENSE_ABOVE = 0.9  # --keep-dense-above of the default, measured on validat
 # batches). At 0.4 on validation: 16 sequences (the calibration batches) gained nothing after block refinement,
 # 64 gained (docs/quality.md, "End-to-end refinement's data").
 E2E_SAMPLES = 64
+# ... and only where those windows hold this many tokens at least (64 × 256): on 4,096 tokens it changed nothing
+# twice (16 × 256 at 0.4 on validation; the README's first command, 64 × 64: docs/results/first-run.md, held-out
+# KL flat for 24 steps) while it doubled that command's time; 64 × 256 gained (docs/quality.md).
+E2E_MIN_TOKENS = 64 * 256
 
 
 def default_compression(ratio: float, calibration_batches: int) -> dict:

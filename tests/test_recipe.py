@@ -66,8 +66,8 @@ def test_each_part_of_the_default_leads_on_the_stored_validation_rows():
 
 def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fits(tmp_path, monkeypatch):
     """block+e2e on 64 windows of the calibration text where refine/memory.py's formula fits the device; block
-    alone, and the recipe's name says why, where it does not, with --quantize gptq's grid and with generated
-    calibration text; a --refine or --method the user gave is never changed."""
+    alone, and the recipe's name says why, where it does not, where those windows are too short, with --quantize
+    gptq's grid and with generated calibration text; a --refine or --method the user gave is never changed."""
     from onnx_helpers import tiny_model_dir
     model = tiny_model_dir("llama", tmp_path / "model")
     text = tmp_path / "text.txt"
@@ -81,6 +81,9 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
                                            "--calib-seqlen", "32", "--out", str(out), "-q", *args])
         assert result.exit_code == 0, result.output
         return seen.pop("config")
+    short = resolved()  # 64 x 32 windows: fewer tokens than e2e gained anything on
+    assert short.compression.refine == "block" and "fewer than 16384 tokens" in short.compression.recipe
+    monkeypatch.setattr("exporter.recipe.E2E_MIN_TOKENS", 64 * 32)
     fits = resolved()
     assert (fits.compression.refine, fits.compression.recipe) == ("block+e2e", "default")
     assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (64, 32, str(text))
