@@ -106,7 +106,7 @@ class Command(click.Command):
               help="block: after each layer's closed form, Adam on its factors towards the dense layer's output; e2e: "
                    "after the last layer, Adam on all factors towards the dense model's logits (KL; the whole "
                    "compressed model on the device); block+e2e: both (default recipe: block+e2e where its memory "
-                   "formula fits the device, else block; none with --method).")
+                   "formula fits the device and its windows hold 64 x 256 tokens, else block; none with --method).")
 @click.option("--refine-steps", type=click.IntRange(min=0), default=None,
               help="--refine only: Adam steps (per layer for block, in all for e2e), one calibration batch each "
                    "(early stopping on held-out batches; default 64).")
