@@ -7,7 +7,7 @@ whole on every rank (the teacher's and the student's logits both go through them
 
 The sharded student is a copy of the decoder layers, made and sharded one layer at a time, so no rank holds more
 than one whole layer besides its shards; the model's own layers stay as they are (a streamed model's on `meta`).
-After the optimisation `gather_factors` brings the refined factors of one layer back whole, into that layer.
+After the optimisation `gather_factors_` brings the refined factors of one layer back whole, into that layer.
 """
 from __future__ import annotations
 
