@@ -255,8 +255,7 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_parallel=e2e_parallel,
                 correction_rank=correction_rank),
             calibration=calibration,
-            e2e_data=e2e_data_of(calibration, e2e_data, e2e_samples, e2e_seqlen, default=default_e2e)
-            if default_e2e or (e2e_data, e2e_samples, e2e_seqlen) != (None, None, None) else None,
+            e2e_data=e2e_data_of(calibration, e2e_data, e2e_samples, e2e_seqlen, default=default_e2e),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
             quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=int(head_bits), parity=not skip_parity,

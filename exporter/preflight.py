@@ -338,9 +338,10 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
     from .load.open import pick_device
     from .recipe import E2E_MIN_TOKENS, e2e_data
     c, cal = config.compression, config.calibration
-    own = e2e_data(cal) or cal
     if c.recipe != "default" or c.refine != "block":
         return config
+    data = e2e_data(cal)  # None: the calibration batches themselves
+    own = data or cal
     why = None
     if c.quantization is not None:
         why = "--quantize gptq: end-to-end refinement would move the factors off the grid"
@@ -350,8 +351,7 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
         why = (f"{own.samples} x {own.seqlen} calibration windows: end-to-end refinement on fewer than "
                f"{E2E_MIN_TOKENS} tokens changed nothing where measured (exporter/recipe.py)")
     else:
-        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"),
-                                       e2e_data=e2e_data(cal))
+        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"), e2e_data=data)
         model_config, _ = model_config_of(config.model, full=True)
         try:
             check_e2e_memory(upgraded, model_config)

@@ -85,7 +85,6 @@ def test_a_sharded_student_refines_a_model_in_memory_as_its_own_layers_do(monkey
     assert sharded["kept"] and (sharded["steps_run"], sharded["best_step"]) == (own["steps_run"], own["best_step"])
     assert sharded["loss_after"] == pytest.approx(own["loss_after"], rel=1e-5)
     for name, value in own_factors.items():
-        assert type(sharded_factors[name]) is torch.Tensor  # whole tensors back in the model, not shards
         assert torch.allclose(sharded_factors[name], value, rtol=1e-4, atol=1e-6), name
     assert kl(dense, model, batches) == pytest.approx(kl(dense, runs["auto"][2], batches), rel=1e-4)
 

@@ -15,6 +15,8 @@ O(out·in·k + in²·k) per step for k = r + 8 vectors, and the same optimum (te
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -22,6 +24,7 @@ from ..factorize.linalg import descending_eigh, truncation_loss
 from ..model.corrected import CorrectedLinear
 from ..model.lowrank import LowRankLinear, swap_module
 
+log = logging.getLogger(__name__)
 OVERSAMPLE = 8  # subspace vectors beyond the rank: the iteration converges at (λ_{r+8+1} / λ_r)^steps
 MAX_STEPS = 500
 
@@ -45,17 +48,19 @@ def top_eigenvectors(residual: torch.Tensor, gram: torch.Tensor, rank: int) -> t
         if k == out or gained <= 1e-12 * max(captured, 1e-300):  # guard: a zero residual captures 0
             break
         basis = torch.linalg.qr(image)[0]
+    else:  # still a valid correction, short of the optimum by less than the last step's gain: said, not hidden
+        log.warning("the rank-%d correction's subspace iteration stopped after %d steps, its captured energy "
+                    "still rising by %.1e of it", rank, MAX_STEPS, gained / max(captured, 1e-300))
     return values[:rank], basis @ vectors[:, :rank]
 
 
 def residual_correction(residual: torch.Tensor, gram: torch.Tensor, rank: int,
-                        weighted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+                        weighted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(up, down, ‖RX‖, the least ‖(R − R')X‖ of any rank-r R'): the loss-optimal rank-r part up·down of
     `residual` R (out×in, float64) under X Xᵀ = `gram`, up (out×r) with orthonormal columns, down = upᵀR
-    (r×in). The least loss is √(‖RX‖² − Σ_{i≤r} λ_i(R X Xᵀ Rᵀ)) (Eckart–Young on RX). `weighted`: R·C when
-    the caller has it (out·in² multiply-adds, as much as GPTQ's own pass at 7B)."""
+    (r×in). The least loss is √(‖RX‖² − Σ_{i≤r} λ_i(R X Xᵀ Rᵀ)) (Eckart–Young on RX). `weighted`: R·C
+    (out·in² multiply-adds, as many as GPTQ's own pass: computed once by the caller, which needs it too)."""
     values, up = top_eigenvectors(residual, gram, rank)
-    weighted = residual @ gram if weighted is None else weighted
     energy = float((weighted * residual).sum().clamp_min(0.0))  # tr(R C Rᵀ) = ‖RX‖²
     return up, up.T @ residual, energy ** 0.5, max(energy - float(values.sum()), 0.0) ** 0.5
 
