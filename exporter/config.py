@@ -22,10 +22,11 @@ QUANTIZE_CHOICES = {"int4": 4, "int8": 8}
 # --quantizer: "gptq" puts the weights on that grid in the layer loop (exporter/quantize), "nearest" rounds
 # each weight to nearest as the graph is written (ONNX Runtime's quantizer). docs/results/front.md compares them.
 QUANTIZERS = ("gptq", "nearest")
-# The defaults were measured on SmolLM2-135M, ORT CPU: docs/results/throughput-cpu.md, "Quantization
-# settings" (block size, symmetric or not, accuracy level, lm_head bits: speed and perplexity).
-DEFAULT_BLOCK_SIZE = 32
-HEAD_BITS = 8  # lm_head's bits unless --head-bits says otherwise: 4 bits there hurt SmolLM2 most (round to nearest)
+# The defaults were measured on SmolLM2-135M, ORT CPU (docs/results/front.md): GPTQ at block 64 with the lm_head
+# (and its tied table) at the decoder's 4 bits is smaller on disk than block 32 with an 8-bit head (78.2 against
+# 100.8 MB), smaller, better and faster than onnxruntime-genai's own int4 (86.5 MB; validation 24.89 against
+# 25.72; decode 100.9 against 97.2 tok/s); symmetric, accuracy level 4: docs/results/throughput-cpu.md.
+DEFAULT_BLOCK_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,11 @@ class Quantization:
     block_size: int = DEFAULT_BLOCK_SIZE
     symmetric: bool = True  # no zero points
     accuracy_level: int = 4  # MatMulNBits' compute type: 4 = int8 activations (CPU), 0 = the activations' type
-    head_bits: int = HEAD_BITS  # the lm_head's bits
+    head_bits: int | None = None  # the lm_head's bits; None: the decoder's
 
     def __post_init__(self):
+        if self.head_bits is None:
+            object.__setattr__(self, "head_bits", self.bits)
         if self.bits not in QUANTIZE_CHOICES.values() or self.head_bits not in QUANTIZE_CHOICES.values():
             raise ValueError(f"quantization bits must be 4 or 8, got {self.bits} (lm_head {self.head_bits})")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -54,7 +57,7 @@ class Quantization:
 
     @classmethod
     def parse(cls, name: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
-              head_bits: int = HEAD_BITS) -> "Quantization | None":
+              head_bits: int | None = None) -> "Quantization | None":
         """'int4' | 'int8' | None/'none' -> the setting (None: float weights)."""
         if name in (None, "none"):
             return None
@@ -195,9 +198,9 @@ class CompressionConfig:
         if self.refine_block and self.propagate == "original":
             raise ValueError("--refine block fits each layer to inputs propagated through the compressed layers: "
                              "it cannot run with --propagate original")
-        if self.quantization is not None and self.refine_e2e:
-            raise ValueError("--refine e2e trains the factors after the layer loop has put them on the --quantize "
-                             "grid, and would move them off it: use --refine block or --quantizer nearest")
+        if self.quantization is not None and self.refine_e2e and self.e2e_parallel == "fsdp":
+            raise ValueError("end-to-end refinement on the --quantize grid runs in one process or data-parallel: "
+                             "--e2e-parallel fsdp does not shard it (use auto or ddp)")
         if self.correction_rank < 0:
             raise ValueError(f"--correction-rank must be >= 0, got {self.correction_rank}")
         if self.correction_rank and self.quantization is None:
@@ -221,6 +224,12 @@ class CompressionConfig:
     @property
     def refine_block(self) -> bool:
         return "block" in self.refine.split("+")
+
+    @property
+    def e2e_parallel_run(self) -> str:
+        """--e2e-parallel as it runs: on the --quantize grid `auto` never shards (the factors' fake quantization,
+        exporter/quantize/fake.py, is not built for FSDP2's sharded parameters): one process or data-parallel."""
+        return "ddp" if self.quantization is not None and self.e2e_parallel == "auto" else self.e2e_parallel
 
     @property
     def refine_e2e(self) -> bool:
@@ -258,7 +267,7 @@ class RunConfig:
     onnx_graph: str = "auto"
     quantize: str | None = None  # "int4" | "int8": MatMulNBits weights in the fused graph (exporter/config.py)
     block_size: int = DEFAULT_BLOCK_SIZE  # quantization block along K
-    head_bits: int = HEAD_BITS  # the lm_head's bits (and the embedding table's where the graph packs it)
+    head_bits: int | None = None  # the lm_head's bits (and the embedding table's where the graph packs it); None: --quantize's
     parity: bool = True  # ONNX: parity and ORT perplexity against PyTorch after the export
     validations: tuple[str, ...] = ()  # extra checks of the ONNX export, e.g. ("throughput",)
     # The sequences end-to-end refinement trains and stops early on (--e2e-data/-samples/-seqlen); None: the

@@ -326,14 +326,14 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
     data = config.e2e_data or config.calibration  # what end-to-end refinement trains on
     shape = shape_of(skeleton, data.batch_size, data.seqlen, compute_bytes, KL_CHUNK, ratio=ratio)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (the process group is joined later, by run)
-    parallel_plan(shape, world, config.compression.e2e_parallel, device, available_bytes(device))
+    parallel_plan(shape, world, config.compression.e2e_parallel_run, device, available_bytes(device))
 
 
 def settle_default_refinement(config: RunConfig) -> RunConfig:
     """The default recipe ends with end-to-end refinement on E2E_SAMPLES windows of the calibration text
     (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
-    device. A run it does not fit, that cannot refine end to end (--quantize's grid, generated calibration
-    text) or whose windows hold fewer than E2E_MIN_TOKENS tokens keeps block refinement alone, and the recipe's
+    device. A run it does not fit, one on --quantize's grid (not measured there yet), on generated calibration
+    text, or whose windows hold fewer than E2E_MIN_TOKENS tokens keeps block refinement alone, and the recipe's
     name says why (report.json `recipe`)."""
     from .load.open import pick_device
     from .recipe import E2E_MIN_TOKENS, e2e_data
@@ -344,7 +344,8 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
     own = data or cal
     why = None
     if c.quantization is not None:
-        why = "--quantize gptq: end-to-end refinement would move the factors off the grid"
+        why = ("--quantize gptq: end-to-end refinement on the grid (--refine block+e2e) is not measured against "
+               "block refinement alone yet")
     elif cal.source == "generated":
         why = "generated calibration text: end-to-end refinement on it made real text worse (docs/quality.md)"
     elif own.samples * own.seqlen < E2E_MIN_TOKENS:

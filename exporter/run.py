@@ -26,6 +26,7 @@ from .data.text import SOURCES
 from .data.windows import calibration_batches, evaluation_tokens
 from .load.open import open_source, pick_device
 from .loop.compress import compress_source
+from .loop.head_quantization import head_weight
 from .model.head import stored_hidden_logits
 from .output.artifact import drop_weight_files, finish_artifact
 from .output.folder import atomic_output, check_out_path, empty_folder, resume_folder
@@ -173,7 +174,8 @@ def streamed_perplexity(config: RunConfig, source, streams, data: RunData, progr
     ppl = {}
     for kind, stream in (("dense", streams.eval_dense), ("compressed", streams.eval_compressed)):
         logits = stored_hidden_logits(source.model, source.arch, stream.hidden, source.device)
-        nll, count = dist.sum_floats(*nll_sum(logits, data.eval_batches, f"perplexity ({kind})", progress))
+        with head_weight(source.model, streams.dense_head if kind == "dense" else None):  # --quantize: float
+            nll, count = dist.sum_floats(*nll_sum(logits, data.eval_batches, f"perplexity ({kind})", progress))
         ppl[kind] = math.exp(nll / count)  # count > 0: eval_windows refuses text shorter than one window
     ppl.update(tokens=data.eval_windows * data.window, window=data.window, source=config.evaluation.source)
     why = in_sample(config)

@@ -111,7 +111,7 @@ def test_one_table_serves_the_gather_and_the_tied_lm_head(bits, tmp_path):
 
 @pytest.mark.parametrize("tied,bits,shared", [(True, 8, True), (True, 4, False), (False, None, False)])
 def test_the_table_is_shared_only_when_tied_at_the_heads_bits(tied, bits, shared, tmp_path):
-    q = Quantization(bits=4, block_size=32)  # lm_head at 8 bits
+    q = Quantization(bits=4, block_size=32, head_bits=8)
     config = SimpleNamespace(tie_word_embeddings=tied)
     b = GraphBuilder(WeightFile(tmp_path), 18)
     tables = QuantizedEmbedding(b, config, q, np.float32, bits=bits)
@@ -137,7 +137,7 @@ def test_a_shared_table_takes_the_codes_of_a_head_on_its_own_grid(tmp_path):
     """A head the layer loop put on its grid (GPTQ: scales attached, weight on them) packs the shared table
     with its codes, and the embedding reads the head's values, in the graph as in the PyTorch reference."""
     quantized = pytest.importorskip("exporter.model.quantized")
-    q, hidden = Quantization(bits=4, block_size=32, accuracy_level=0), 64  # lm_head int8
+    q, hidden = Quantization(bits=4, block_size=32, accuracy_level=0, head_bits=8), 64
     weights = table(hidden, seed=3)
     scales = 1.25 * pack_table(weights, q.head()).scales  # a grid that is not round-to-nearest's
     codes = np.clip(np.round(weights / np.repeat(scales, 32, axis=1)), -128, 127)

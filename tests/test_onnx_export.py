@@ -216,7 +216,7 @@ def test_cli_int4_export_with_rank_multiple(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["quantize"] == {"bits": 4, "block_size": 16, "symmetric": True, "accuracy_level": 4,
-                                          "lm_head_bits": 8}
+                                          "lm_head_bits": 4}  # the head at --quantize's bits by default
     assert report["layers"] and all(layer["rank"] % 16 == 0 for layer in report["layers"].values())
     parity_check = report["onnx"]["parity"]["compressed"]  # int8 activations: INT8_ACTIVATIONS' tolerance
     assert parity_check["passed"] and parity_check["tolerance"] == 2.0 and parity_check["top1_agreement"] >= 0.95

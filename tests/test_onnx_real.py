@@ -62,8 +62,8 @@ def test_genai_serves_the_dense_export_like_pytorch(smollm2, tmp_path):
     greedy_check(tmp_path, model, tokenizer)
 
 
-# The stated bounds on what quantization (the default settings) may cost SmolLM2-135M's ORT perplexity,
-# relative to the float export; docs/results/throughput-cpu.md measures the cost.
+# The stated bounds on what round-to-nearest quantization (block 32, an 8-bit lm_head: the settings
+# docs/results/throughput-cpu.md measures) may cost SmolLM2-135M's ORT perplexity, relative to the float export.
 INT4_PPL_BOUND, INT8_PPL_BOUND = 1.35, 1.02
 
 
@@ -78,7 +78,8 @@ def test_int4_and_int8_exports_perplexity_and_size(smollm2, texts, tmp_path):
     model, tokenizer = smollm2
     ids = evaluation_tokens(model, tokenizer, str(texts / "evaluation.txt"), 2048, 512)
     ppl, size = {}, {}
-    for name, q in (("float", None), ("int8", Quantization(bits=8)), ("int4", Quantization(bits=4))):
+    for name, q in (("float", None), ("int8", Quantization(bits=8, block_size=32)),
+                    ("int4", Quantization(bits=4, block_size=32, head_bits=8))):
         path = build_onnx(model, tokenizer, tmp_path / name, quantization=q)
         ppl[name] = perplexity(OrtDecoder.load(path).logits_fn(), ids, 512, progress=False)
         size[name] = sum(p.stat().st_size for p in (tmp_path / name).glob("model.onnx*"))
@@ -89,8 +90,8 @@ def test_int4_and_int8_exports_perplexity_and_size(smollm2, texts, tmp_path):
 
 
 def test_the_default_recipe_with_int4_passes_its_own_checks(texts, tmp_path):
-    """The default recipe at 0.4 with --quantize int4 (GPTQ in the layer loop, the tied table packed once at
-    the head's 8 bits): no --skip-parity, and the run succeeds. Its graph holds the loop's grid (a
+    """The default recipe at 0.4 with --quantize int4 (GPTQ in the layer loop at block 64, the tied table packed
+    once at the head's 4 bits): no --skip-parity, and the run succeeds. Its graph holds the loop's grid (a
     GatherBlockQuantized table, every decoder matmul MatMulNBits), and ORT's perplexity is the PyTorch
     model's with the same weights, up to the int8 activations of accuracy level 4."""
     import onnx

@@ -4,11 +4,14 @@ layer loop ships is what the graph computes, bit for bit at accuracy level 0 and
 activations at level 4."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from conftest import random_batches, tiny_config, tiny_model
 from onnx_helpers import char_tokenizer
+from test_refine_e2e import kl
 
 from exporter.config import CompressionConfig, Quantization, RunConfig
 from exporter.loop.compress import compress_
@@ -169,9 +172,47 @@ def test_the_graph_computes_what_the_loop_shipped(gptq_model, level, tmp_path):
     assert result["max_abs_diff"] < (1e-5 if level == 0 else 1e-2)
 
 
-def test_e2e_refinement_would_move_the_factors_off_the_grid():
-    with pytest.raises(ValueError, match="grid"):
-        CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization())
+def test_e2e_refinement_on_the_grid_optimises_the_shipped_model_and_ships_what_it_optimised():
+    """--refine e2e with --quantize (exporter/quantize/fake.py, factors_on_their_grids): the factors train through
+    their rounding on the grids the layer loop chose, whose scales stay fixed. Its defining properties: the loss
+    it starts from is the shipped block-only model's, exactly (not a float model's), and the loss it ends with is
+    the loss of the model it ships, every factor on its grid with the same scales; the codes moved, and the
+    KL to the teacher went down. (The teacher is the dense model's last hidden states through the shipped head.)"""
+    from exporter.refine.optimise import split_batches
+    torch.manual_seed(0)
+    dense, batches = tiny_model("llama"), random_batches(16, 32, batch_size=1)
+    q = Quantization(bits=4, block_size=16)
+    settings = dict(method="svd", ratio=0.4, allocation="uniform", quantization=q, refine_steps=48, refine_lr=1e-2)
+    shipped, refined = copy.deepcopy(dense), copy.deepcopy(dense)
+    compress_(shipped, batches, CompressionConfig(**settings), progress=False)
+    entry = compress_(refined, batches, CompressionConfig(**settings, refine="e2e"), progress=False).extra["refine_e2e"]
+    assert entry["on_grid"] and entry["kept"], entry
+
+    grids = {n: m for n, m in refined.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+    before = dict(shipped.model.layers.named_modules())
+    moved = 0
+    for name, linear in grids.items():
+        scales = scales_of(linear)
+        assert torch.equal(scales, scales_of(before[name])), name  # the grid itself is kept
+        codes = encode(linear.weight.detach(), scales, q).double() - 8
+        back = (codes.view(codes.shape[0], -1, 16) * scales[..., None].double()).view(codes.shape[0], -1)
+        assert torch.equal(back[:, :linear.in_features].float(), linear.weight.detach()), name  # on it, exactly
+        moved += int(not torch.equal(linear.weight, before[name].weight))
+    assert moved > 0
+
+    teacher = copy.deepcopy(dense)  # the dense layers, the shipped (quantized) head
+    teacher.lm_head.weight = torch.nn.Parameter(refined.lm_head.weight.detach().clone())
+    train = [batches[b] for b in split_batches(len(batches), 0.125)[0]]
+    assert entry["loss_before"] == pytest.approx(kl(teacher, shipped, train), rel=1e-4)
+    assert entry["loss_after"] == pytest.approx(kl(teacher, refined, train), rel=1e-4)
+    assert entry["loss_after"] < entry["loss_before"]
+
+
+def test_e2e_refinement_on_the_grid_is_not_sharded():
+    with pytest.raises(ValueError, match="fsdp"):
+        CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization(), e2e_parallel="fsdp")
+    assert CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization()).e2e_parallel_run == "ddp"
+    assert CompressionConfig(method="adasvd", refine="e2e").e2e_parallel_run == "auto"
 
 
 def test_a_run_config_with_a_grid_round_trips_through_json():
@@ -201,7 +242,7 @@ def test_a_tied_head_and_its_table_go_on_one_grid_from_the_final_hidden_states(t
     from exporter.output.artifact import load_compressed, save_compressed
     model = tied_llama()
     table = model.model.embed_tokens.weight.detach().clone()
-    q = Quantization(bits=4, block_size=16, accuracy_level=0)
+    q = Quantization(bits=4, block_size=16, accuracy_level=0, head_bits=8)
     result = compress_(model, random_batches(8, seqlen=32), CompressionConfig(ratio=0.0, quantization=q),
                        progress=False)
     assert result.plan == {} and not any(isinstance(m, LowRankLinear) for m in model.modules())

@@ -315,3 +315,35 @@ def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_p
     assert strip(resumed["method_details"]["refine_e2e"]) == strip(whole["method_details"]["refine_e2e"])
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_streamed_run_on_the_int4_grid_refines_end_to_end_and_passes_its_checks(tmp_path, text):
+    """--quantize int4 with --refine block+e2e on a streamed model: the written layers come back with their grids'
+    scales (the student is read from its shards), the refined factors are written on those grids, and the graph
+    passes its own parity check against them. The dense perplexity is the dense model's, float head included (the
+    loop puts the model's own head on the grid before the evaluation streams reach it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.config import Quantization
+    from exporter.model.quantized import scales_of
+    from exporter.quantize.grid import round_on
+    model_dir = tiny_model_dir("llama", tmp_path / "model")
+    q = Quantization(bits=4, block_size=16)
+    compression = CompressionConfig(method="svd-llm-v2", ratio=0.4, allocation="uniform", refine="block+e2e",
+                                    refine_steps=16, refine_lr=1e-2, e2e_steps=32, quantization=q)
+    cfg = dataclasses.replace(config(model_dir, tmp_path / "out", text), compression=compression,
+                              formats=("safetensors", "onnx"), quantize="int4", block_size=16,
+                              calibration=CalibrationConfig(source=str(text), samples=16, seqlen=64))
+    report = run(cfg, progress=False, echo=lambda *_: None)
+    entry = report["method_details"]["refine_e2e"]
+    assert report["streamed"] and entry["on_grid"] and entry["kept"], entry
+    assert report["onnx"]["parity"]["compressed"]["passed"], report["onnx"]["parity"]
+    reloaded = load_compressed(tmp_path / "out")
+    linears = [m for m in reloaded.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(scales_of(m) is not None for m in linears)
+    for m in linears:
+        assert torch.equal(round_on(m.weight.detach(), scales_of(m), q), m.weight.detach())
+    dense, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    ids = evaluation_tokens(dense, tokenizer, str(text), 512, 128)
+    expected = perplexity(torch_logits(dense), ids, 128, progress=False)
+    assert report["perplexity"]["dense"] == pytest.approx(expected, rel=1e-5)

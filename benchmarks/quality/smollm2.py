@@ -9,7 +9,8 @@ validation` evaluates on the rest of wiki.valid.tokens (every choice of a hyperp
 A row is `method:allocation[:option=value...]`, the options being CompressionConfig fields; `default` is the
 default recipe of the ratio (exporter/recipe.py). Three more options give end-to-end refinement data of its
 own (as --e2e-samples/--e2e-seqlen/--e2e-data do): `e2e_samples=64:e2e_seqlen=1024` windows of the calibration
-part (seeded as the calibration windows), `e2e_source=generated` text the dense model writes (seeded). Rows accumulate in docs/results/quality-smollm2.json
+part (seeded as the calibration windows), `e2e_source=generated` text the dense model writes (seeded). `quantize=int4[:block_size=64:head_bits=4]`: GPTQ
+in the layer loop as `--quantize` runs it, the model evaluated in PyTorch with its grid values. Rows accumulate in docs/results/quality-smollm2.json
 (keyed by setting, row, ratio and seed), so a later run adds rows without redoing old ones;
 docs/results/<--doc>.md (and .png) is rewritten from every stored row of the current setting. Wall time is
 the compression alone (a profile pass shared by the rows of one seed is charged to each); peak memory is the
@@ -31,6 +32,7 @@ import torch
 
 from benchmarks.common import RESULTS, WIKITEXT, PeakRSS, command_line, smollm2
 from exporter import CompressionConfig, compress_
+from exporter.config import DEFAULT_BLOCK_SIZE, Quantization
 from exporter.data.splits import CALIBRATION_SHARE, calibration_windows, validation_tokens
 from exporter.data.text import read_text, tokenize
 from exporter.loop.profile import measure_profile
@@ -41,6 +43,7 @@ STORE = RESULTS / "quality-smollm2.json"
 
 
 E2E_OPTIONS = ("e2e_samples", "e2e_seqlen", "e2e_source")  # row options that are not CompressionConfig fields
+GRID_OPTIONS = ("quantize", "block_size", "head_bits")  # --quantize's (GPTQ in the loop), as the CLI takes them
 
 
 def row_options(spec: str, ratio: float, batches: int) -> dict:
@@ -63,6 +66,10 @@ def row_options(spec: str, ratio: float, batches: int) -> dict:
 def parse_row(spec: str, ratio: float, batches: int) -> CompressionConfig:
     """The CompressionConfig a row names."""
     fields = row_options(spec, ratio, batches)
+    grid = {k: fields.pop(k) for k in GRID_OPTIONS if k in fields}
+    if grid:  # the PyTorch model evaluated with the grid's values (float activations: accuracy level 0)
+        fields["quantization"] = Quantization.parse(grid.get("quantize"), grid.get("block_size", DEFAULT_BLOCK_SIZE),
+                                                    grid.get("head_bits"))
     return CompressionConfig(**{k: v for k, v in fields.items() if k not in E2E_OPTIONS})
 
 

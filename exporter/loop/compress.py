@@ -31,12 +31,14 @@ from ..model.candidates import Matrix, list_matrices
 from ..model.corrected import build_corrections
 from ..model.layer_inputs import capture_inputs
 from ..model.lowrank import LowRankLinear, build_skeleton
+from ..model.quantized import attach_scales, drop_scales, is_scale_key
 from ..output.resume_state import ResumeState
 from ..plan import allocate
 from ..plan import needs as allocation_needs
 from ..plan.budget import ratio_for_budget
 from ..plan.profile import Profile
 from ..plan.rounding import round_ranks
+from ..quantize.fake import factors_on_their_grids
 from ..refine.e2e import KL_CHUNK, Teacher, refine_model
 from ..refine.memory import parallel_plan, shape_of
 from ..refine.sharded import gather_factors_, sharded_student
@@ -171,15 +173,18 @@ def layer_on_device(source: LayerSource, writer, i: int):
     if writer is None:
         raise RuntimeError("--refine e2e on a streamed model reads the compressed layers back from their shards: "
                            "it needs the shard writer")
+    prefix = source.layer_prefix(i)
     try:
-        for name, value in writer.read_layer(i).items():
+        written = writer.read_layer(i)
+        written = {k: v.to(source.device) if is_scale_key(k) else v for k, v in written.items()}
+        for name, value in attach_scales(layer, written, prefix).items():  # --quantize: the scales as buffers
             value = value.to(source.compute_dtype) if value.is_floating_point() else value
-            set_module_tensor_to_device(layer, name[len(source.layer_prefix(i)):], source.device, value=value,
-                                        clear_cache=False)
+            set_module_tensor_to_device(layer, name[len(prefix):], source.device, value=value, clear_cache=False)
         yield layer
     finally:
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta", clear_cache=False)
+        drop_scales(layer)  # --quantize: the scales went out with the layer's weights (the shard keeps them)
 
 
 @contextmanager
@@ -227,7 +232,7 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
     layer_params = {id(p) for p in decoder_layers(model, arch).parameters()}
     resident = [(p.numel() * p.element_size(), id(p) in layer_params) for p in model.parameters()
                 if p.device.type != "meta"]
-    sharded, need = parallel_plan(shape, dist.world_size(), config.e2e_parallel, device, available_bytes(device),
+    sharded, need = parallel_plan(shape, dist.world_size(), config.e2e_parallel_run, device, available_bytes(device),
                                   (sum(n for n, _ in resident), sum(n for n, inside in resident if not inside)))
     if sharded and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("--e2e-parallel fsdp shards end-to-end refinement over a process group: run under torchrun")
@@ -241,13 +246,17 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
         student = sharded_student(each_layer_on_device(source, e2e.writer), inputs, device, source.compute_dtype)
     else:
         stack.enter_context(whole_student(source, e2e.writer))
-    entry = refine_model(model, arch, batches, inputs, teacher, config.e2e_refinement, device, export_dtype,
-                         source.compute_dtype, student=student)
+    on_grid = (contextlib.nullcontext() if config.quantization is None else  # what the layer loop shipped stays
+               factors_on_their_grids(model, config.quantization))  # shipped: the factors end on their grids
+    with on_grid:
+        entry = refine_model(model, arch, batches, inputs, teacher, config.e2e_refinement, device, export_dtype,
+                             source.compute_dtype, student=student)
     result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3),
                                   "world_size": dist.world_size(),
                                   "parallel": "fsdp" if sharded else "ddp" if dist.active() else "none",
                                   "sequences": int(dist.sum_floats(sum(len(b) for b in batches))[0]),
-                                  "seqlen": batches[0].shape[1], "own_data": streams.e2e_dense is not None}
+                                  "seqlen": batches[0].shape[1], "own_data": streams.e2e_dense is not None,
+                                  "on_grid": config.quantization is not None}
     if e2e.resume_state is not None:  # a kill from here on resumes to these factors, never refines again
         evaluation = {k: v for k, v in streams.named().items() if k.startswith("eval")}
         e2e.resume_state.save(pass_state(result, e2e.base_state, "e2e", source.num_layers), evaluation,
@@ -338,7 +347,11 @@ def compress_source(source: LayerSource, batches: list[torch.Tensor], config: Co
     base_state = {"plan": result.plan, "profile": profile_state}
     compression_pass(source, streams, result.plan, method, config, result, export_dtype, start, writer, resume_state,
                      base_state, progress)
-    if config.quantization is not None:  # the lm_head on the grid too, with what it reads after the last layer
+    # the lm_head on the grid too, with what it reads after the last layer; before end-to-end refinement, which
+    # then trains through the head as shipped (its teacher's logits come through that head too)
+    if config.quantization is not None:
+        if streams.eval_dense is not None:
+            streams.dense_head = source.model.get_output_embeddings().weight.detach().to("cpu", copy=True)
         result.extra["quantize_head"] = quantize_head_(source.model, source.arch, streams, batches, config.quantization,
                                                        graph_dtype(export_dtype), source.device)
     if config.refine_e2e:

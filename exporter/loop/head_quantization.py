@@ -8,6 +8,8 @@ instead of in float plus a second, quantized copy for the head.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -50,3 +52,19 @@ def quantize_head_(model: nn.Module, arch: Architecture, streams: Streams, batch
     record = {"tied": head.weight is model.get_input_embeddings().weight}
     record.update(quantize_linear_(head, stats.gram, q.head(), scale_dtype))
     return record
+
+
+@contextmanager
+def head_weight(model: nn.Module, weight: torch.Tensor | None):
+    """The lm_head computes with `weight` (the dense model's, kept before its quantization) for the duration of
+    the block; the quantized one (tied to the table where it was) is back on exit. None: the head as it is."""
+    head = model.get_output_embeddings()
+    if weight is None:
+        yield
+        return
+    own = head.weight
+    head.weight = nn.Parameter(weight.to(own.device, own.dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        head.weight = own

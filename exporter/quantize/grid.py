@@ -65,6 +65,15 @@ def round_to_nearest(weight: torch.Tensor, q: Quantization, scale_dtype: torch.d
     return values, scale.view(out_features, -1)
 
 
+def round_on(weight: torch.Tensor, scales: torch.Tensor, q: Quantization) -> torch.Tensor:
+    """`weight` rounded to nearest on a grid whose scales [out, blocks] are given (chosen before, by GPTQ's
+    search): the values, in the weight's dtype. A weight already on that grid comes back unchanged."""
+    out_features, in_features = weight.shape
+    blocks = torch.nn.functional.pad(weight, (0, -in_features % q.block_size)).reshape(-1, q.block_size)
+    scale = scales.reshape(-1).to(weight.dtype)
+    return values_of(codes_of(blocks, scale, q), scale, q).view(out_features, -1)[:, :in_features]
+
+
 def encode(weight: torch.Tensor, scales: torch.Tensor, q: Quantization) -> torch.Tensor:
     """The codes [out, blocks·block_size] (uint8, the padding 0) of a weight whose values are on
     the grid of `scales`: the exact inverse of values_of, for a writer that stores codes as they were chosen."""
