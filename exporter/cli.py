@@ -195,7 +195,7 @@ class Command(click.Command):
 @click.option("--refine-rounded/--refine-float", default=False, show_default=True,
               help="--quantize gptq with --refine block: refinement optimises the factors through their rounding "
                    "(straight-through), or in float before GPTQ rounds them.")
-@click.option("--head-bits", type=click.Choice(["4", "8"]), default=None,
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default=None, callback=lambda _c, _p, v: v and int(v),
               help="--quantize: bits of the lm_head (and of the embedding table the graph packs with it). "
                    "[default: --quantize's bits]")
 @click.option("--correction-rank", type=click.IntRange(min=0), default=0, show_default=True,
@@ -251,14 +251,14 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 refine_lr=refine_lr, keep_dense_above=keep_dense_above, min_rank=min_rank, rank_multiple=rank_multiple,
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
                 adacomp_damping=adacomp_damping, min_retention=min_retention,
-                quantization=Quantization.parse(quantize, block_size, head_bits and int(head_bits)) if quantizer == "gptq" else None,
+                quantization=Quantization.parse(quantize, block_size, head_bits) if quantizer == "gptq" else None,
                 refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_parallel=e2e_parallel,
                 correction_rank=correction_rank),
             calibration=calibration,
             e2e_data=e2e_data_of(calibration, e2e_data, e2e_samples, e2e_seqlen, default=default_e2e),
             evaluation=None if eval_data == "none" else EvalConfig(eval_data, eval_tokens, eval_seqlen),
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
-            quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=head_bits and int(head_bits), parity=not skip_parity,
+            quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=head_bits, parity=not skip_parity,
         )
         if method is None and refine is None:  # the default recipe: end-to-end refinement where it fits
             from .preflight import settle_default_refinement
