@@ -29,7 +29,7 @@ from .config import (
 )
 
 DEFAULT_OPSET = 18
-E2E_FLAGS = frozenset({"e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_parallel"})
+E2E_FLAGS = frozenset({"e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_lr", "e2e_parallel"})
 
 
 def quiet_libraries() -> None:
@@ -122,10 +122,14 @@ class Command(click.Command):
               help="--refine e2e only: tokens per end-to-end sequence (default: --calib-seqlen).")
 @click.option("--e2e-steps", type=click.IntRange(min=0), default=None,
               help="--refine e2e only: Adam steps of end-to-end refinement (default: --refine-steps).")
+@click.option("--e2e-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="--refine e2e only: step size of end-to-end refinement, relative to each factor's RMS "
+                   "(default: --refine-lr).")
 @click.option("--e2e-parallel", type=click.Choice(E2E_PARALLEL), default=None,
               help="--refine e2e under torchrun only: ddp (every process holds the whole compressed model and its "
-                   "optimizer state), fsdp (FSDP2: each decoder layer sharded over the processes) or auto (default: "
-                   "ddp where its memory formula fits the device, else fsdp).")
+                   "optimizer state), fsdp (FSDP2: each decoder layer sharded over the processes), fsdp-offload (the "
+                   "same, its shards, gradients and optimizer state in host memory) or auto (default: the first of "
+                   "these that its memory formula fits on the device).")
 @click.option("--keep-dense-above", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="A matrix whose planned rank keeps at least this share of its parameters stays dense; its budget "
                    "goes to the others (default: 0.9 in the default recipe, 1 = off with --method).")
@@ -211,7 +215,7 @@ class Command(click.Command):
 @click.option("--debug", is_flag=True, help="On error, print the traceback too.")
 @click.pass_context
 def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, e2e_data, e2e_samples,
-         e2e_seqlen, e2e_steps, e2e_parallel, keep_dense_above, propagate,
+         e2e_seqlen, e2e_steps, e2e_lr, e2e_parallel, keep_dense_above, propagate,
          formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
          calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
          adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, quantizer, block_size,
@@ -252,7 +256,7 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
                 adacomp_damping=adacomp_damping, min_retention=min_retention,
                 quantization=Quantization.parse(quantize, block_size, head_bits) if quantizer == "gptq" else None,
-                refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_parallel=e2e_parallel,
+                refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_lr=e2e_lr, e2e_parallel=e2e_parallel,
                 correction_rank=correction_rank),
             calibration=calibration,
             e2e_data=e2e_data_of(calibration, e2e_data, e2e_samples, e2e_seqlen, default=default_e2e),

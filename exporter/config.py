@@ -12,7 +12,7 @@ ONNX_GRAPHS = ("auto", "fused", "plain")
 METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 REFINES = ("none", "block", "e2e", "block+e2e")
-E2E_PARALLEL = ("auto", "ddp", "fsdp")
+E2E_PARALLEL = ("auto", "ddp", "fsdp", "fsdp-offload")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
@@ -161,9 +161,12 @@ class CompressionConfig:
     # Adam steps of end-to-end refinement; None: refine_steps (block and e2e alike). More e2e data wants more
     # steps: each step is one batch (docs/quality.md, the e2e data study).
     e2e_steps: int | None = None
+    # Step size of end-to-end refinement, relative to each factor's RMS; None: refine_lr (block and e2e alike)
+    e2e_lr: float | None = None
     # Under torchrun: end-to-end refinement data-parallel ("ddp": every rank holds the whole student), sharded
-    # ("fsdp": FSDP2 per decoder layer, exporter/refine/sharded.py), or "auto": ddp where its memory formula fits
-    # the device, else fsdp (exporter/refine/memory.py). One process: neither.
+    # ("fsdp": FSDP2 per decoder layer, exporter/refine/sharded.py), sharded with the shards, gradients and Adam's
+    # moments in host memory ("fsdp-offload": FSDP2's CPUOffloadPolicy, for 70B), or "auto": the first of those
+    # that its memory formula fits on the device (exporter/refine/memory.py). One process: none of them.
     e2e_parallel: str = "auto"
 
     def __post_init__(self):
@@ -198,9 +201,9 @@ class CompressionConfig:
         if self.refine_block and self.propagate == "original":
             raise ValueError("--refine block fits each layer to inputs propagated through the compressed layers: "
                              "it cannot run with --propagate original")
-        if self.quantization is not None and self.refine_e2e and self.e2e_parallel == "fsdp":
+        if self.quantization is not None and self.refine_e2e and self.e2e_parallel.startswith("fsdp"):
             raise ValueError("end-to-end refinement on the --quantize grid runs in one process or data-parallel: "
-                             "--e2e-parallel fsdp does not shard it (use auto or ddp)")
+                             f"--e2e-parallel {self.e2e_parallel} does not shard it (use auto or ddp)")
         if self.correction_rank < 0:
             raise ValueError(f"--correction-rank must be >= 0, got {self.correction_rank}")
         if self.correction_rank and self.quantization is None:
@@ -209,6 +212,8 @@ class CompressionConfig:
             raise ValueError(f"unknown --e2e-parallel {self.e2e_parallel!r}; choose one of {', '.join(E2E_PARALLEL)}")
         if self.e2e_steps is not None and not self.refine_e2e:
             raise ValueError("--e2e-steps sets the steps of end-to-end refinement: add --refine e2e or block+e2e")
+        if self.e2e_lr is not None and not self.refine_e2e:
+            raise ValueError("--e2e-lr sets the step size of end-to-end refinement: add --refine e2e or block+e2e")
         self.refinement, self.e2e_refinement  # bad refinement settings are one clear error here
 
     @property
@@ -219,7 +224,7 @@ class CompressionConfig:
     @property
     def e2e_refinement(self) -> "Refinement":
         return dataclasses.replace(self.refinement, steps=self.refine_steps if self.e2e_steps is None
-                                   else self.e2e_steps)
+                                   else self.e2e_steps, lr=self.refine_lr if self.e2e_lr is None else self.e2e_lr)
 
     @property
     def refine_block(self) -> bool:

@@ -10,8 +10,10 @@ refinement sharded with FSDP2 where it must be: refine/sharded.py), and rank 0 a
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,22 @@ def init_from_env(device: torch.device) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # Rank 0 writes the dense ONNX graph while the others wait at the first collective: minutes at 7B–70B
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=6))
+
+
+@contextlib.contextmanager
+def group_of_one(device: torch.device, folder: Path):
+    """A process group of this process alone while the block runs, for FSDP2 in one process (end-to-end
+    refinement offloaded to the host: refine/sharded.py); `folder` holds its rendezvous file. Under torchrun (a
+    group already joined): nothing. World size 1: every function above stays the identity."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{Path(folder) / 'process-group'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:

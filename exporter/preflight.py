@@ -95,7 +95,7 @@ def check_options(config: RunConfig) -> None:
         raise PreflightError(f"unknown --format {sorted(unknown)[0]!r}; choose from safetensors, onnx")
     if "throughput" in config.validations and "onnx" not in config.formats:
         raise PreflightError("--validate throughput measures the ONNX export: add --format onnx")
-    if c.refine_e2e and c.e2e_parallel != "auto" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if c.refine_e2e and c.e2e_parallel in ("ddp", "fsdp") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise PreflightError(f"--e2e-parallel {c.e2e_parallel} says how the processes of torchrun share end-to-end "
                              "refinement: run under torchrun --nproc_per_node N (N >= 2), or drop it")
     if config.calibration.allow_overlap and config.calibration.source == "generated":
@@ -326,7 +326,8 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
     data = config.e2e_data or config.calibration  # what end-to-end refinement trains on
     shape = shape_of(skeleton, data.batch_size, data.seqlen, compute_bytes, KL_CHUNK, ratio=ratio)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (the process group is joined later, by run)
-    parallel_plan(shape, world, config.compression.e2e_parallel_run, device, available_bytes(device))
+    parallel_plan(shape, world, config.compression.e2e_parallel_run, device, available_bytes(device),
+                  host_available=available_bytes(torch.device("cpu")))
 
 
 def settle_default_refinement(config: RunConfig) -> RunConfig:
@@ -405,7 +406,7 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "refine_steps": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     "refine_lr": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     **{flag: (lambda c: c.compression.refine_e2e, "--refine e2e or block+e2e")
-       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_parallel")},
+       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_lr", "e2e_parallel")},
     "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),

@@ -100,10 +100,12 @@ def test_run_config_json_roundtrip():
                     calibration=CalibrationConfig(samples=4), evaluation=EvalConfig(max_tokens=100))
     assert RunConfig.from_json(cfg.to_json()) == cfg
     assert cfg.compression.allocation_name == "adacr" and cfg.compression.propagation == "compressed"
-    e2e = RunConfig(compression=CompressionConfig(refine="block+e2e", e2e_steps=128),
+    e2e = RunConfig(compression=CompressionConfig(refine="block+e2e", e2e_steps=128, e2e_lr=3e-3),
                     e2e_data=CalibrationConfig(source="generated", samples=64, seqlen=512))
-    assert RunConfig.from_json(e2e.to_json()) == e2e and e2e.compression.e2e_refinement.steps == 128
-    assert e2e.compression.refinement.steps == 64  # block refinement keeps --refine-steps
+    assert RunConfig.from_json(e2e.to_json()) == e2e
+    assert (e2e.compression.e2e_refinement.steps, e2e.compression.e2e_refinement.lr) == (128, 3e-3)
+    # block refinement keeps --refine-steps and --refine-lr
+    assert (e2e.compression.refinement.steps, e2e.compression.refinement.lr) == (64, 1e-3)
 
 
 def test_end_to_end_data_without_end_to_end_refinement_is_refused():
@@ -111,6 +113,8 @@ def test_end_to_end_data_without_end_to_end_refinement_is_refused():
         RunConfig(compression=CompressionConfig(refine="block"), e2e_data=CalibrationConfig(samples=64))
     with pytest.raises(ValueError, match="--e2e-steps sets the steps of end-to-end refinement"):
         CompressionConfig(refine="block", e2e_steps=8)
+    with pytest.raises(ValueError, match="--e2e-lr sets the step size of end-to-end refinement"):
+        CompressionConfig(refine="block", e2e_lr=1e-2)
 
 
 @pytest.mark.parametrize("args, message", [

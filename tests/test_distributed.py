@@ -61,31 +61,44 @@ def test_two_processes_give_the_perplexity_of_one(tmp_path, recipe):
 
 
 def test_sharded_e2e_refines_as_data_parallel_does(tmp_path):
-    """--e2e-parallel fsdp (each decoder layer sharded over the 2 ranks, FSDP2) takes the steps DDP takes: the
-    same losses, the same written factors (up to the order of the sums), gathered back whole into the artifact;
-    and both within 2 % of one process's perplexity."""
+    """--e2e-parallel fsdp (each decoder layer sharded over the 2 ranks, FSDP2) and fsdp-offload (the shards,
+    gradients and Adam's moments in host memory: CPUOffloadPolicy; on this CPU host and device are one memory, so
+    this checks its code path, not a transfer; in one process too, over a group of one) take the steps DDP takes: the same losses, the same written factors
+    (up to the order of the sums), gathered back whole into the artifact; and all within 2 % of one process's
+    perplexity."""
     from safetensors.torch import load_file
     args = tiny_run_args(tmp_path, ["--method", "svd-llm-v2", "--allocation", "uniform", "--refine", "e2e"])
-    runs = {"one": cli([*args, "--out", str(tmp_path / "one")])}
-    for parallel in ("ddp", "fsdp"):
+    runs = {"one": cli([*args, "--out", str(tmp_path / "one")]),  # and offloaded in one process (a group of one)
+            "one-offload": cli([*args, "--e2e-parallel", "fsdp-offload", "--out", str(tmp_path / "one-offload")])}
+    sharded = ("fsdp", "fsdp-offload")
+    for parallel in ("ddp", *sharded):
         runs[parallel] = cli([*args, "--e2e-parallel", parallel, "--out", str(tmp_path / parallel)], processes=2)
     for name, done in runs.items():
         assert done.returncode == 0, (name, done.stderr[-2000:])
-    one, ddp, fsdp = (json.loads((tmp_path / name / "report.json").read_text()) for name in runs)
-    e2e = {name: r["method_details"]["refine_e2e"] for name, r in (("ddp", ddp), ("fsdp", fsdp))}
-    assert e2e["fsdp"]["parallel"] == "fsdp" and e2e["fsdp"]["kept"] and e2e["fsdp"]["steps_run"] > 0
-    assert e2e["fsdp"]["holdout_after"] < e2e["fsdp"]["holdout_before"]
-    for key in ("steps_run", "best_step"):
-        assert e2e["fsdp"][key] == e2e["ddp"][key]
-    for key in ("loss_after", "holdout_after"):
-        assert e2e["fsdp"][key] == pytest.approx(e2e["ddp"][key], rel=1e-4)
-    assert fsdp["perplexity"]["compressed"] == pytest.approx(ddp["perplexity"]["compressed"], rel=1e-4)
-    assert fsdp["perplexity"]["compressed"] == pytest.approx(one["perplexity"]["compressed"], rel=0.02)
-    written = {name: load_file(str(next((tmp_path / name).glob("*.safetensors")))) for name in ("ddp", "fsdp")}
+    report = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in runs}
+    e2e = {name: report[name]["method_details"]["refine_e2e"] for name in runs}
+    assert (e2e["one"]["parallel"], e2e["one-offload"]["parallel"]) == ("none", "fsdp-offload")
+    assert e2e["one-offload"]["world_size"] == 1 and e2e["one-offload"]["steps_run"] == e2e["one"]["steps_run"]
+    for key in ("loss_after", "holdout_after"):  # one process sharded over a group of one: the same steps
+        assert e2e["one-offload"][key] == pytest.approx(e2e["one"][key], rel=1e-4)
+    assert report["one-offload"]["perplexity"]["compressed"] == pytest.approx(
+        report["one"]["perplexity"]["compressed"], rel=1e-4)
+    written = {name: load_file(str(next((tmp_path / name).glob("*.safetensors")))) for name in ("ddp", *sharded)}
     factors = [k for k in written["ddp"] if k.endswith(("up.weight", "down.weight"))]
-    assert factors and written["fsdp"].keys() == written["ddp"].keys()
-    for k in factors:  # DDP refines the model's own layers: FSDP's shards made it whole into the artifact
-        assert torch.allclose(written["fsdp"][k], written["ddp"][k], rtol=1e-3, atol=1e-5), k
+    assert factors
+    for mode in sharded:
+        assert e2e[mode]["parallel"] == mode and e2e[mode]["kept"] and e2e[mode]["steps_run"] > 0
+        assert e2e[mode]["holdout_after"] < e2e[mode]["holdout_before"]
+        for key in ("steps_run", "best_step"):
+            assert e2e[mode][key] == e2e["ddp"][key]
+        for key in ("loss_after", "holdout_after"):
+            assert e2e[mode][key] == pytest.approx(e2e["ddp"][key], rel=1e-4)
+        compressed = report[mode]["perplexity"]["compressed"]
+        assert compressed == pytest.approx(report["ddp"]["perplexity"]["compressed"], rel=1e-4)
+        assert compressed == pytest.approx(report["one"]["perplexity"]["compressed"], rel=0.02)
+        assert written[mode].keys() == written["ddp"].keys()
+        for k in factors:  # DDP refines the model's own layers: FSDP's shards made it whole into the artifact
+            assert torch.allclose(written[mode][k], written["ddp"][k], rtol=1e-3, atol=1e-5), (mode, k)
 
 
 def test_resume_is_one_process_only(tmp_path):

@@ -209,8 +209,9 @@ def test_e2e_refinement_on_the_grid_optimises_the_shipped_model_and_ships_what_i
 
 
 def test_e2e_refinement_on_the_grid_is_not_sharded():
-    with pytest.raises(ValueError, match="fsdp"):
-        CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization(), e2e_parallel="fsdp")
+    for sharded in ("fsdp", "fsdp-offload"):
+        with pytest.raises(ValueError, match=f"--e2e-parallel {sharded} does not shard it"):
+            CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization(), e2e_parallel=sharded)
     assert CompressionConfig(method="adasvd", refine="e2e", quantization=Quantization()).e2e_parallel_run == "ddp"
     assert CompressionConfig(method="adasvd", refine="e2e").e2e_parallel_run == "auto"
 

@@ -94,10 +94,11 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
         assert config.compression.refine == "block" and config.e2e_data is None
         assert config.compression.recipe.startswith("default (block only: ") and why in config.compression.recipe
     assert resolved("--refine", "block").compression.refine == "block"
-    for args, samples in ((["--e2e-steps", "96"], 64), (["--e2e-samples", "24"], 24)):  # e2e settings given: its e2e
+    for args, samples in ((["--e2e-steps", "96"], 64), (["--e2e-lr", "0.003"], 64), (["--e2e-samples", "24"], 24)):  # e2e settings given: its e2e
         config = resolved(*args)
         assert (config.compression.refine, config.compression.recipe) == ("block+e2e", "default")
         assert config.e2e_data.samples == samples and config.e2e_data.allow_overlap == (samples == 64)
+        assert config.compression.e2e_refinement.lr == (0.003 if "--e2e-lr" in args else 1e-3)
     monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
     tight = resolved()  # the numbers go to the log, not into the recipe: it is part of --resume's settings
     assert tight.compression.refine == "block" and "end-to-end refinement does not fit cpu" in tight.compression.recipe

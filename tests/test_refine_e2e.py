@@ -219,16 +219,73 @@ def test_sharding_divides_all_but_the_head_and_auto_shards_only_where_data_paral
     assert (ddp.gradients, fsdp.gradients) == (2 * one.gradients, one.gradients // 4)
     assert (fsdp.optimizer, fsdp.snapshots) == (one.optimizer // 4, one.snapshots // 4)
     assert fsdp.activations == one.activations and fsdp.logits == one.logits
-    assert parallel_plan(shape, 4, "auto", "cpu", ddp.total) == (False, ddp)
-    assert parallel_plan(shape, 4, "auto", "cpu", ddp.total - 1) == (True, fsdp)
-    assert parallel_plan(shape, 1, "auto", "cpu", one.total) == (False, one)  # one process: neither
+    assert parallel_plan(shape, 4, "auto", "cpu", ddp.total) == ("ddp", ddp)
+    assert parallel_plan(shape, 4, "auto", "cpu", ddp.total - 1) == ("fsdp", fsdp)
+    assert parallel_plan(shape, 1, "auto", "cpu", one.total) == ("none", one)  # one process: neither
     with pytest.raises(MemoryError, match=r"needs .* GiB .* per process \(data-parallel, DDP, world size 4\).*"
                                           r"--e2e-parallel fsdp"):
         parallel_plan(shape, 4, "ddp", "cpu", ddp.total - 1)
-    with pytest.raises(MemoryError, match=r"per process \(sharded, FSDP2, world size 4\)"):
-        parallel_plan(shape, 4, "auto", "cpu", fsdp.total - 1)
+    with pytest.raises(MemoryError, match=r"per process \(sharded, FSDP2, world size 4\).*fsdp-offload"):
+        parallel_plan(shape, 4, "fsdp", "cpu", fsdp.total - 1)
     resident = parallel_plan(shape, 4, "auto", "cpu", 10**9, resident=(44_000, 4_000))[1]
     assert resident.weights == 0  # data-parallel refines the model's own layers, already where they run
+
+
+def test_offloading_moves_the_shards_their_gradients_and_adam_to_the_host():
+    """fsdp-offload (FSDP2's CPUOffloadPolicy): on a GPU the device keeps the head, one gathered layer and its
+    factors' gradients, the activations and the logits; the shards (frozen weights in the compute dtype, float32
+    factor masters), their gradients and Adam's moments are host memory, as the snapshots are. --e2e-parallel auto
+    offloads only where plain sharding does not fit the device, and the host is checked too."""
+    from exporter.refine.memory import E2EShape, e2e_memory, parallel_plan
+    shape = E2EShape(frozen_params=3_000, factor_params=8_000, layers=4, hidden=16, intermediate=32, heads=2,
+                     vocab=100, largest_layer_params=2_500, batch=1, seqlen=8, chunk=8, compute_bytes=2,
+                     head_params=1_000)
+    fsdp = e2e_memory(shape, 4, sharded=True, device_type="cuda")
+    off = e2e_memory(shape, 4, device_type="cuda", offload=True)
+    assert off.weights == 1_000 * 2 + 2_500 * 2 and off.optimizer == 0 and off.gradients == 8_000 // 4 * 4
+    assert off.offloaded == ((3_000 - 1_000) * 2 + 8_000 * 4) // 4 + 8_000 * 4 // 4 + 8_000 * 8 // 4
+    assert (off.activations, off.logits, off.teacher, off.snapshots) == (fsdp.activations, fsdp.logits,
+                                                                          fsdp.teacher, fsdp.snapshots)
+    assert off.total == fsdp.total - fsdp.optimizer - fsdp.gradients + off.gradients - (fsdp.weights - off.weights)
+    assert off.host_total == off.offloaded + off.snapshots and fsdp.host_total == fsdp.snapshots
+    assert parallel_plan(shape, 4, "auto", "cuda", fsdp.total) == ("fsdp", fsdp)
+    assert parallel_plan(shape, 4, "auto", "cuda", fsdp.total - 1, host_available=10**9) == ("fsdp-offload", off)
+    with pytest.raises(MemoryError, match=r"\(sharded, FSDP2, offloaded to the host, world size 4\) and .* of "
+                                          r"host memory is available to 4 process\(es\)"):
+        parallel_plan(shape, 4, "auto", "cuda", fsdp.total - 1, host_available=4 * off.host_total - 1)
+    alone, alone_off = e2e_memory(shape, device_type="cuda"), e2e_memory(shape, device_type="cuda", offload=True)
+    assert alone_off.weights == 1_000 * 2 + 2_500 * 2  # in one process too: the head, and a layer copied in
+    assert parallel_plan(shape, 1, "auto", "cuda", alone.total) == ("none", alone)
+    assert parallel_plan(shape, 1, "auto", "cuda", alone.total - 1, host_available=10**9) == ("fsdp-offload",
+                                                                                              alone_off)
+    with pytest.raises(MemoryError, match=r"\(one process, world size 1\)"):  # a CPU: nothing to offload to
+        parallel_plan(shape, 1, "auto", "cpu", e2e_memory(shape).total - 1, host_available=10**9)
+    on_cpu = e2e_memory(shape, 4, device_type="cpu", offload=True)  # one memory: everything counts
+    assert on_cpu.host == () and on_cpu.total == sum(on_cpu.parts.values())
+
+
+def test_an_offloaded_shard_lives_on_the_host_and_comes_back_whole(tmp_path):
+    """refine/sharded.py with offload: the layer's FSDP2 state carries CPUOffloadPolicy (the shards in host
+    memory) and `gather_factors_` brings every factor back whole. One process group of one rank (gloo)."""
+    import torch.distributed as torch_dist
+
+    from exporter.model.lowrank import LowRankLinear
+    from exporter.refine.sharded import gather_factors_, shard_layer
+    layer = torch.nn.Sequential(LowRankLinear(8, 6, 3, bias=False), torch.nn.LayerNorm(6))
+    torch.nn.init.normal_(layer[0].down.weight)
+    torch.nn.init.normal_(layer[0].up.weight)
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for offload in (False, True):
+            shard = shard_layer(layer, "cpu", torch.float32, offload=offload)
+            params = shard._get_fsdp_state()._fsdp_param_group.fsdp_params  # torch's own record of the policy
+            assert params and all(p.offload_to_cpu is offload for p in params)
+            back = torch.nn.Sequential(LowRankLinear(8, 6, 3, bias=False), torch.nn.LayerNorm(6))
+            gather_factors_(shard, back)
+            assert torch.equal(back[0].down.weight, layer[0].down.weight)
+            assert torch.equal(back[0].up.weight, layer[0].up.weight)
+    finally:
+        torch_dist.destroy_process_group()
 
 
 def test_the_check_before_the_refinement_uses_the_compressed_model(tmp_path, text, monkeypatch):
@@ -266,12 +323,13 @@ def test_the_kl_over_chunks_of_positions_is_the_kl_of_the_whole_logits():
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads[7], grads[40]))
 
 
-@pytest.mark.parametrize("when", ["training", "rewriting", "training-own-data"])
+@pytest.mark.parametrize("when", ["training", "rewriting", "training-own-data", "rewriting-offloaded"])
 def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_path, text, monkeypatch, when):
     """Killed while refining (the resume state still says the last layer: it refines again, from the same
     closed form) or while rewriting the shards (the refined factors are in the resume state first: it never
     refines again, and no mix of refined and unrefined layers is written). With data of its own
-    (--e2e-samples/--e2e-seqlen) its dense stream is in the resume state too."""
+    (--e2e-samples/--e2e-seqlen) its dense stream is in the resume state too. Offloaded in one process
+    (--e2e-parallel fsdp-offload) the refined factors are the sharded student's, gathered whole."""
     from conftest import Killed
     from safetensors.torch import load_file
 
@@ -279,7 +337,8 @@ def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_p
     from exporter.output.shards import ShardWriter
     model_dir = tiny_model_dir("llama", tmp_path / "model")
     compression = CompressionConfig(method="svd-llm-v2", ratio=0.8, allocation="uniform", refine="block+e2e",
-                                    refine_steps=32, refine_lr=1e-2)
+                                    refine_steps=32, refine_lr=1e-2,
+                                    e2e_parallel="fsdp-offload" if when.endswith("offloaded") else "auto")
 
     own = CalibrationConfig(source=str(text), samples=12, seqlen=96, seed=3) if when.endswith("own-data") else None
 
@@ -289,6 +348,7 @@ def test_a_kill_during_end_to_end_refinement_resumes_to_the_same_artifacts(tmp_p
     whole = run(setting(tmp_path / "whole"), progress=False, echo=lambda *_: None)
     assert whole["method_details"]["refine_e2e"]["kept"]
     assert whole["method_details"]["refine_e2e"]["seqlen"] == (96 if own else 64)
+    assert whole["method_details"]["refine_e2e"]["parallel"] == compression.e2e_parallel.replace("auto", "none")
     refined = []
     if when.startswith("training"):
         def die(*a, **k):

@@ -41,7 +41,7 @@ from ..plan.rounding import round_ranks
 from ..quantize.fake import factors_on_their_grids
 from ..refine.e2e import KL_CHUNK, Teacher, refine_model
 from ..refine.memory import parallel_plan, shape_of
-from ..refine.sharded import gather_factors_, sharded_student
+from ..refine.sharded import gather_factors_, sharded_student, whole_factors
 from .head_quantization import quantize_head_
 from .layer import compression_pass, pass_state
 from .profile import profile_pass
@@ -215,10 +215,17 @@ class EndToEnd:
     writer: object = None  # the shard writer: the streamed student is read back from it, and rewritten
 
 
-def factor_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every up and down weight of the model's LowRankLinear modules, by parameter name."""
-    return {f"{name}.{part}.weight": getattr(module, part).weight.detach()
-            for name, module in model.named_modules() if isinstance(module, LowRankLinear) for part in ("up", "down")}
+def factor_state(model: nn.Module, arch=None, student=None) -> dict[str, torch.Tensor]:
+    """Every up and down weight of the model's LowRankLinear modules, by parameter name. `student`: the sharded
+    student's instead (refine/sharded.py; the model's own layers may be streamed: on meta), gathered whole on
+    the host in the model's dtypes."""
+    if student is None:
+        return {f"{name}.{part}.weight": getattr(module, part).weight.detach() for name, module in
+                model.named_modules() if isinstance(module, LowRankLinear) for part in ("up", "down")}
+    prefix = {id(module): name for name, module in model.named_modules()}
+    return {f"{prefix[id(layer)]}.{name}": value.to("cpu", layer.get_parameter(name).dtype)
+            for layer, shard in zip(decoder_layers(model, arch), student.layers)
+            for name, value in whole_factors(shard)}
 
 
 def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.Tensor], config: CompressionConfig,
@@ -232,18 +239,24 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
     layer_params = {id(p) for p in decoder_layers(model, arch).parameters()}
     resident = [(p.numel() * p.element_size(), id(p) in layer_params) for p in model.parameters()
                 if p.device.type != "meta"]
-    sharded, need = parallel_plan(shape, dist.world_size(), config.e2e_parallel_run, device, available_bytes(device),
-                                  (sum(n for n, _ in resident), sum(n for n, inside in resident if not inside)))
-    if sharded and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    mode, need = parallel_plan(shape, dist.world_size(), config.e2e_parallel_run, device, available_bytes(device),
+                               (sum(n for n, _ in resident), sum(n for n, inside in resident if not inside)),
+                               host_available=available_bytes(torch.device("cpu")))
+    sharded = mode.startswith("fsdp")
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if mode == "fsdp" and not grouped:
         raise ValueError("--e2e-parallel fsdp shards end-to-end refinement over a process group: run under torchrun")
     folder = e2e.work if e2e.work is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    if sharded and not grouped:  # offloaded in one process: FSDP2 wants a process group, here of one
+        stack.enter_context(dist.group_of_one(device, Path(stack.enter_context(tempfile.TemporaryDirectory()))))
     dense = streams.e2e_dense if streams.e2e_dense is not None else streams.calib  # `batches` through dense layers
     teacher = Teacher(folder, dense.hidden)
     streams.calib.hidden = dense.hidden = []  # the teacher is on disk now (and the loop is done with calibration)
     inputs = capture_inputs(model, arch, batches, device)  # decoder layer 0's inputs: the embeddings, frozen
     student = None
     if sharded:
-        student = sharded_student(each_layer_on_device(source, e2e.writer), inputs, device, source.compute_dtype)
+        student = sharded_student(each_layer_on_device(source, e2e.writer), inputs, device, source.compute_dtype,
+                                  offload=mode == "fsdp-offload")
     else:
         stack.enter_context(whole_student(source, e2e.writer))
     on_grid = (contextlib.nullcontext() if config.quantization is None else  # what the layer loop shipped stays
@@ -252,15 +265,15 @@ def train_end_to_end(source: LayerSource, streams: Streams, batches: list[torch.
         entry = refine_model(model, arch, batches, inputs, teacher, config.e2e_refinement, device, export_dtype,
                              source.compute_dtype, student=student)
     result.extra["refine_e2e"] = {**entry, "memory_formula_gib": round(need.total / 2**30, 3),
-                                  "world_size": dist.world_size(),
-                                  "parallel": "fsdp" if sharded else "ddp" if dist.active() else "none",
+                                  "host_formula_gib": round(need.host_total / 2**30, 3),
+                                  "world_size": dist.world_size(), "parallel": mode,
                                   "sequences": int(dist.sum_floats(sum(len(b) for b in batches))[0]),
                                   "seqlen": batches[0].shape[1], "own_data": streams.e2e_dense is not None,
                                   "on_grid": config.quantization is not None}
     if e2e.resume_state is not None:  # a kill from here on resumes to these factors, never refines again
         evaluation = {k: v for k, v in streams.named().items() if k.startswith("eval")}
         e2e.resume_state.save(pass_state(result, e2e.base_state, "e2e", source.num_layers), evaluation,
-                              {f"factor.{k}": v for k, v in factor_state(model).items()})
+                              {f"factor.{k}": v for k, v in factor_state(model, arch, student).items()})
     return student
 
 

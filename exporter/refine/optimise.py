@@ -96,9 +96,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rms(t: torch.Tensor) -> float:
-    """Root mean square of a whole factor (of all its shards, when sharded)."""
-    square = t.detach().square().mean()
-    return float((square.full_tensor() if isinstance(square, DTensor) else square).sqrt())
+    """Root mean square of a whole factor (of all its shards, when sharded: summed over the ranks as floats, an
+    offloaded shard being in host memory where the process group may not reach)."""
+    square = float(_local(t.detach()).double().square().sum())
+    if isinstance(t, DTensor):
+        square = dist.sum_floats(square)[0]
+    return math.sqrt(square / max(t.numel(), 1))  # guard: an empty factor (rank 0 is refused before this)
 
 
 def _snapshot(params: list[nn.Parameter], host: bool = False) -> list[torch.Tensor]:
