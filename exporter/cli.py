@@ -21,6 +21,7 @@ from .config import (
     QUANTIZE_CHOICES,
     QUANTIZERS,
     REFINES,
+    SCHEDULES,
     CalibrationConfig,
     CompressionConfig,
     EvalConfig,
@@ -29,7 +30,7 @@ from .config import (
 )
 
 DEFAULT_OPSET = 18
-E2E_FLAGS = frozenset({"e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_lr", "e2e_parallel"})
+E2E_FLAGS = frozenset({"e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_lr", "e2e_schedule", "e2e_parallel"})
 
 
 def quiet_libraries() -> None:
@@ -96,7 +97,8 @@ class Command(click.Command):
               help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD). Default: the "
-                   "default recipe (exporter/recipe.py: adasvd with its allocation adacr, then --refine block); a method "
+                   "default recipe (exporter/recipe.py: adasvd with the global-fisher allocation up to ratio 0.4 where the "
+                   "whole model's backward pass fits the device, else adacr, then --refine block); a method "
                    "given runs its paper's recipe.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="Rank allocation; default: the recipe's, or the method's paper (v2 for svd-llm-v2, adacr for "
@@ -125,6 +127,9 @@ class Command(click.Command):
 @click.option("--e2e-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="--refine e2e only: step size of end-to-end refinement, relative to each factor's RMS "
                    "(default: --refine-lr).")
+@click.option("--e2e-schedule", type=click.Choice(SCHEDULES), default=None,
+              help="--refine e2e only: step sizes of end-to-end refinement: constant (default) or cosine (a linear "
+                   "warm-up over the first 1/8 of --e2e-steps, then a cosine decay to 0).")
 @click.option("--e2e-parallel", type=click.Choice(E2E_PARALLEL), default=None,
               help="--refine e2e under torchrun only: ddp (every process holds the whole compressed model and its "
                    "optimizer state), fsdp (FSDP2: each decoder layer sharded over the processes), fsdp-offload (the "
@@ -215,7 +220,7 @@ class Command(click.Command):
 @click.option("--debug", is_flag=True, help="On error, print the traceback too.")
 @click.pass_context
 def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, refine_lr, e2e_data, e2e_samples,
-         e2e_seqlen, e2e_steps, e2e_lr, e2e_parallel, keep_dense_above, propagate,
+         e2e_seqlen, e2e_steps, e2e_lr, e2e_schedule, e2e_parallel, keep_dense_above, propagate,
          formats, validations, out, overwrite, resume, calib_data, calib_samples, calib_seqlen, calib_batch_size,
          calib_overlap, seed, eval_data, eval_tokens, eval_seqlen, dtype, device, min_rank, adacomp_iterations,
          adacomp_strength, adacomp_damping, min_retention, opset, onnx_graph, quantize, quantizer, block_size,
@@ -256,7 +261,8 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
                 adacomp_iterations=adacomp_iterations, adacomp_strength=adacomp_strength,
                 adacomp_damping=adacomp_damping, min_retention=min_retention,
                 quantization=Quantization.parse(quantize, block_size, head_bits) if quantizer == "gptq" else None,
-                refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_lr=e2e_lr, e2e_parallel=e2e_parallel,
+                refine_rounded=refine_rounded, e2e_steps=e2e_steps, e2e_lr=e2e_lr, e2e_schedule=e2e_schedule,
+                e2e_parallel=e2e_parallel,
                 correction_rank=correction_rank),
             calibration=calibration,
             e2e_data=e2e_data_of(calibration, e2e_data, e2e_samples, e2e_seqlen, default=default_e2e),
@@ -264,6 +270,9 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
             quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=head_bits, parity=not skip_parity,
         )
+        if method is None and allocation is None:  # the default recipe: global-fisher where its pass fits
+            from .preflight import settle_default_allocation
+            config = settle_default_allocation(config)
         if method is None and refine is None:  # the default recipe: end-to-end refinement where it fits
             from .preflight import settle_default_refinement
             config = settle_default_refinement(config)

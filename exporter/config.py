@@ -13,6 +13,7 @@ METHODS = ("svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2", "adasvd")
 ALLOCATIONS = ("uniform", "v2", "adacr", "global-relative", "global-fisher", "global-fisher-per-type")
 REFINES = ("none", "block", "e2e", "block+e2e")
 E2E_PARALLEL = ("auto", "ddp", "fsdp", "fsdp-offload")
+SCHEDULES = ("constant", "cosine")
 # The allocation each method's paper used, when --allocation is not given.
 DEFAULT_ALLOCATION = {"svd-llm-v2": "v2", "adasvd": "adacr"}
 
@@ -100,6 +101,8 @@ class Refinement:
     patience: int = 3  # evaluations without a new best before stopping
     # The never-worse check on the training batches: 0 = all of them; k = k of them, evenly spaced (fixed)
     check_batches: int = 0
+    # "constant": lr at every step; "cosine": linear warm-up over the first steps/8, then cosine decay to 0 at `steps`
+    schedule: str = "constant"
 
     def __post_init__(self):
         if self.steps < 0:
@@ -112,6 +115,8 @@ class Refinement:
             raise ValueError("refinement: eval_every and patience must be >= 1")
         if self.check_batches < 0:
             raise ValueError(f"refinement: check_batches must be >= 0, got {self.check_batches}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown step-size schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,8 @@ class CompressionConfig:
     e2e_steps: int | None = None
     # Step size of end-to-end refinement, relative to each factor's RMS; None: refine_lr (block and e2e alike)
     e2e_lr: float | None = None
+    # Step-size schedule of end-to-end refinement (Refinement.schedule); block refinement's steps are constant
+    e2e_schedule: str = "constant"
     # Under torchrun: end-to-end refinement data-parallel ("ddp": every rank holds the whole student), sharded
     # ("fsdp": FSDP2 per decoder layer, exporter/refine/sharded.py), sharded with the shards, gradients and Adam's
     # moments in host memory ("fsdp-offload": FSDP2's CPUOffloadPolicy, for 70B), or "auto": the first of those
@@ -212,6 +219,8 @@ class CompressionConfig:
             raise ValueError(f"unknown --e2e-parallel {self.e2e_parallel!r}; choose one of {', '.join(E2E_PARALLEL)}")
         if self.e2e_steps is not None and not self.refine_e2e:
             raise ValueError("--e2e-steps sets the steps of end-to-end refinement: add --refine e2e or block+e2e")
+        if self.e2e_schedule != "constant" and not self.refine_e2e:
+            raise ValueError("--e2e-schedule sets the step sizes of end-to-end refinement: add --refine e2e or block+e2e")
         if self.e2e_lr is not None and not self.refine_e2e:
             raise ValueError("--e2e-lr sets the step size of end-to-end refinement: add --refine e2e or block+e2e")
         self.refinement, self.e2e_refinement  # bad refinement settings are one clear error here
@@ -224,7 +233,8 @@ class CompressionConfig:
     @property
     def e2e_refinement(self) -> "Refinement":
         return dataclasses.replace(self.refinement, steps=self.refine_steps if self.e2e_steps is None
-                                   else self.e2e_steps, lr=self.refine_lr if self.e2e_lr is None else self.e2e_lr)
+                                   else self.e2e_steps, lr=self.refine_lr if self.e2e_lr is None else self.e2e_lr,
+                                   schedule=self.e2e_schedule)
 
     @property
     def refine_block(self) -> bool:

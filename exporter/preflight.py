@@ -312,22 +312,67 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .load.open import available_bytes, parse_dtype, pick_device
+    from .load.open import available_bytes, pick_device
     from .refine.e2e import KL_CHUNK
     from .refine.memory import parallel_plan, shape_of
     device = pick_device(config.device)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(model_config)
-    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    half = parse_dtype(config.dtype) if config.dtype else (
-        stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
-    compute_bytes = 4 if device.type == "cpu" else half.itemsize  # CPUs compute in float32 (load/checkpoint.py)
+    compute_bytes = 4 if device.type == "cpu" else compute_dtype(config, model_config).itemsize  # CPUs: float32
     ratio = config.compression.ratio if config.compression.budget_bytes is None else 0.0  # a budget: the most
     data = config.e2e_data or config.calibration  # what end-to-end refinement trains on
     shape = shape_of(skeleton, data.batch_size, data.seqlen, compute_bytes, KL_CHUNK, ratio=ratio)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (the process group is joined later, by run)
     parallel_plan(shape, world, config.compression.e2e_parallel_run, device, available_bytes(device),
                   host_available=available_bytes(torch.device("cpu")))
+
+
+def settle_default_allocation(config: RunConfig) -> RunConfig:
+    """The default recipe allocates with global-fisher up to GLOBAL_FISHER_UP_TO (exporter/recipe.py) where its
+    backward pass of the whole model fits the device (plan/sensitivity.pass_bytes), and with AdaSVD's adaCR
+    otherwise: above that ratio (a --budget: the ratio it comes to), or where the pass would not fit; the
+    recipe's name then says why (report.json `recipe`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .load.open import available_bytes, pick_device
+    from .plan.sensitivity import pass_bytes
+    from .recipe import GLOBAL_FISHER_UP_TO
+    c = config.compression
+    if not c.recipe.startswith("default") or c.allocation != "global-fisher":
+        return config
+    model_config, _ = model_config_of(config.model, full=True)
+    ratio = c.ratio if c.budget_bytes is None else check_budget(config, model_config)
+    device = pick_device(config.device)
+    why = None
+    if ratio > GLOBAL_FISHER_UP_TO:
+        why = f"a --budget of ratio {ratio:.3f}, above {GLOBAL_FISHER_UP_TO} where global-fisher was measured better"
+    else:
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+        need = pass_bytes(skeleton, config.calibration.batch_size, config.calibration.seqlen,
+                          4 if device.type == "cpu" else compute_dtype(config, model_config).itemsize)
+        if need > available_bytes(device):
+            why = (f"global-fisher's backward pass of the whole model needs {need / 2**30:.1f} GiB and "
+                   f"{available_bytes(device) / 2**30:.1f} GiB is available on {device}")
+    if why is None:
+        return config
+    return dataclasses.replace(config, compression=dataclasses.replace(c, allocation=None,
+                                                                       recipe=with_reason(c.recipe, f"adacr: {why}")))
+
+
+def with_reason(recipe: str, reason: str) -> str:
+    """"default" -> "default (reason)"; "default (a)" -> "default (a; reason)"."""
+    return f"{recipe[:-1]}; {reason})" if recipe.endswith(")") else f"{recipe} ({reason})"
+
+
+def compute_dtype(config: RunConfig, model_config) -> torch.dtype:
+    """The dtype the model is held and exported in (a GPU computes in it; CPUs in float32, load/checkpoint.py):
+    --dtype, else the checkpoint's (float32 when it says none)."""
+    from .load.open import parse_dtype
+    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    return parse_dtype(config.dtype) if config.dtype else (
+        stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
 
 
 def settle_default_refinement(config: RunConfig) -> RunConfig:
@@ -339,7 +384,7 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
     from .load.open import pick_device
     from .recipe import E2E_MIN_TOKENS, e2e_data
     c, cal = config.compression, config.calibration
-    if c.recipe != "default" or c.refine != "block":
+    if not c.recipe.startswith("default") or c.refine != "block":
         return config
     data = e2e_data(cal)  # None: the calibration batches themselves
     own = data or cal
@@ -361,30 +406,27 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
         except MemoryError as exc:  # the numbers go to the log: the recipe is part of --resume's settings
             log.warning("the default recipe refines block by block only: %s", " ".join(str(exc).split()))
             why = f"end-to-end refinement does not fit {pick_device(config.device)} (refine/memory.py)"
-    return dataclasses.replace(config, compression=dataclasses.replace(c, recipe=f"default (block only: {why})"))
+    return dataclasses.replace(config, compression=dataclasses.replace(c, recipe=with_reason(c.recipe,
+                                                                                          f"block only: {why}")))
 
 
-def check_budget(config: RunConfig, model_config) -> None:
+def check_budget(config: RunConfig, model_config) -> float:
     """A budget the dense model already meets compresses nothing: refused (measured on a meta skeleton
-    built from the config, no weights read)."""
+    built from the config, no weights read). -> the ratio of the compressed linears it comes to."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .load.open import parse_dtype
     from .model.candidates import list_matrices
     from .model.discovery import linears_only
     from .model.experts import unfuse_experts
     from .plan.budget import ratio_for_budget
 
-    # counted in the export dtype: --dtype, else the checkpoint's (a GGUF is de-quantized to float32)
-    stored = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    dtype = parse_dtype(config.dtype) if config.dtype else (
-        stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
+    dtype = compute_dtype(config, model_config)  # counted in the export dtype (a GGUF is de-quantized to float32)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     unfuse_experts(skeleton)  # MoE experts count as the per-expert linears they are compressed as
-    ratio_for_budget(skeleton, list_matrices(skeleton, linears_only(skeleton), config.compression.skip),
-                     config.compression.budget_bytes, dtype)
+    return ratio_for_budget(skeleton, list_matrices(skeleton, linears_only(skeleton), config.compression.skip),
+                            config.compression.budget_bytes, dtype)
 
 
 # --- flags the user gave that do not apply (the CLI knows which were given) ----------------------------
@@ -406,7 +448,8 @@ ONLY_WITH = {  # option -> (applies?, what it needs)
     "refine_steps": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     "refine_lr": (lambda c: c.compression.refine != "none", "--refine block or e2e"),
     **{flag: (lambda c: c.compression.refine_e2e, "--refine e2e or block+e2e")
-       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_lr", "e2e_parallel")},
+       for flag in ("e2e_data", "e2e_samples", "e2e_seqlen", "e2e_steps", "e2e_lr", "e2e_schedule",
+                    "e2e_parallel")},
     "eval_tokens": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "eval_seqlen": (lambda c: c.evaluation is not None, "an --eval-data other than none"),
     "calib_overlap": (lambda c: c.calibration.source != "generated", "--calib-data wikitext2 or a file"),

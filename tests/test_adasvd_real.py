@@ -1,4 +1,4 @@
-"""The default recipe (AdaSVD + adaCR, then block refinement) on the real SmolLM2-135M (slow): at 40% compression
+"""The default recipe (AdaSVD with the global-fisher allocation, then block refinement) on the real SmolLM2-135M (slow): at 40% compression
 it must beat SVD-LLM on tests/data/evaluation.txt, a text none of its hyperparameters was chosen on (β = 0.25 and
 the refinement were chosen on the validation part of wikitext-2's wiki.valid.tokens, exporter/recipe.py). To keep CI short the refinement
 runs 8 steps per layer instead of the default 64, on 8 x 256 calibration tokens (same code path, smaller budget)."""
@@ -21,7 +21,7 @@ def test_default_recipe_beats_svd_llm_at_ratio_0_4(smollm2, texts):
     batches = calibration_batches(dense, tokenizer, str(texts / "calibration.txt"), 8, 256, seed=0, batch_size=2)
     eval_ids = evaluation_tokens(dense, tokenizer, str(texts / "evaluation.txt"), 4096, 1024)
     ppl, details = {}, {}
-    # SVD-LLM with its paper's uniform ranks; the default recipe: adasvd, adaCR + adaComp, then refinement
+    # SVD-LLM with its paper's uniform ranks; the default recipe: adasvd, global-fisher + adaComp, then refinement
     default = compression_config(None, 0.4, calibration_batches=len(batches))
     assert (default.method, default.refine) == ("adasvd", "block")
     configs = {"svd-llm": CompressionConfig(method="svd-llm", ratio=0.4),

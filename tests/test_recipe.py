@@ -14,16 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_no_method_runs_the_default_recipe():
     config = compression_config(None, 0.4, calibration_batches=256)
-    assert (config.method, config.allocation_name, config.refine, config.recipe) == ("adasvd", "adacr", "block",
-                                                                                      "default")
+    assert (config.method, config.allocation_name, config.refine, config.recipe) == ("adasvd", "global-fisher",
+                                                                                      "block", "default")
     assert config.propagation == "compressed" and config.keep_dense_above == 0.9
-    assert recipe_name(config) == "default: adasvd + adacr + keep dense above 0.9 + refine block"
+    assert recipe_name(config) == "default: adasvd + global-fisher + keep dense above 0.9 + refine block"
+    above = compression_config(None, 0.6, calibration_batches=256)  # adaCR above GLOBAL_FISHER_UP_TO
+    assert recipe_name(above) == "default: adasvd + adacr + keep dense above 0.9 + refine block"
+    from exporter.config import Quantization
+    alone = compression_config(None, 0.0, calibration_batches=256, quantization=Quantization())
+    assert alone.allocation_name == "adacr"  # --ratio 0 --quantize: nothing is allocated, no gradient pass
 
 
 def test_the_default_without_batches_to_hold_out_drops_refinement_and_says_so():
     config = compression_config(None, 0.4, calibration_batches=1)
     assert (config.method, config.refine) == ("adasvd", "none")
-    assert recipe_name(config) == "default, no refine (1 calibration batch): adasvd + adacr + keep dense above 0.9"
+    assert recipe_name(config) == ("default, no refine (1 calibration batch): adasvd + global-fisher + keep dense "
+                                   "above 0.9")
 
 
 def test_a_method_runs_its_papers_recipe_and_user_options_override():
@@ -40,6 +46,7 @@ def test_the_cli_resolves_the_default_from_the_calibration_batches(tmp_path, mon
     seen = {}
     monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config.compression))
     monkeypatch.setattr("exporter.preflight.settle_default_refinement", lambda config: config)
+    monkeypatch.setattr("exporter.preflight.settle_default_allocation", lambda config: config)
     for samples, refine in ((3, "block"), (2, "none")):
         result = CliRunner().invoke(main, ["--model", "m", "--calib-samples", str(samples), "--calib-batch-size", "2",
                                            "--out", str(tmp_path / f"out{samples}"), "-q"])
@@ -62,6 +69,10 @@ def test_each_part_of_the_default_leads_on_the_stored_validation_rows():
     for q in (0.6, 0.8):  # the whole default, where keep-dense was not measured alone
         default, refined = "adasvd:adacr:keep_dense_above=0.9:refine=block", "adasvd:adacr:refine=block:refine_steps=64"
         assert ppl[default, q] <= ppl[refined, q]
+    adacr, fisher = "adasvd:adacr:keep_dense_above=0.9:refine=block", "adasvd:global-fisher:keep_dense_above=0.9:refine=block"
+    for q in (0.2, 0.4):  # the allocation: global-fisher up to GLOBAL_FISHER_UP_TO, adaCR above
+        assert ppl[fisher, q] < ppl[adacr, q]
+    assert ppl[f"{fisher}:allocation=global-fisher", 0.6] > ppl[adacr, 0.6]  # not the default's there: named
 
 
 def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fits(tmp_path, monkeypatch):
@@ -102,3 +113,33 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
     monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
     tight = resolved()  # the numbers go to the log, not into the recipe: it is part of --resume's settings
     assert tight.compression.refine == "block" and "end-to-end refinement does not fit cpu" in tight.compression.recipe
+
+
+def test_the_default_allocates_with_global_fisher_where_its_backward_pass_fits(tmp_path, monkeypatch):
+    """global-fisher up to GLOBAL_FISHER_UP_TO where plan/sensitivity.pass_bytes fits the device; adaCR, and the
+    recipe's name says why, where it does not, above that ratio, and for a --budget that comes to a ratio above
+    it; an --allocation the user gave is never changed."""
+    from onnx_helpers import tiny_model_dir
+    model = tiny_model_dir("llama", tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    seen = {}
+    monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config))
+
+    def resolved(*args):
+        out = tmp_path / f"out{len(seen)}"
+        result = CliRunner().invoke(main, ["--model", str(model), "--calib-data", str(text), "--calib-samples", "8",
+                                           "--calib-seqlen", "32", "--out", str(out), "-q", *args])
+        assert result.exit_code == 0, result.output
+        return seen.pop("config").compression
+    assert resolved("--ratio", "0.4").allocation_name == "global-fisher"
+    assert resolved("--ratio", "0.6").allocation_name == "adacr"
+    monkeypatch.setattr("exporter.preflight.check_budget", lambda config, model_config: 0.7)
+    budget = resolved("--budget", "1MB")  # a budget that comes to ratio 0.7
+    assert budget.allocation_name == "adacr" and "a --budget of ratio 0.700, above 0.4" in budget.recipe
+    assert resolved("--ratio", "0.2", "--allocation", "uniform").allocation_name == "uniform"
+    monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
+    tight = resolved("--ratio", "0.2")
+    assert tight.allocation_name == "adacr"
+    assert tight.recipe.startswith("default (adacr: global-fisher's backward pass of the whole model needs")
+    assert "block only: " in tight.recipe  # the e2e check appends its own reason (it does not fit either)

@@ -345,3 +345,39 @@ def test_a_blended_target_is_what_block_refinement_fits():
     layer = decoder_layers(model, arch)[1]
     assert entries["1"]["loss_after"] == pytest.approx(objective(1, layer, inputs, blended, train, "cpu"), rel=1e-5)
     assert entries["1"]["loss_after"] != pytest.approx(objective(1, layer, inputs, original, train, "cpu"), rel=1e-3)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step(monkeypatch):
+    """Refinement(schedule="cosine") (--e2e-schedule): the step size rises linearly over the first steps/8, then
+    falls as a cosine to 0 at `steps`; "constant" keeps it. The optimiser takes exactly those step sizes."""
+    from exporter.refine.optimise import step_scale
+    cosine = Refinement(steps=64, schedule="cosine")
+    scales = [step_scale(cosine, s) for s in range(64)]
+    assert scales[:8] == [(s + 1) / 8 for s in range(8)]
+    assert scales[8] == 1.0 and all(a > b for a, b in zip(scales[8:], scales[9:]))
+    assert 0 < scales[-1] < 1e-2
+    assert step_scale(cosine, 64) == pytest.approx(0.0, abs=1e-12)
+    assert all(step_scale(Refinement(steps=64), s) == 1.0 for s in range(80))
+    with pytest.raises(ValueError, match="unknown step-size schedule"):
+        Refinement(steps=8, schedule="linear")
+    with pytest.raises(ValueError, match="--e2e-schedule sets the step sizes of end-to-end refinement"):
+        CompressionConfig(refine="block", e2e_schedule="cosine")
+    assert CompressionConfig(refine="block+e2e", e2e_schedule="cosine").e2e_refinement.schedule == "cosine"
+    assert CompressionConfig(refine="block+e2e", e2e_schedule="cosine").refinement.schedule == "constant"
+
+    layer, inputs, targets = truncated_layer("llama")
+    taken, real_step = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        taken.append(self.param_groups[0]["lr"] / self.param_groups[0]["initial_lr"])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+    def error(f, b):
+        out = f(inputs.hidden[b], **inputs.kwargs_for(0)[b])
+        out = out[0] if isinstance(out, tuple) else out
+        return (out - targets.hidden[b]).square().sum(), out.shape[1]
+    train, held = split_batches(len(inputs.hidden), 0.125)
+    settings = Refinement(steps=16, lr=1e-3, eval_every=16, schedule="cosine")
+    optimise(layer, error, train, held, settings, seed=0, export_dtype=torch.float32)
+    assert taken == pytest.approx([step_scale(settings, s) for s in range(16)], rel=1e-6)

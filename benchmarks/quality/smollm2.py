@@ -91,10 +91,13 @@ def label(spec: str, ratio: float, batches: int) -> str:
     if not spec.startswith("default"):
         return spec
     config = parse_row(spec, ratio, batches)
-    options = {k: v for k, v in default_compression(ratio, batches).items()
-               if k not in ("method", "allocation", "recipe")}
+    defaults = default_compression(ratio, batches)
+    options = {k: v for k, v in defaults.items() if k not in ("method", "allocation", "recipe")}
+    given = row_options(spec, ratio, batches)
+    # an option the default already has (e.g. allocation=global-fisher where it is the default's) names nothing new
+    extra = [o for o in spec.split(":")[1:] if defaults.get(o.partition("=")[0], object()) != given[o.partition("=")[0]]]
     return (f"{config.method}:{config.allocation_name}" + "".join(f":{k}={v}" for k, v in options.items())
-            + spec[len("default"):])
+            + "".join(f":{o}" for o in extra))
 
 
 def key(row: dict) -> tuple:

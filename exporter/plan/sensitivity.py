@@ -54,3 +54,15 @@ def output_gradient_sensitivity(model: nn.Module, batches: list[torch.Tensor], m
     if never:
         raise RuntimeError(f"the sensitivity pass never reached {len(never)} linears, e.g. {never[0]}")
     return {name: totals[name] / counts[name] for name in names}
+
+
+def pass_bytes(model: nn.Module, batch: int, seqlen: int, compute_bytes: int) -> int:
+    """What the sensitivity pass holds at its peak (a meta skeleton will do): every weight in the compute dtype,
+    and the activations one batch keeps for its backward in every decoder layer (no checkpointing: the layer's
+    inputs, the attention and MLP intermediates, the attention scores, materialised as the CPU kernels do)."""
+    config = model.config.get_text_config()
+    widest = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
+    per_layer = (batch * seqlen * (10 * config.hidden_size + 4 * widest)
+                 + batch * config.num_attention_heads * seqlen ** 2)
+    weights = sum(p.numel() for p in model.parameters())
+    return (weights + config.num_hidden_layers * per_layer) * compute_bytes

@@ -121,6 +121,17 @@ def data_parallel(forward: nn.Module) -> nn.Module:
     return DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def step_scale(settings: Refinement, step: int) -> float:
+    """The factor on `lr` at `step` (from 0): 1 ("constant"), or ("cosine") a linear warm-up over the first
+    steps/8 then a cosine decay that reaches 0 at `steps`."""
+    if settings.schedule == "constant":
+        return 1.0
+    warm = max(settings.steps // 8, 1)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min((step - warm) / max(settings.steps - warm, 1), 1.0)))
+
+
 def min_over_ranks(value: int) -> int:
     """The smallest `value` over the ranks (a rank with fewer batches sets the others' epoch length)."""
     return int(dist.min_floats(value)[0])
@@ -145,7 +156,8 @@ def optimise(module: nn.Module, error, train: list[int], held: list[int], settin
     and the dtype and gradient flag of every parameter and buffer.
     -> the report entry: losses before/after, steps run, whether the new factors were kept, seconds."""
     began = time.perf_counter()
-    entry = {"steps": settings.steps, "lr": settings.lr}
+    entry = {"steps": settings.steps, "lr": settings.lr,
+             **({"schedule": settings.schedule} if settings.schedule != "constant" else {})}
     if settings.steps == 0 or not factors(module):
         return {**entry, "steps_run": 0, "kept": False, "seconds": time.perf_counter() - began}
     flags = {p: p.requires_grad for p in module.parameters()}
@@ -182,6 +194,7 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
     groups = [{"params": [p], "lr": settings.lr * _rms(p)} for p in params]
     # fused: the whole update of a tensor in one kernel (the per-op default is several times slower on a CPU)
     optimiser = torch.optim.Adam(groups, fused=True)
+    scale = torch.optim.lr_scheduler.LambdaLR(optimiser, functools.partial(step_scale, settings))
     for p in params:
         p.requires_grad_(True)
     stepping = data_parallel(forward)
@@ -193,6 +206,7 @@ def _descend(params: list[nn.Parameter], closed_form: list[torch.Tensor], error,
                 optimiser.zero_grad(set_to_none=True)
                 (err / n).backward()
                 optimiser.step()
+                scale.step()
                 step += 1
                 if step % settings.eval_every == 0 or step == settings.steps:
                     held_loss = mean_error(evaluate, held)
