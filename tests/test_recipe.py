@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from exporter.cli import compression_config, main
@@ -80,10 +81,9 @@ def test_each_part_of_the_default_leads_on_the_stored_validation_rows():
         assert all(seeds[fisher, q, seed] < seeds[adacr, q, seed] for seed in (0, 1))
 
 
-def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fits(tmp_path, monkeypatch):
-    """block+e2e on 64 windows of the calibration text where refine/memory.py's formula fits the device; block
-    alone, and the recipe's name says why, where it does not, where those windows are too short, with --quantize
-    gptq's grid and with generated calibration text; a --refine or --method the user gave is never changed."""
+@pytest.fixture
+def resolved(tmp_path, monkeypatch):
+    """CLI arguments -> the RunConfig the CLI settles on for a tiny Llama checkpoint (the run itself skipped)."""
     from onnx_helpers import tiny_model_dir
     model = tiny_model_dir("llama", tmp_path / "model")
     text = tmp_path / "text.txt"
@@ -91,18 +91,24 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
     seen = {}
     monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config))
 
-    def resolved(*args):
-        out = tmp_path / f"out{len(seen)}"
+    def settle(*args):
         result = CliRunner().invoke(main, ["--model", str(model), "--calib-data", str(text), "--calib-samples", "8",
-                                           "--calib-seqlen", "32", "--out", str(out), "-q", *args])
+                                           "--calib-seqlen", "32", "--out", str(tmp_path / "out"), "-q", *args])
         assert result.exit_code == 0, result.output
         return seen.pop("config")
+    return settle
+
+
+def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fits(resolved, tmp_path, monkeypatch):
+    """block+e2e on 64 windows of the calibration text where refine/memory.py's formula fits the device; block
+    alone, and the recipe's name says why, where it does not, where those windows are too short, with --quantize
+    gptq's grid and with generated calibration text; a --refine or --method the user gave is never changed."""
     short = resolved()  # 64 x 32 windows: fewer tokens than e2e gained anything on
     assert short.compression.refine == "block" and "fewer than 16384 tokens" in short.compression.recipe
     monkeypatch.setattr("exporter.recipe.E2E_MIN_TOKENS", 64 * 32)
     fits = resolved()
     assert (fits.compression.refine, fits.compression.recipe) == ("block+e2e", "default")
-    assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (64, 32, str(text))
+    assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (64, 32, str(tmp_path / "text.txt"))
     assert recipe_name(fits.compression).endswith("refine block+e2e")
     for args, why in ((["--format", "onnx", "--quantize", "int4"], "--quantize gptq"),
                       (["--calib-data", "generated"], "generated calibration text")):
@@ -120,31 +126,18 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
     assert tight.compression.refine == "block" and "end-to-end refinement does not fit cpu" in tight.compression.recipe
 
 
-def test_the_default_allocates_with_global_fisher_where_its_backward_pass_fits(tmp_path, monkeypatch):
+def test_the_default_allocates_with_global_fisher_where_its_backward_pass_fits(resolved, monkeypatch):
     """global-fisher up to GLOBAL_FISHER_UP_TO where plan/sensitivity.pass_bytes fits the device; adaCR, and the
     recipe's name says why, where it does not, above that ratio, and for a --budget that comes to a ratio above
     it; an --allocation the user gave is never changed."""
-    from onnx_helpers import tiny_model_dir
-    model = tiny_model_dir("llama", tmp_path / "model")
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    seen = {}
-    monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config))
-
-    def resolved(*args):
-        out = tmp_path / f"out{len(seen)}"
-        result = CliRunner().invoke(main, ["--model", str(model), "--calib-data", str(text), "--calib-samples", "8",
-                                           "--calib-seqlen", "32", "--out", str(out), "-q", *args])
-        assert result.exit_code == 0, result.output
-        return seen.pop("config").compression
-    assert resolved("--ratio", "0.4").allocation_name == "global-fisher"
-    assert resolved("--ratio", "0.6").allocation_name == "adacr"
+    assert resolved("--ratio", "0.4").compression.allocation_name == "global-fisher"
+    assert resolved("--ratio", "0.6").compression.allocation_name == "adacr"
     monkeypatch.setattr("exporter.preflight.check_budget", lambda config, model_config: 0.7)
-    budget = resolved("--budget", "1MB")  # a budget that comes to ratio 0.7
+    budget = resolved("--budget", "1MB").compression  # a budget that comes to ratio 0.7
     assert budget.allocation_name == "adacr" and "a --budget of ratio 0.700, above 0.4" in budget.recipe
-    assert resolved("--ratio", "0.2", "--allocation", "uniform").allocation_name == "uniform"
+    assert resolved("--ratio", "0.2", "--allocation", "uniform").compression.allocation_name == "uniform"
     monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
-    tight = resolved("--ratio", "0.2")
+    tight = resolved("--ratio", "0.2").compression
     assert tight.allocation_name == "adacr"
     assert tight.recipe.startswith("default (adacr: global-fisher's backward pass of the whole model needs")
     assert "block only: " in tight.recipe  # the e2e check appends its own reason (it does not fit either)
