@@ -171,9 +171,9 @@ def parallel_plan(shape: E2EShape, world_size: int, parallel: str, device, avail
                   resident: tuple[int, int] = (0, 0), host_available: int | None = None) -> tuple[str, E2EMemory]:
     """(mode, what one rank needs) for --e2e-parallel `parallel`, checked against `available` bytes of the
     device (and `host_available` of the host, for the offloaded mode on a GPU). "auto": in one process "none",
-    on a GPU else "fsdp-offload"; under torchrun the first of ddp, fsdp, fsdp-offload that fits. `resident`: bytes of the weights already where
-    they are needed (all of them, those outside the decoder layers): data-parallel runs on the model's own layers,
-    the sharded student is a copy of them (refine/sharded.py)."""
+    on a GPU else "fsdp-offload"; under torchrun the first of ddp, fsdp, fsdp-offload that fits. `resident`:
+    bytes of the weights already where they are needed (all of them, those outside the decoder layers):
+    data-parallel runs on the model's own layers, the sharded student is a copy of them (refine/sharded.py)."""
     device_type = str(device).split(":")[0]
 
     def need(mode: str) -> E2EMemory:

@@ -101,7 +101,7 @@ def _rms(t: torch.Tensor) -> float:
     square = float(_local(t.detach()).double().square().sum())
     if isinstance(t, DTensor):
         square = dist.sum_floats(square)[0]
-    return math.sqrt(square / max(t.numel(), 1))  # guard: an empty factor (rank 0 is refused before this)
+    return math.sqrt(square / max(t.numel(), 1))  # guard: an empty factor (a rank-0 matrix is never refined)
 
 
 def _snapshot(params: list[nn.Parameter], host: bool = False) -> list[torch.Tensor]:
