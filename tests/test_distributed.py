@@ -62,10 +62,10 @@ def test_two_processes_give_the_perplexity_of_one(tmp_path, recipe):
 
 def test_sharded_e2e_refines_as_data_parallel_does(tmp_path):
     """--e2e-parallel fsdp (each decoder layer sharded over the 2 ranks, FSDP2) and fsdp-offload (the shards,
-    gradients and Adam's moments in host memory: CPUOffloadPolicy; on this CPU host and device are one memory, so
-    this checks its code path, not a transfer; in one process too, over a group of one) take the steps DDP takes: the same losses, the same written factors
-    (up to the order of the sums), gathered back whole into the artifact; and all within 2 % of one process's
-    perplexity."""
+    gradients and Adam's moments in host memory: CPUOffloadPolicy; on this CPU host and device are one memory,
+    so this checks its code path, not a transfer; in one process too, over a group of one) take the steps DDP
+    takes: the same losses, the same written factors (up to the order of the sums), gathered back whole into
+    the artifact; and all within 2 % of one process's perplexity."""
     from safetensors.torch import load_file
     args = tiny_run_args(tmp_path, ["--method", "svd-llm-v2", "--allocation", "uniform", "--refine", "e2e"])
     runs = {"one": cli([*args, "--out", str(tmp_path / "one")]),  # and offloaded in one process (a group of one)
