@@ -270,12 +270,9 @@ def main(ctx, model, ratio, budget, method, allocation, refine, refine_steps, re
             opset=DEFAULT_OPSET if opset is None else opset, onnx_graph=onnx_graph,
             quantize=None if quantize == "none" else quantize, block_size=block_size, head_bits=head_bits, parity=not skip_parity,
         )
-        if method is None and allocation is None:  # the default recipe: global-fisher where its pass fits
-            from .preflight import settle_default_allocation
-            config = settle_default_allocation(config)
-        if method is None and refine is None:  # the default recipe: end-to-end refinement where it fits
-            from .preflight import settle_default_refinement
-            config = settle_default_refinement(config)
+        if method is None:  # the default recipe: global-fisher and end-to-end refinement where they fit
+            from .preflight import settle_default
+            config = settle_default(config, allocation=allocation is None, refinement=refine is None)
         check_flags_apply(given, config)
         from . import dist
         main_rank = dist.launched_rank() == 0  # torchrun's RANK (the process group is joined by run, after preflight)

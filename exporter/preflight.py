@@ -5,6 +5,7 @@ memory end-to-end refinement will need."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -327,11 +328,23 @@ def check_e2e_memory(config: RunConfig, model_config) -> None:
                   host_available=available_bytes(torch.device("cpu")))
 
 
-def settle_default_allocation(config: RunConfig) -> RunConfig:
+def settle_default(config: RunConfig, allocation: bool, refinement: bool) -> RunConfig:
+    """The default recipe's choices that depend on the model and the device: its allocation (`allocation`: no
+    --allocation was given) and its last refinement step (`refinement`: no --refine was given). The model's full
+    config (seconds for a GGUF file: its tokenizer is parsed) is read once, and only where a choice needs it."""
+    model_config = functools.cache(lambda: model_config_of(config.model, full=True)[0])
+    if allocation:
+        config = settle_default_allocation(config, model_config)
+    if refinement:
+        config = settle_default_refinement(config, model_config)
+    return config
+
+
+def settle_default_allocation(config: RunConfig, model_config) -> RunConfig:
     """The default recipe allocates with global-fisher up to GLOBAL_FISHER_UP_TO (exporter/recipe.py) where its
     backward pass of the whole model fits the device (plan/sensitivity.pass_bytes), and with AdaSVD's adaCR
     otherwise: above that ratio (a --budget: the ratio it comes to), or where the pass would not fit; the
-    recipe's name then says why (report.json `recipe`)."""
+    recipe's name then says why (report.json `recipe`). `model_config`: () -> the model's full config."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -341,7 +354,7 @@ def settle_default_allocation(config: RunConfig) -> RunConfig:
     c = config.compression
     if not c.recipe.startswith("default") or c.allocation != "global-fisher":
         return config
-    model_config, _ = model_config_of(config.model, full=True)
+    model_config = model_config()
     ratio = c.ratio if c.budget_bytes is None else check_budget(config, model_config)
     device = pick_device(config.device)
     why = None
@@ -375,12 +388,12 @@ def compute_dtype(config: RunConfig, model_config) -> torch.dtype:
         stored if isinstance(stored, torch.dtype) else parse_dtype(stored) if stored else torch.float32)
 
 
-def settle_default_refinement(config: RunConfig) -> RunConfig:
+def settle_default_refinement(config: RunConfig, model_config) -> RunConfig:
     """The default recipe ends with end-to-end refinement on E2E_SAMPLES windows of the calibration text
     (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
     device. A run it does not fit, one on --quantize's grid (not measured there yet), on generated calibration
     text, or whose windows hold fewer than E2E_MIN_TOKENS tokens keeps block refinement alone, and the recipe's
-    name says why (report.json `recipe`)."""
+    name says why (report.json `recipe`). `model_config`: () -> the model's full config."""
     from .load.open import pick_device
     from .recipe import E2E_MIN_TOKENS, e2e_data
     c, cal = config.compression, config.calibration
@@ -399,9 +412,8 @@ def settle_default_refinement(config: RunConfig) -> RunConfig:
                f"{E2E_MIN_TOKENS} tokens changed nothing where measured (exporter/recipe.py)")
     else:
         upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"), e2e_data=data)
-        model_config, _ = model_config_of(config.model, full=True)
         try:
-            check_e2e_memory(upgraded, model_config)
+            check_e2e_memory(upgraded, model_config())
             return upgraded
         except MemoryError as exc:  # the numbers go to the log: the recipe is part of --resume's settings
             log.warning("the default recipe refines block by block only: %s", " ".join(str(exc).split()))

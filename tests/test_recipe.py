@@ -46,8 +46,7 @@ def test_the_cli_resolves_the_default_from_the_calibration_batches(tmp_path, mon
     """The CLI counts batches as ⌈samples / batch size⌉: 3 samples in batches of 2 are two batches, refined."""
     seen = {}
     monkeypatch.setattr("exporter.run.run", lambda config, **_: seen.update(config=config.compression))
-    monkeypatch.setattr("exporter.preflight.settle_default_refinement", lambda config: config)
-    monkeypatch.setattr("exporter.preflight.settle_default_allocation", lambda config: config)
+    monkeypatch.setattr("exporter.preflight.settle_default", lambda config, **_: config)
     for samples, refine in ((3, "block"), (2, "none")):
         result = CliRunner().invoke(main, ["--model", "m", "--calib-samples", str(samples), "--calib-batch-size", "2",
                                            "--out", str(tmp_path / f"out{samples}"), "-q"])
