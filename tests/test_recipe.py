@@ -19,7 +19,7 @@ def test_no_method_runs_the_default_recipe():
                                                                                       "block", "default")
     assert config.propagation == "compressed" and config.keep_dense_above == 0.9
     assert recipe_name(config) == "default: adasvd + global-fisher + keep dense above 0.9 + refine block"
-    above = compression_config(None, 0.6, calibration_batches=256)  # adaCR above GLOBAL_FISHER_UP_TO
+    above = compression_config(None, 0.8, calibration_batches=256)  # adaCR above GLOBAL_FISHER_UP_TO
     assert recipe_name(above) == "default: adasvd + adacr + keep dense above 0.9 + refine block"
     from exporter.config import Quantization
     alone = compression_config(None, 0.0, calibration_batches=256, quantization=Quantization())
@@ -75,7 +75,7 @@ def test_each_part_of_the_default_leads_on_the_stored_validation_rows():
     seeds = {(r["row"], r["ratio"], r.get("seed", 0)): r["ppl"]
              for r in json.loads((ROOT / "docs/results/quality-smollm2.json").read_text())
              if "validation" in r["setting"] and r["setting"].startswith("calib 16x256")}
-    for q in (0.2, 0.4):
+    for q in (0.2, 0.4, 0.6):
         assert q <= GLOBAL_FISHER_UP_TO
         assert all(seeds[fisher, q, seed] < seeds[adacr, q, seed] for seed in (0, 1))
 
@@ -130,10 +130,11 @@ def test_the_default_allocates_with_global_fisher_where_its_backward_pass_fits(r
     recipe's name says why, where it does not, above that ratio, and for a --budget that comes to a ratio above
     it; an --allocation the user gave is never changed."""
     assert resolved("--ratio", "0.4").compression.allocation_name == "global-fisher"
-    assert resolved("--ratio", "0.6").compression.allocation_name == "adacr"
+    assert resolved("--ratio", "0.6").compression.allocation_name == "global-fisher"
+    assert resolved("--ratio", "0.8").compression.allocation_name == "adacr"
     monkeypatch.setattr("exporter.preflight.check_budget", lambda config, model_config: 0.7)
     budget = resolved("--budget", "1MB").compression  # a budget that comes to ratio 0.7
-    assert budget.allocation_name == "adacr" and "a --budget of ratio 0.700, above 0.4" in budget.recipe
+    assert budget.allocation_name == "adacr" and "a --budget of ratio 0.700, above 0.6" in budget.recipe
     assert resolved("--ratio", "0.2", "--allocation", "uniform").compression.allocation_name == "uniform"
     monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
     tight = resolved("--ratio", "0.2").compression
