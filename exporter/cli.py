@@ -97,8 +97,8 @@ class Command(click.Command):
               help="Instead of --ratio: target size of all weights in the export dtype, e.g. 7GB, 500MB, 7GiB.")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Factorization: svd, asvd, fwsvd, svd-llm, svd-llm-v2 (SVD-LLM V2), adasvd (AdaSVD). Default: the "
-                   "default recipe (exporter/recipe.py: adasvd with the global-fisher allocation up to ratio 0.6 where the "
-                   "whole model's backward pass fits the device, else adacr, then --refine block); a method "
+                   "default recipe (exporter/recipe.py: adasvd with the global-fisher allocation up to ratio 0.6, "
+                   "adacr above, then --refine block); a method "
                    "given runs its paper's recipe.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
               help="Rank allocation; default: the recipe's, or the method's paper (v2 for svd-llm-v2, adacr for "

@@ -341,35 +341,17 @@ def settle_default(config: RunConfig, allocation: bool, refinement: bool) -> Run
 
 
 def settle_default_allocation(config: RunConfig, model_config) -> RunConfig:
-    """The default recipe allocates with global-fisher up to GLOBAL_FISHER_UP_TO (exporter/recipe.py) where its
-    backward pass of the whole model fits the device (plan/sensitivity.pass_bytes), and with AdaSVD's adaCR
-    otherwise: above that ratio (a --budget: the ratio it comes to), or where the pass would not fit; the
-    recipe's name then says why (report.json `recipe`). `model_config`: () -> the model's full config."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .load.open import available_bytes, pick_device
-    from .plan.sensitivity import pass_bytes
+    """The default recipe allocates with global-fisher up to GLOBAL_FISHER_UP_TO (exporter/recipe.py), and with
+    AdaSVD's adaCR above it: a --budget is first turned into the ratio it comes to, and the recipe's name then
+    says why (report.json `recipe`). `model_config`: () -> the model's full config."""
     from .recipe import GLOBAL_FISHER_UP_TO
     c = config.compression
-    if not c.recipe.startswith("default") or c.allocation != "global-fisher":
+    if not c.recipe.startswith("default") or c.allocation != "global-fisher" or c.budget_bytes is None:
         return config
-    model_config = model_config()
-    ratio = c.ratio if c.budget_bytes is None else check_budget(config, model_config)
-    device = pick_device(config.device)
-    why = None
-    if ratio > GLOBAL_FISHER_UP_TO:
-        why = f"a --budget of ratio {ratio:.3f}, above {GLOBAL_FISHER_UP_TO} where global-fisher was measured better"
-    else:
-        with init_empty_weights(include_buffers=False):
-            skeleton = AutoModelForCausalLM.from_config(model_config)
-        need = pass_bytes(skeleton, config.calibration.batch_size, config.calibration.seqlen,
-                          4 if device.type == "cpu" else compute_dtype(config, model_config).itemsize)
-        if need > available_bytes(device):
-            why = (f"global-fisher's backward pass of the whole model needs {need / 2**30:.1f} GiB and "
-                   f"{available_bytes(device) / 2**30:.1f} GiB is available on {device}")
-    if why is None:
+    ratio = check_budget(config, model_config())
+    if ratio <= GLOBAL_FISHER_UP_TO:
         return config
+    why = f"a --budget of ratio {ratio:.3f}, above {GLOBAL_FISHER_UP_TO} where global-fisher was measured better"
     return dataclasses.replace(config, compression=dataclasses.replace(c, allocation=None,
                                                                        recipe=with_reason(c.recipe, f"adacr: {why}")))
 

@@ -21,9 +21,8 @@ The allocation: up to ratio 0.6 the default allocates with global-fisher (one gr
 weighted by its output's loss gradient: docs/global-allocation.md) instead of adaCR: with keep-dense 0.9 and
 block refinement both, validation 22.81 against 26.67 at 0.2, 36.41 against 37.39 at 0.4 and 60.56 against
 62.04 at 0.6 (seed 0; seed 1 in docs/quality.md, "Allocation", led too); its per-type variant gives 40.27 at
-0.4. Above 0.6 (not measured with global-fisher) adaCR stays. global-fisher is a backward pass of the whole model, so the run then holds the
-whole model: where that pass does not fit the device the default keeps adaCR and streams, and says so
-(preflight.settle_default_allocation).
+0.4. Above 0.6 (not measured with global-fisher) adaCR stays. Its loss gradients come from a backward pass that
+walks one decoder layer at a time (plan/sensitivity.py), so the default streams a 70B model with it too.
 
 Every paper recipe stays one flag away: `--method svd-llm-v2` is SVD-LLM V2 with its own allocation,
 `--method adasvd` AdaSVD with adaCR, neither refined.
@@ -36,8 +35,8 @@ from .config import CalibrationConfig, CompressionConfig
 
 KEEP_DENSE_ABOVE = 0.9  # --keep-dense-above of the default, measured on validation text (above)
 # The default's allocation up to this ratio: global-fisher (the greedy of exporter/plan/greedy.py weighted by each
-# linear's loss gradient, a backward pass of the whole model) where that pass fits the device
-# (preflight.settle_default_allocation), adaCR above it and where it does not fit (docs/quality.md, "Allocation").
+# linear's loss gradient, plan/sensitivity.py), adaCR above it (preflight.settle_default_allocation: a --budget
+# counts as the ratio it comes to; docs/quality.md, "Allocation").
 GLOBAL_FISHER_UP_TO = 0.6
 # The default's last step, where it fits (preflight.settle_default_refinement): end-to-end refinement after block
 # refinement, on at least this many windows of the calibration text (its own data, beside the calibration

@@ -33,7 +33,6 @@ from .output.folder import atomic_output, check_out_path, empty_folder, resume_f
 from .output.resume_state import FOLDER as RESUME_FOLDER
 from .output.resume_state import ResumeState, refuse_other_settings
 from .output.shards import ShardWriter
-from .plan import needs as allocation_needs
 from .plan.budget import weight_bytes
 from .preflight import preflight
 from .recipe import recipe_name
@@ -72,8 +71,6 @@ def whole_model_reason(config: RunConfig, model_config=None) -> str | None:
     `model_config`: the checkpoint's config, for what depends on the family (the ONNX graph)."""
     if config.compression.method == "fwsvd":
         return "FWSVD's Fisher information is a backward pass of the whole model"
-    if "sensitivity" in allocation_needs(config.compression.allocation_name):
-        return f"the {config.compression.allocation_name} allocation needs a backward pass of the whole model"
     if "generated" in (config.calibration.source, config.evaluation and config.evaluation.source,
                        config.e2e_data and config.e2e_data.source):
         return "'generated' data is written by the whole model, token by token"

@@ -152,18 +152,75 @@ def test_allocate_global_relative_meets_ratio():
         allocate("global-fisher", matrices, profile, 0.4, min_rank=1)
 
 
-def test_sensitivity_is_positive_restores_grad_flags_and_ignores_batching():
-    model = tiny_model("llama")
-    matrices = list_matrices(model, architecture_of(model))
-    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a flag the pass must give back as found
+def whole_model_sensitivity(model, batches, matrices) -> dict[str, float]:
+    """The definition, the plain way: one backward of the whole model's summed next-token cross-entropy per
+    batch, (∂L/∂y)² hooked at every linear's output, averaged in float64."""
+    sums, counts = dict.fromkeys((m.name for m in matrices), 0.0), dict.fromkeys((m.name for m in matrices), 0)
+
+    def hook(name):
+        def grad(g):
+            sums[name] += float(g.to(torch.float64).square().sum())
+            counts[name] += g.numel()
+
+        def forward(_module, _args, out):
+            out.register_hook(grad)  # a forward hook that returns nothing leaves the output as it is
+        return forward
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in sums]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    with torch.enable_grad():
+        for ids in batches:
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                              reduction="sum").backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sensitivity_walks_one_layer_at_a_time_and_equals_the_whole_models_backward(family, monkeypatch):
+    """The layer-by-layer pass (forward walk keeping each layer's inputs, the head's gradient, a reverse walk
+    carrying ∂L/∂h down) gives the whole model's backward, in groups of any size and for any batching (the
+    summed loss), restores every grad flag, and never holds two decoder layers at once."""
+    import exporter.plan.sensitivity as sensitivity
+    from exporter.load.resident import ResidentSource
+    from exporter.model.layer_inputs import capture_inputs
+    model = tiny_model(family)
+    source = ResidentSource(model, "cpu")
+    matrices = list_matrices(model, source.arch)
+    model.get_submodule(matrices[2].name).weight.requires_grad_(False)  # a flag the pass must give back as found
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    per_two = output_gradient_sensitivity(model, random_batches(4, batch_size=2), matrices, "cpu")
-    per_one = output_gradient_sensitivity(model, random_batches(4, batch_size=1), matrices, "cpu")
+    monkeypatch.setattr(sensitivity, "HEAD_CHUNK", 5)  # several chunks per window (32 positions)
+    held, order = set(), []
+    materialize, release = source.materialize, source.release
+
+    def watched_materialize(i):
+        assert not held, f"layer {i} materialised while {held} is"
+        held.add(i)
+        order.append(i)
+        return materialize(i)
+    source.materialize = watched_materialize
+    source.release = lambda i: (held.discard(i), release(i))
+    batches = random_batches(4, batch_size=2)
+    expected = whole_model_sensitivity(model, batches, matrices)
+    calib = capture_inputs(model, source.arch, batches, "cpu")
+    whole = output_gradient_sensitivity(source, calib, batches, matrices)  # one group: the budget fits all
+    layers = list(range(len(model.get_decoder().layers)))
+    assert order == layers + layers[::-1]
+    order.clear()
+    per_batch = output_gradient_sensitivity(source, calib, batches, matrices, host_budget=1)  # groups of one
+    assert order == (layers + layers[::-1]) * len(batches)
+    singles = random_batches(4, batch_size=1)
+    per_one = output_gradient_sensitivity(source, capture_inputs(model, source.arch, singles, "cpu"), singles, matrices)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert set(per_two) == {m.name for m in matrices}
-    assert all(v > 0 and math.isfinite(v) for v in per_two.values())
-    for name in per_two:  # the summed loss makes a token's gradient independent of the batch it sits in
-        assert per_one[name] == pytest.approx(per_two[name], rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+    assert set(whole) == {m.name for m in matrices}
+    assert all(v > 0 and math.isfinite(v) for v in whole.values())
+    for name in whole:
+        assert whole[name] == pytest.approx(expected[name], rel=1e-5), name
+        assert per_batch[name] == pytest.approx(whole[name], rel=1e-6), name
+        assert per_one[name] == pytest.approx(whole[name], rel=1e-4), name  # a token's gradient, whatever its batch
 
 
 @pytest.mark.parametrize("allocation", ["global-relative", "global-fisher"])

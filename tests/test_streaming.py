@@ -48,7 +48,8 @@ def resident_run(model_dir, text, compression: CompressionConfig):
 
 
 @pytest.mark.parametrize("arch,method,allocation", [("llama", "svd-llm-v2", "uniform"), ("opt", "svd-llm-v2", "v2"),
-                                                    ("mistral", "adasvd", "adacr"), ("qwen2", "svd-llm", "uniform")])
+                                                    ("mistral", "adasvd", "adacr"), ("qwen2", "svd-llm", "uniform"),
+                                                    ("llama", "adasvd", "global-fisher")])
 def test_streamed_equals_resident(tmp_path, text, arch, method, allocation):
     model_dir = tiny_model_dir(arch, tmp_path / "model")
     if allocation == "v2":  # HF's init (std 0.02) gives truncation losses <= 1, where 1/log L is undefined
@@ -73,7 +74,11 @@ def test_streamed_equals_resident(tmp_path, text, arch, method, allocation):
         assert report["layers"][name]["loss"] == pytest.approx(rec.loss, rel=1e-5)
 
 
-def test_at_most_one_decoder_layer_is_materialised(tmp_path, text, monkeypatch):
+@pytest.mark.parametrize("allocation,passes", [
+    ("adacr", [0, 0, 1, 0, 1]),  # discovery's one forward, the profile pass, the compression pass
+    ("global-fisher", [0, 0, 1, 1, 0, 0, 1, 0, 1]),  # and, before the profile pass, the sensitivity pass's two walks
+])
+def test_at_most_one_decoder_layer_is_materialised(tmp_path, text, monkeypatch, allocation, passes):
     model_dir = tiny_model_dir("llama", tmp_path / "model")
     seen = []
 
@@ -85,9 +90,10 @@ def test_at_most_one_decoder_layer_is_materialised(tmp_path, text, monkeypatch):
 
     original = CheckpointSource.materialize
     monkeypatch.setattr(CheckpointSource, "materialize", checked)
-    run(config(model_dir, tmp_path / "out", text, method="svd", allocation="adacr"), progress=False,
-        echo=lambda *_: None)
-    assert [i for i, _ in seen] == [0, 0, 1, 0, 1]  # discovery's one forward, the profile pass, the compression pass
+    report = run(config(model_dir, tmp_path / "out", text, method="svd", allocation=allocation), progress=False,
+                 echo=lambda *_: None)
+    assert report["streamed"]
+    assert [i for i, _ in seen] == passes
     assert all(real == [] for _, real in seen), seen  # every other layer was back on `meta`
 
 

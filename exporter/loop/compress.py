@@ -58,9 +58,9 @@ def own_profile(source: LayerSource, calib: Activations, batches: list[torch.Ten
     profile pass (continued from the resume state when a killed run stopped inside it); when the killed run
     was already compressing, what its profile measured comes from the resume state."""
     profile = Profile()
-    if "sensitivity" in needs:
+    if "sensitivity" in needs and not planned(state):  # a killed run that had planned needs it no more
         from ..plan.sensitivity import output_gradient_sensitivity
-        profile.sensitivity = output_gradient_sensitivity(source.model, batches, matrices, source.device)
+        profile.sensitivity = output_gradient_sensitivity(source, calib, batches, matrices)
     if needs - {"sensitivity"} and (state is None or state["pass"] == "profile"):
         start, running = 0, calib.copy()
         if state is not None:

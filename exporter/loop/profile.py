@@ -62,10 +62,10 @@ def measure_profile(model: nn.Module, batches: list[torch.Tensor], allocations: 
     source = ResidentSource(model, device)
     needs = frozenset().union(*(allocation.needs(a) for a in allocations))
     profile = Profile()
+    calib = capture_inputs(model, source.arch, batches, source.device)
     if "sensitivity" in needs:
         from ..plan.sensitivity import output_gradient_sensitivity
-        profile.sensitivity = output_gradient_sensitivity(model, batches, list_matrices(model, source.arch), source.device)
+        profile.sensitivity = output_gradient_sensitivity(source, calib, batches, list_matrices(model, source.arch))
     if needs - {"sensitivity"}:
-        profile_pass(source, capture_inputs(model, source.arch, batches, source.device), needs, profile,
-                     progress=progress)
+        profile_pass(source, calib, needs, profile, progress=progress)
     return profile

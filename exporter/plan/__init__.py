@@ -2,8 +2,8 @@
 
 A new allocation is one function (in its own file) and one registry entry below, saying which parts of
 the profiling pass it reads: "similarity" (cos of each decoder layer's input and output, a forward pass),
-"spectra" (σ(WX) of every linear: eigenvalues of one Gram per matrix), "sensitivity" (a whole-model
-LM-loss backward, plan/sensitivity.py). Beside them: --budget as a ratio (budget.py) and --rank-multiple
+"spectra" (σ(WX) of every linear: eigenvalues of one Gram per matrix), "sensitivity" (an LM-loss
+backward walked one decoder layer at a time, plan/sensitivity.py). Beside them: --budget as a ratio (budget.py) and --rank-multiple
 (rounding.py).
 """
 from __future__ import annotations
