@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ import torch
 from benchmarks.common import RESULTS, WIKITEXT, PeakRSS, command_line, smollm2
 from exporter import CompressionConfig, compress_
 from exporter.config import DEFAULT_BLOCK_SIZE, Quantization
-from exporter.data.splits import CALIBRATION_SHARE, calibration_windows, validation_tokens
+from exporter.data.splits import CALIBRATION_SHARE, split_tokens
 from exporter.data.text import read_text, tokenize
+from exporter.data.windows import sample_windows
 from exporter.loop.profile import measure_profile
 from exporter.recipe import default_compression
 from exporter.validate.perplexity import perplexity, torch_logits
@@ -82,7 +84,19 @@ def e2e_batches(spec: str, ratio: float, a, calib_text: torch.Tensor, seed: int,
     if fields.get("e2e_source", "calibration") == "generated":
         from exporter.data.generated import generate_samples
         return list(generate_samples(model, tokenizer, samples, seqlen, seed, progress=False).split(a.calib_batch_size))
-    return calibration_windows(calib_text, samples, seqlen, seed, a.calib_batch_size)
+    return windows(calib_text, samples, seqlen, seed, a.calib_batch_size)
+
+
+def windows(part: torch.Tensor, samples: int, seqlen: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+    """Seeded windows of the calibration part, as batches (exporter/data/splits.calibration_windows on the part)."""
+    return list(sample_windows(part, samples, seqlen, seed).split(batch_size))
+
+
+def without_unknown_markers(tokenizer, part: torch.Tensor) -> torch.Tensor:
+    """A part of the token stream without WikiText's `<unk>` markers (its .tokens files put one where a rare word
+    was): decoded, dropped, re-tokenized. An experiment's option (docs/quality.md, "The validation text"): the
+    product calibrates on the text as given."""
+    return tokenize(tokenizer, re.sub(r" ?<unk>", "", tokenizer.decode(part)))
 
 
 def label(spec: str, ratio: float, batches: int) -> str:
@@ -107,8 +121,11 @@ def key(row: dict) -> tuple:
 def setting_key(a) -> str:
     evaluated = (f"the validation part of {Path(a.calib_data).name}" if a.split == "validation"
                  else Path(a.test_data).name)
+    if a.split == "validation" and a.eval_unk == "drop":
+        evaluated += " without <unk>"
+    calibrated = Path(a.calib_data).name + (" without <unk>" if a.calib_unk == "drop" else "")
     return (f"calib {a.calib_samples}x{a.calib_seqlen} from the first {CALIBRATION_SHARE:.0%} of "
-            f"{Path(a.calib_data).name}, eval {a.eval_tokens} tokens of {evaluated}, window {a.window}")
+            f"{calibrated}, eval {a.eval_tokens} tokens of {evaluated}, window {a.window}")
 
 
 def store_row(row: dict, setting: str, doc: str) -> None:
@@ -236,6 +253,10 @@ def main():
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--doc", default=None, help="name of the doc written (default: quality-smollm2[-validation])")
     p.add_argument("--redo", action="store_true", help="recompute rows already stored")
+    p.add_argument("--calib-unk", choices=("keep", "drop"), default="keep",
+                   help="drop: calibrate on the calibration part without WikiText's <unk> markers")
+    p.add_argument("--eval-unk", choices=("keep", "drop"), default="keep",
+                   help="--split validation only; drop: evaluate on the validation part without its <unk> markers")
     a = p.parse_args()
     doc = a.doc or ("quality-smollm2" if a.split == "test" else "quality-smollm2-validation")
     command = command_line()
@@ -247,16 +268,23 @@ def main():
         return {key(r) for r in json.loads(STORE.read_text())} if STORE.exists() else set()
 
     model, tokenizer = smollm2()
-    calib_text = tokenize(tokenizer, read_text(a.calib_data, "train"))
-    tokens = (validation_tokens(calib_text, a.eval_tokens) if a.split == "validation"
-              else tokenize(tokenizer, read_text(a.test_data, "test"))[:a.eval_tokens])
+    calib_text, validation_text = split_tokens(tokenize(tokenizer, read_text(a.calib_data, "train")))
+    if a.calib_unk == "drop":
+        calib_text = without_unknown_markers(tokenizer, calib_text)
+    if a.split == "validation":
+        tokens = without_unknown_markers(tokenizer, validation_text) if a.eval_unk == "drop" else validation_text
+        if tokens.numel() < a.eval_tokens:
+            raise SystemExit(f"the validation part has {tokens.numel()} tokens, fewer than --eval-tokens {a.eval_tokens}")
+        tokens = tokens[:a.eval_tokens]
+    else:
+        tokens = tokenize(tokenizer, read_text(a.test_data, "test"))[:a.eval_tokens]
     base = dict(setting=setting, command=command, threads=torch.get_num_threads())
     if (setting, "dense", 0.0, 0) not in stored():
         store_row({**base, "row": "dense", "ratio": 0.0, "seed": 0, "ppl": perplexity(torch_logits(model), tokens,
                    a.window, "dense")}, setting, doc)
 
     for seed in [int(s) for s in a.seeds.split(",")]:
-        batches = calibration_windows(calib_text, a.calib_samples, a.calib_seqlen, seed, a.calib_batch_size)
+        batches = windows(calib_text, a.calib_samples, a.calib_seqlen, seed, a.calib_batch_size)
         count = len(batches)
         todo = [(q, s) for q in ratios for s in specs
                 if (setting, label(s, q, count), q, seed) not in stored() or a.redo]
