@@ -15,6 +15,8 @@ checkpointing does): ≈ 4 forwards per batch. No parameter requires grad, so no
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +28,8 @@ from ..model.candidates import Matrix
 from ..model.head import head_forward
 
 HEAD_CHUNK = 256  # positions whose logits exist at once in the head's backward (batch × HEAD_CHUNK × vocab)
-KEPT_INPUTS_SHARE = 0.5  # of the host memory available when the pass starts: the layer inputs one group keeps
+KEPT_INPUTS_SHARE = 0.5  # of the host memory available when the pass starts (per process on this host): the
+# layer inputs one group of batches keeps
 
 
 def output_gradient_sensitivity(source: LayerSource, calib: Activations, batches: list[torch.Tensor],
@@ -36,10 +39,11 @@ def output_gradient_sensitivity(source: LayerSource, calib: Activations, batches
     one group of batches may take (default: KEPT_INPUTS_SHARE of the available host memory); a group is one
     batch at least."""
     layers = source.num_layers
-    per_batch = max(h.numel() * h.element_size() for h in calib.hidden) * layers
-    if host_budget is None:
+    per_batch = max(h.numel() * h.element_size() for h in calib.hidden) * (layers + 1)  # every input, the output
+    if host_budget is None:  # under torchrun the processes on this host share it
         from ..load.open import available_bytes
-        host_budget = int(available_bytes(torch.device("cpu")) * KEPT_INPUTS_SHARE)
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        host_budget = int(available_bytes(torch.device("cpu")) * KEPT_INPUTS_SHARE / sharing)
     group = max(1, min(len(batches), host_budget // per_batch))
     sums = {m.name: torch.zeros((), dtype=torch.float64, device=source.device) for m in matrices}
     counts = dict.fromkeys(sums, 0)
