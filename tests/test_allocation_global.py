@@ -13,7 +13,6 @@ from conftest import random_batches, tiny_model
 from exporter.config import CompressionConfig
 from exporter.loop.compress import compress_
 from exporter.model.candidates import Matrix, list_matrices
-from exporter.model.discovery import architecture_of
 from exporter.plan import allocate
 from exporter.plan.greedy import DENSE, chain, greedy_ranks
 from exporter.plan.profile import Profile
