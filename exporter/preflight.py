@@ -374,10 +374,10 @@ def settle_default_refinement(config: RunConfig, model_config) -> RunConfig:
     """The default recipe ends with end-to-end refinement on E2E_SAMPLES windows of the calibration text
     (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
     device. A run it does not fit, one on --quantize's grid (not measured there yet), on generated calibration
-    text, or whose windows hold fewer than E2E_MIN_TOKENS tokens keeps block refinement alone, and the recipe's
+    text, or on windows shorter than E2E_MIN_SEQLEN tokens keeps block refinement alone, and the recipe's
     name says why (report.json `recipe`). `model_config`: () -> the model's full config."""
     from .load.open import pick_device
-    from .recipe import E2E_MIN_TOKENS, e2e_data
+    from .recipe import E2E_MIN_SEQLEN, e2e_data
     c, cal = config.compression, config.calibration
     if not c.recipe.startswith("default") or c.refine != "block":
         return config
@@ -389,9 +389,9 @@ def settle_default_refinement(config: RunConfig, model_config) -> RunConfig:
                "block refinement alone yet")
     elif cal.source == "generated":
         why = "generated calibration text: end-to-end refinement on it made real text worse (docs/quality.md)"
-    elif own.samples * own.seqlen < E2E_MIN_TOKENS:
-        why = (f"{own.samples} x {own.seqlen} calibration windows: end-to-end refinement on fewer than "
-               f"{E2E_MIN_TOKENS} tokens changed nothing where measured (exporter/recipe.py)")
+    elif own.seqlen < E2E_MIN_SEQLEN:
+        why = (f"calibration windows of {own.seqlen} tokens: end-to-end refinement on windows shorter than "
+               f"{E2E_MIN_SEQLEN} tokens changed nothing where measured (exporter/recipe.py)")
     else:
         upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"), e2e_data=data)
         try:

@@ -15,7 +15,8 @@ and 37.39 at 0.4. End-to-end refinement after it (`--refine block+e2e`) gave the
 calibration sequences (its held-out KL never improved after block refinement), but on 64 windows of its own it
 gives 33.51 and 33.83 on two seeds against 37.39 and 39.81 (docs/quality.md, "End-to-end refinement's data"):
 the run ends with it wherever its memory formula fits the device (preflight.settle_default_refinement), on at
-least E2E_SAMPLES windows of the calibration text, where they hold E2E_MIN_TOKENS tokens at least.
+least E2E_SAMPLES windows of the calibration text (256 measured better than 64 at 0.2 and 0.4, both seeds),
+where they are E2E_MIN_SEQLEN tokens long at least.
 
 The allocation: up to ratio 0.6 the default allocates with global-fisher (one greedy over all linears, each
 weighted by its output's loss gradient: docs/global-allocation.md) instead of adaCR: with keep-dense 0.9 and
@@ -40,13 +41,15 @@ KEEP_DENSE_ABOVE = 0.9  # --keep-dense-above of the default, measured on validat
 GLOBAL_FISHER_UP_TO = 0.6
 # The default's last step, where it fits (preflight.settle_default_refinement): end-to-end refinement after block
 # refinement, on at least this many windows of the calibration text (its own data, beside the calibration
-# batches). At 0.4 on validation: 16 sequences (the calibration batches) gained nothing after block refinement,
-# 64 gained (docs/quality.md, "End-to-end refinement's data").
-E2E_SAMPLES = 64
-# ... and only where those windows hold this many tokens at least (64 × 256): on 4,096 tokens it changed nothing
-# twice (16 × 256 at 0.4 on validation; the README's first command, 64 × 64: docs/results/first-run.md, held-out
-# KL flat for 24 steps) while it doubled that command's time; 64 × 256 gained (docs/quality.md).
-E2E_MIN_TOKENS = 64 * 256
+# batches; overlapping where the text is short). On validation (the global-fisher default, 256-token windows,
+# 64 steps), seeds 0 / 1: 256 windows give 21.26 / 21.73 at 0.2 and 30.13 / 30.45 at 0.4 against 64 windows'
+# 21.41 / 21.85 and 31.88 / 32.45; 16 (the calibration batches) gained nothing after block refinement
+# (docs/quality.md, "End-to-end refinement's data").
+E2E_SAMPLES = 256
+# ... and only on windows of this many tokens at least: 64 windows of 64 tokens (the README's first command:
+# docs/results/first-run.md, held-out KL flat for 24 steps) changed nothing while they doubled that command's
+# time; every gain was measured on windows of 256 tokens or more.
+E2E_MIN_SEQLEN = 256
 
 
 def default_compression(ratio: float, calibration_batches: int) -> dict:

@@ -99,15 +99,18 @@ def resolved(tmp_path, monkeypatch):
 
 
 def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fits(resolved, tmp_path, monkeypatch):
-    """block+e2e on 64 windows of the calibration text where refine/memory.py's formula fits the device; block
-    alone, and the recipe's name says why, where it does not, where those windows are too short, with --quantize
-    gptq's grid and with generated calibration text; a --refine or --method the user gave is never changed."""
-    short = resolved()  # 64 x 32 windows: fewer tokens than e2e gained anything on
-    assert short.compression.refine == "block" and "fewer than 16384 tokens" in short.compression.recipe
-    monkeypatch.setattr("exporter.recipe.E2E_MIN_TOKENS", 64 * 32)
+    """block+e2e on E2E_SAMPLES windows of the calibration text where refine/memory.py's formula fits the
+    device; block alone, and the recipe's name says why, where it does not, where those windows are too short,
+    with --quantize gptq's grid and with generated calibration text; a --refine or --method the user gave is
+    never changed."""
+    from exporter.recipe import E2E_SAMPLES
+    short = resolved()  # windows of 32 tokens: shorter than any e2e gained anything on
+    assert short.compression.refine == "block" and "windows of 32 tokens" in short.compression.recipe
+    monkeypatch.setattr("exporter.recipe.E2E_MIN_SEQLEN", 32)
     fits = resolved()
     assert (fits.compression.refine, fits.compression.recipe) == ("block+e2e", "default")
-    assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (64, 32, str(tmp_path / "text.txt"))
+    assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (E2E_SAMPLES, 32,
+                                                                                   str(tmp_path / "text.txt"))
     assert recipe_name(fits.compression).endswith("refine block+e2e")
     for args, why in ((["--format", "onnx", "--quantize", "int4"], "--quantize gptq"),
                       (["--calib-data", "generated"], "generated calibration text")):
@@ -115,10 +118,11 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
         assert config.compression.refine == "block" and config.e2e_data is None
         assert config.compression.recipe.startswith("default (block only: ") and why in config.compression.recipe
     assert resolved("--refine", "block").compression.refine == "block"
-    for args, samples in ((["--e2e-steps", "96"], 64), (["--e2e-lr", "0.003"], 64), (["--e2e-samples", "24"], 24)):  # e2e settings given: its e2e
+    for args, samples in ((["--e2e-steps", "96"], E2E_SAMPLES), (["--e2e-lr", "0.003"], E2E_SAMPLES),
+                          (["--e2e-samples", "24"], 24)):  # e2e settings given: its e2e
         config = resolved(*args)
         assert (config.compression.refine, config.compression.recipe) == ("block+e2e", "default")
-        assert config.e2e_data.samples == samples and config.e2e_data.allow_overlap == (samples == 64)
+        assert config.e2e_data.samples == samples and config.e2e_data.allow_overlap == (samples == E2E_SAMPLES)
         assert config.compression.e2e_refinement.lr == (0.003 if "--e2e-lr" in args else 1e-3)
     monkeypatch.setattr("exporter.load.open.available_bytes", lambda device: 1000)
     tight = resolved()  # the numbers go to the log, not into the recipe: it is part of --resume's settings
