@@ -107,7 +107,7 @@ class Command(click.Command):
               help="block: after each layer's closed form, Adam on its factors towards the dense layer's output; e2e: "
                    "after the last layer, Adam on all factors towards the dense model's logits (KL; the whole "
                    "compressed model on the device); block+e2e: both (default recipe: block+e2e where its memory "
-                   "formula fits the device and its windows hold 64 x 256 tokens, else block; none with --method).")
+                   "formula fits the device and its windows are 256 tokens long at least, else block; none with --method).")
 @click.option("--refine-steps", type=click.IntRange(min=0), default=None,
               help="--refine only: Adam steps (per layer for block, in all for e2e), one calibration batch each "
                    "(early stopping on held-out batches; default 64).")
@@ -119,7 +119,7 @@ class Command(click.Command):
                    "calibration batches).")
 @click.option("--e2e-samples", type=click.IntRange(min=2), default=None,
               help="--refine e2e only: sequences for end-to-end refinement, 1/8 held out for early stopping "
-                   "(default: --calib-samples).")
+                   "(default: --calib-samples; the default recipe's own e2e: 256 at least).")
 @click.option("--e2e-seqlen", type=click.IntRange(min=2), default=None,
               help="--refine e2e only: tokens per end-to-end sequence (default: --calib-seqlen).")
 @click.option("--e2e-steps", type=click.IntRange(min=0), default=None,
