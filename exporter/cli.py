@@ -123,7 +123,8 @@ class Command(click.Command):
 @click.option("--e2e-seqlen", type=click.IntRange(min=2), default=None,
               help="--refine e2e only: tokens per end-to-end sequence (default: --calib-seqlen).")
 @click.option("--e2e-steps", type=click.IntRange(min=0), default=None,
-              help="--refine e2e only: Adam steps of end-to-end refinement (default: --refine-steps).")
+              help="--refine e2e only: Adam steps of end-to-end refinement (default: --refine-steps; the default "
+                   "recipe's own e2e: one pass over its training batches, --refine-steps at least).")
 @click.option("--e2e-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="--refine e2e only: step size of end-to-end refinement, relative to each factor's RMS "
                    "(default: --refine-lr).")

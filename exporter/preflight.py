@@ -372,12 +372,13 @@ def compute_dtype(config: RunConfig, model_config) -> torch.dtype:
 
 def settle_default_refinement(config: RunConfig, model_config) -> RunConfig:
     """The default recipe ends with end-to-end refinement on E2E_SAMPLES windows of the calibration text
-    (exporter/recipe.py) wherever it can run: here the memory formula of refine/memory.py is checked against this
-    device. A run it does not fit, one on --quantize's grid (not measured there yet), on generated calibration
-    text, or on windows shorter than E2E_MIN_SEQLEN tokens keeps block refinement alone, and the recipe's
-    name says why (report.json `recipe`). `model_config`: () -> the model's full config."""
+    (exporter/recipe.py), for one pass over them (unless --e2e-steps says), wherever it can run: here the memory
+    formula of refine/memory.py is checked against this device. A run it does not fit, one on --quantize's grid
+    (not measured there yet), on generated calibration text, or on windows shorter than E2E_MIN_SEQLEN tokens
+    keeps block refinement alone, and the recipe's name says why (report.json `recipe`). `model_config`: () ->
+    the model's full config."""
     from .load.open import pick_device
-    from .recipe import E2E_MIN_SEQLEN, e2e_data
+    from .recipe import E2E_MIN_SEQLEN, e2e_data, e2e_steps
     c, cal = config.compression, config.calibration
     if not c.recipe.startswith("default") or c.refine != "block":
         return config
@@ -393,7 +394,12 @@ def settle_default_refinement(config: RunConfig, model_config) -> RunConfig:
         why = (f"calibration windows of {own.seqlen} tokens: end-to-end refinement on windows shorter than "
                f"{E2E_MIN_SEQLEN} tokens changed nothing where measured (exporter/recipe.py)")
     else:
-        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e"), e2e_data=data)
+        steps = c.e2e_steps
+        if steps is None:  # one pass over its own training batches (exporter/recipe.py), unless --e2e-steps says
+            world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (the process group is joined later)
+            steps = e2e_steps(-(-own.samples // own.batch_size), c.refine_holdout, world, c.refine_steps)
+        upgraded = dataclasses.replace(config, compression=dataclasses.replace(c, refine="block+e2e", e2e_steps=steps),
+                                       e2e_data=data)
         try:
             check_e2e_memory(upgraded, model_config())
             return upgraded

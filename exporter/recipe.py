@@ -16,7 +16,8 @@ calibration sequences (its held-out KL never improved after block refinement), b
 gives 33.51 and 33.83 on two seeds against 37.39 and 39.81 (docs/quality.md, "End-to-end refinement's data"):
 the run ends with it wherever its memory formula fits the device (preflight.settle_default_refinement), on at
 least E2E_SAMPLES windows of the calibration text (256 measured better than 64 at 0.2 and 0.4, both seeds),
-where they are E2E_MIN_SEQLEN tokens long at least.
+where they are E2E_MIN_SEQLEN tokens long at least, for one pass over them (E2E_PASSES; better than 64 steps at
+0.2 and 0.4, both seeds).
 
 The allocation: up to ratio 0.6 the default allocates with global-fisher (one greedy over all linears, each
 weighted by its output's loss gradient: docs/global-allocation.md) instead of adaCR: with keep-dense 0.9 and
@@ -50,6 +51,11 @@ E2E_SAMPLES = 256
 # docs/results/first-run.md, held-out KL flat for 24 steps) changed nothing while they doubled that command's
 # time; every gain was measured on windows of 256 tokens or more.
 E2E_MIN_SEQLEN = 256
+# ... for one pass over its training batches (the held-out ones apart; under torchrun each step takes one batch on
+# every rank), never fewer steps than --refine-steps. On validation (256 windows of 256 tokens in batches of 2, 16
+# held out: 112 steps), seeds 0 / 1: 20.80 / 21.01 at 0.2 and 29.09 / 29.88 at 0.4, against 21.26 / 21.73 and
+# 30.13 / 30.45 for 64 steps, which saw 128 of the 224 training windows (docs/quality.md, "One pass").
+E2E_PASSES = 1
 
 
 def default_compression(ratio: float, calibration_batches: int) -> dict:
@@ -74,6 +80,14 @@ def e2e_data(calibration: CalibrationConfig, source: str | None = None, samples:
                               allow_overlap=calibration.allow_overlap or (default and samples is None))
     same = (own.source, own.samples, own.seqlen) == (calibration.source, calibration.samples, calibration.seqlen)
     return None if same else own
+
+
+def e2e_steps(batches: int, holdout: float, world: int, at_least: int) -> int:
+    """Adam steps of the default's end-to-end refinement on `batches` batches (all ranks'), `holdout` of them held
+    out, on `world` processes: E2E_PASSES passes over the training batches, `at_least` steps at least."""
+    from .refine.optimise import held_out_count
+    train = batches - held_out_count(batches, holdout)
+    return max(at_least, E2E_PASSES * -(-train // max(world, 1)))  # guard: a world of 0 is one process
 
 
 def recipe_name(config: CompressionConfig) -> str:

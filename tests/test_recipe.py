@@ -112,6 +112,14 @@ def test_the_default_ends_with_end_to_end_refinement_where_its_memory_formula_fi
     assert (fits.e2e_data.samples, fits.e2e_data.seqlen, fits.e2e_data.source) == (E2E_SAMPLES, 32,
                                                                                    str(tmp_path / "text.txt"))
     assert recipe_name(fits.compression).endswith("refine block+e2e")
+    # its steps: one pass over the training windows (E2E_SAMPLES of them in batches of one, 1/8 held out), on every
+    # rank a step (torchrun's WORLD_SIZE), never fewer than --refine-steps; --e2e-steps as given
+    assert fits.compression.e2e_refinement.steps == E2E_SAMPLES - E2E_SAMPLES // 8 == 224
+    assert resolved("--refine-steps", "300").compression.e2e_refinement.steps == 300
+    assert resolved("--e2e-steps", "96").compression.e2e_refinement.steps == 96
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolved().compression.e2e_refinement.steps == 75  # ⌈224 / 3⌉
+    monkeypatch.delenv("WORLD_SIZE")
     for args, why in ((["--format", "onnx", "--quantize", "int4"], "--quantize gptq"),
                       (["--calib-data", "generated"], "generated calibration text")):
         config = resolved(*args)

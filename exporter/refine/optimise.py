@@ -39,6 +39,12 @@ def check_subset(train: list[int], count: int) -> list[int]:
     return [train[round(i * (len(train) - 1) / max(count - 1, 1))] for i in range(count)]
 
 
+def held_out_count(total: int, holdout: float) -> int:
+    """How many of `total` (>= 2) batches are held out for early stopping: ⌈holdout·total⌉, at least one, and at
+    least one left to train on."""
+    return min(total - 1, max(1, math.ceil(holdout * total)))
+
+
 def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
     """(training batch indices, held-out batch indices) of this rank's `count` batches: the last
     ⌈holdout·total⌉ of all ranks' batches are held out (rank r holds batches r, r + W, r + 2W, … of the total:
@@ -47,7 +53,7 @@ def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
     if total < 2:
         raise ValueError(f"--refine holds out calibration batches for early stopping and needs at least 2; "
                          f"got {total} (raise --calib-samples or lower --calib-batch-size)")
-    held = min(total - 1, max(1, math.ceil(holdout * total)))
+    held = held_out_count(total, holdout)
     position = [rank + b * world for b in range(count)]  # each local batch's place among all of them
     return ([b for b in range(count) if position[b] < total - held],
             [b for b in range(count) if position[b] >= total - held])
