@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 ONNX_GRAPHS = ("auto", "fused", "plain")
@@ -89,6 +90,12 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 1
     allow_overlap: bool = False  # fewer tokens than samples × seqlen: overlapping windows instead of an error
+
+
+def held_out_count(total: int, holdout: float) -> int:
+    """How many of `total` (>= 2) calibration batches refinement holds out for early stopping: ⌈holdout·total⌉,
+    at least one, and at least one left to train on (refine/optimise.py split_batches; recipe.e2e_steps)."""
+    return min(total - 1, max(1, math.ceil(holdout * total)))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import CalibrationConfig, CompressionConfig
+from .config import CalibrationConfig, CompressionConfig, held_out_count
 
 KEEP_DENSE_ABOVE = 0.9  # --keep-dense-above of the default, measured on validation text (above)
 # The default's allocation up to this ratio: global-fisher (the greedy of exporter/plan/greedy.py weighted by each
@@ -85,7 +85,6 @@ def e2e_data(calibration: CalibrationConfig, source: str | None = None, samples:
 def e2e_steps(batches: int, holdout: float, world: int, at_least: int) -> int:
     """Adam steps of the default's end-to-end refinement on `batches` batches (all ranks'), `holdout` of them held
     out, on `world` processes: E2E_PASSES passes over the training batches, `at_least` steps at least."""
-    from .refine.optimise import held_out_count
     train = batches - held_out_count(batches, holdout)
     return max(at_least, E2E_PASSES * -(-train // max(world, 1)))  # guard: a world of 0 is one process
 

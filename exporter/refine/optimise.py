@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .. import dist
-from ..config import Refinement
+from ..config import Refinement, held_out_count
 from ..model.lowrank import LowRankLinear, trained_weight
 
 
@@ -37,12 +37,6 @@ def check_subset(train: list[int], count: int) -> list[int]:
     if count <= 0 or count >= len(train):
         return list(train)
     return [train[round(i * (len(train) - 1) / max(count - 1, 1))] for i in range(count)]
-
-
-def held_out_count(total: int, holdout: float) -> int:
-    """How many of `total` (>= 2) batches are held out for early stopping: ⌈holdout·total⌉, at least one, and at
-    least one left to train on."""
-    return min(total - 1, max(1, math.ceil(holdout * total)))
 
 
 def split_batches(count: int, holdout: float) -> tuple[list[int], list[int]]:
